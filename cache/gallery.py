@@ -1,0 +1,53 @@
+"""Finding a gallery's images and their relevance labels.
+
+Three layouts: folder-per-label (`root/<label>/.../img.jpg`), a flat folder with a JSON map
+`{"file.jpg": "label"}` (as `train_image_info.json`), or unlabelled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.images import IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    relpath: str  # POSIX path relative to the gallery root
+    label: str | None
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under `root` (by extension, hidden files skipped), sorted, relative POSIX paths."""
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def read_label_map(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the label map ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a label map must be a JSON object {{\"file.jpg\": \"label\"}}")
+    return {str(key): str(value) for key, value in data.items()}
+
+
+def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> list[GalleryEntry]:
+    """Every image under `root` with its label (from `labels_file`, else its top folder, else None)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: gallery folder does not exist")
+    paths = list_images(root)
+    if labels_file is not None:
+        mapping = read_label_map(Path(labels_file))
+        # Keys may be paths relative to the root or bare file names.
+        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]
+    return [GalleryEntry(p, p.split("/")[0] if "/" in p else None) for p in paths]

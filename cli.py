@@ -1,0 +1,139 @@
+"""lookalike command line: parse, build a pipeline, print. No model logic lives here."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+# Heavy imports (torch, timm, faiss, ultralytics) happen inside the commands: --help stays instant.
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+
+
+def one_line_errors(command):
+    """Turn user errors into one line on stderr and exit 1; Ctrl-C into exit 130. Never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is saved; run the same command again to resume", err=True)
+            sys.exit(130)
+        except USER_ERRORS as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def pipeline_options(defaults: bool):
+    """Options shared by build-cache and benchmark-like commands; query leaves them unset (cache decides)."""
+    from pipeline.config import PipelineConfig
+
+    base = PipelineConfig()
+
+    def default(name):
+        return getattr(base, name) if defaults else None
+
+    def decorate(command):
+        options = [
+            click.option("--classifier", default=default("classifier"),
+                         help="effnet-b7, eva02, mobilenetv2, none, or timm:<model>[@weights]"),
+            click.option("--embedder", default=default("embedder"),
+                         help="clip, mobilenetv2, clip:<arch>/<tag>, timm:<model>, ckpt:<run_dir>"),
+            click.option("--crop/--no-crop", default=default("crop"), help="crop to the main object (YOLO)"),
+            click.option("--detector", default=default("detector"), help="yolov8n or a .pt path"),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda"),
+            click.option("--batch-size", default=base.batch_size, show_default=True, type=int),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@click.group()
+def cli():
+    """lookalike: find the five most similar images in a gallery."""
+
+
+@cli.command("build-cache")
+@click.option("--gallery", required=True, type=click.Path(file_okay=False), help="folder of images")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help='JSON {"file": "label"}')
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="cache folder")
+@click.option("--bucket-by", type=click.Choice(["classifier", "label"]), default="classifier", show_default=True)
+@click.option("--rebuild", is_flag=True, help="replace a cache built with another pipeline")
+@pipeline_options(defaults=True)
+@one_line_errors
+def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, **options):
+    """Embed every image of a gallery into a cache (resumable, incremental)."""
+    from cache.builder import build_cache
+    from pipeline.config import PipelineConfig
+
+    config = PipelineConfig(**options)
+    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild)
+    for skipped in summary.skipped:
+        click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
+    click.echo(summary.line())
+
+
+def _print_table(item, gallery_root: Path) -> None:
+    predicted = ", ".join(f"{p['name']} {p['prob']:.2f}" for p in item.predicted(3))
+    click.echo(f"\n{item.path}" + (f"  [predicted: {predicted}]" if predicted else ""))
+    if item.note:
+        click.echo(f"  note: {item.note}")
+    click.echo(f"  {'rank':>4}  {'score':>6}  {'label':<16} {'bucket':<18} path (under {gallery_root})")
+    for r in item.results:
+        click.echo(f"  {r.rank:>4}  {r.score:6.3f}  {(r.label or '-')[:16]:<16} {(r.bucket or '-')[:18]:<18} {r.path}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--buckets", default=None, help="flat, top1, topk:N, fused[:N][@W], optionally +soft:M")
+@click.option("-k", "k", default=5, show_default=True, type=int, help="results per query")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG")
+@pipeline_options(defaults=False)
+@one_line_errors
+def query(images, cache_dir, buckets, k, as_json, sheet, **options):
+    """Find the k most similar gallery images for each query image."""
+    from pipeline.query import open_query_pipeline
+    from pipeline.sheets import Tile, contact_sheet
+
+    if k < 1:
+        raise ValueError(f"-k {k}: must be at least 1")
+    overrides = dict(options, buckets=buckets, k=k)
+    pipeline, config = open_query_pipeline(cache_dir, overrides)
+    root = pipeline.stage("retrieve").searcher.data.gallery_root
+    items = list(pipeline.run(list(images)))
+    failed = [item for item in items if item.error]
+    for item in failed:
+        click.echo(f"error: {item.path}: {item.error}", err=True)
+    done = [item for item in items if not item.error]
+    if as_json:
+        click.echo(json.dumps([{
+            "query": item.path, "predicted": item.predicted(), "buckets": config.buckets,
+            "candidates": item.candidates, "note": item.note,
+            "results": [dict(r.to_dict(), path=str(root / r.path)) for r in item.results],
+        } for item in done], indent=1))
+    else:
+        for item in done:
+            _print_table(item, root)
+    if sheet and done:
+        rows = [[Tile(item.path, "query\n" + (item.class_names[0] if item.class_names else ""))]
+                + [Tile(root / r.path, f"{r.rank}. {r.score:.3f}\n{r.label or r.bucket or ''}") for r in item.results]
+                for item in done]
+        click.echo(f"contact sheet: {contact_sheet(rows, sheet)}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,58 @@
+"""ImageNet classifiers (any timm model): top-k classes with probabilities and readable names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.registry import ModelSpec
+from models.timm_net import TimmNet, load_timm_net
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of a batch: indices and probabilities [B, k], plus the pooled features."""
+
+    classes: np.ndarray
+    probs: np.ndarray
+    pooled: torch.Tensor
+
+
+class Classifier:
+    """Predicts ImageNet classes with a timm model and its own preprocessing."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto"):
+        self.spec = spec
+        self.net: TimmNet = load_timm_net(spec, device)
+        self.transform = self.net.transform
+        self._info = None
+        if self.net.imagenet_subset:
+            from timm.data import ImageNetInfo
+
+            self._info = ImageNetInfo(self.net.imagenet_subset)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec.describe(), "preprocessing": self.net.preprocessing()}
+
+    def predict(self, batch: torch.Tensor, k: int) -> Prediction:
+        pooled, logits = self.net.forward(batch)
+        probs = logits.softmax(dim=-1)
+        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        return Prediction(top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float32), pooled)
+
+    def class_name(self, index: int) -> str:
+        """Readable class name ('airliner'), or the index when the label set is unknown."""
+        if self._info is None:
+            return str(index)
+        return self._info.index_to_description(int(index)).split(",")[0]
+
+    def class_index(self, label: str) -> int | None:
+        """The class index for a synset id ('n02690373') or readable name, None when unknown."""
+        if self._info is None:
+            return int(label) if label.isdigit() else None
+        if self._info.has_label(label):
+            return self._info.label_names().index(label)
+        names = [d.split(",")[0].lower() for d in self._info.label_descriptions()]
+        wanted = label.replace("_", " ").lower()
+        return names.index(wanted) if wanted in names else None

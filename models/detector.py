@@ -1,0 +1,81 @@
+"""Object detection for the crop stage: ultralytics YOLO, imported lazily, never phoning home."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.registry import ModelSpec
+from models.runtime import resolve_device
+from models.weights import WeightsUnavailable, local_weights, places_tried
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+
+
+def config_dir() -> Path:
+    """lookalike's own config folder ($LOOKALIKE_CONFIG_DIR, default ~/.config/lookalike)."""
+    return Path(os.environ.get("LOOKALIKE_CONFIG_DIR", Path.home() / ".config" / "lookalike"))
+
+
+def _import_ultralytics():
+    # Offline, and settings kept inside lookalike's config folder, before ultralytics reads them.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir() / "ultralytics"))
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    import ultralytics
+
+    return ultralytics
+
+
+def choose_box(boxes: np.ndarray, width: int, height: int) -> Box | None:
+    """The box that is both large and central.
+
+    score = (box area / image area) * (1 - d), where d is the distance from the box centre to the
+    image centre divided by half the image diagonal (0 at the centre, 1 in a corner). None if no box.
+    """
+    if len(boxes) == 0:
+        return None
+    boxes = np.asarray(boxes, dtype=np.float64)[:, :4]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    offset = np.linalg.norm(centres - np.array([width / 2, height / 2]), axis=1) / (np.hypot(width, height) / 2)
+    best = int(np.argmax(areas * (1.0 - offset)))
+    return tuple(float(v) for v in boxes[best])
+
+
+def pad_box(box: Box, margin: float, width: int, height: int) -> Box:
+    """Grow the box by `margin` of its size on every side, clipped to the image."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    return (max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(width), x1 + dx), min(float(height), y1 + dy))
+
+
+class Detector:
+    """A YOLO detector returning boxes (x0, y0, x1, y1) per image."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", confidence: float = 0.25):
+        self.spec = spec
+        self.confidence = confidence
+        self.device = str(resolve_device(device))
+        path = local_weights(spec)
+        ultralytics = _import_ultralytics()
+        try:
+            # YOLO('yolov8n.pt') with no local file would try a download: offline, that fails.
+            self.model = ultralytics.YOLO(str(path) if path else spec.model_id)
+        except Exception as err:
+            raise WeightsUnavailable(
+                f"cannot load detector '{spec.name}': tried {'; '.join(places_tried(spec))} -> "
+                f"{type(err).__name__}. To fix: put {spec.weight_file} in $LOOKALIKE_WEIGHTS or pass a .pt path"
+            ) from err
+
+    def describe(self) -> dict:
+        return {"spec": self.spec.describe(), "confidence": self.confidence}
+
+    def detect(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """Boxes [n, 4] per image, in that image's pixel coordinates."""
+        if not images:
+            return []
+        results = self.model.predict(images, conf=self.confidence, device=self.device, verbose=False)
+        return [r.boxes.xyxy.cpu().numpy() for r in results]

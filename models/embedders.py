@@ -1,0 +1,100 @@
+"""Image embedders: L2-normalised vectors from open_clip CLIP, timm features or fine-tuned checkpoints."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.registry import RANDOM, ModelSpec
+from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from models.timm_net import load_timm_net
+from models.weights import load_with_fallback
+
+
+class Embedder(Protocol):
+    """What the embed stage needs: a per-image transform and a batched, normalised embedding."""
+
+    spec: ModelSpec
+    transform: Callable[[Image.Image], torch.Tensor]
+    dim: int
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray: ...
+
+    def describe(self) -> dict: ...
+
+
+def l2_normalize(features: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(features.float(), dim=-1).numpy()
+
+
+class TimmEmbedder:
+    """Pooled (pre-logits) features of a timm model."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto"):
+        self.spec = spec
+        self.net = load_timm_net(spec, device)
+        self.transform = self.net.transform
+        self.dim = self.net.num_features
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        return l2_normalize(self.net.forward(batch)[0])
+
+    def describe(self) -> dict:
+        return {"spec": self.spec.describe(), "preprocessing": self.net.preprocessing()}
+
+
+class ClipEmbedder:
+    """The image tower of an open_clip model with its pretrained tag's preprocessing."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto"):
+        import open_clip
+
+        self.spec = spec
+        self.device = resolve_device(device)
+        # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
+        self.preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode")
+                              if key in tag_cfg}
+        options = dict(image_mean=self.preprocessing.get("mean"), image_std=self.preprocessing.get("std"),
+                       image_interpolation=self.preprocessing.get("interpolation"),
+                       image_resize_mode=self.preprocessing.get("resize_mode"))
+
+        def create(pretrained: str | None):
+            return open_clip.create_model_and_transforms(spec.model_id, pretrained=pretrained, **options)
+
+        if spec.weights == RANDOM:
+            model, _, transform = seeded(lambda: create(None))
+        else:
+            model, _, transform = load_with_fallback(spec, lambda path: create(str(path)),
+                                                     lambda: create(spec.tag))
+        self.transform = transform
+        self.visual = prepare_for_inference(model.visual, self.device)
+        self.channels_last = has_conv(self.visual)
+        self.dim = model.visual.output_dim
+        self.image_size = model.visual.image_size
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), autocast(self.device):
+            features = self.visual(to_model_input(batch, self.device, self.channels_last))
+        return l2_normalize(features.cpu())
+
+    def describe(self) -> dict:
+        return {"spec": self.spec.describe(), "preprocessing": self.preprocessing,
+                "image_size": list(np.atleast_1d(self.image_size).tolist())}
+
+
+def create_embedder(spec: ModelSpec, device: str = "auto") -> Embedder:
+    """The factory for every embedder kind."""
+    if spec.library == "timm":
+        return TimmEmbedder(spec, device)
+    if spec.library == "open_clip":
+        return ClipEmbedder(spec, device)
+    if spec.library == "checkpoint":
+        from models.finetuned import CheckpointEmbedder
+
+        return CheckpointEmbedder(Path(spec.model_id), device)
+    raise ValueError(f"{spec.name}: no embedder for library {spec.library}")

@@ -1,0 +1,73 @@
+"""A timm network loaded once per process, giving pooled features and class logits in one forward."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models.registry import RANDOM, ModelSpec
+from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from models.weights import load_with_fallback
+
+
+def _create(spec: ModelSpec) -> torch.nn.Module:
+    import timm
+
+    def from_file(path: Path) -> torch.nn.Module:
+        overlay = dict(spec.cfg_overlay, file=str(path))
+        return timm.create_model(spec.model_id, pretrained=True, pretrained_cfg_overlay=overlay,
+                                 **spec.create_kwargs)
+
+    def from_hub() -> torch.nn.Module:
+        return timm.create_model(spec.model_id, pretrained=True,
+                                 pretrained_cfg_overlay=spec.cfg_overlay or None, **spec.create_kwargs)
+
+    if spec.weights == RANDOM:
+        return seeded(lambda: timm.create_model(spec.model_id, pretrained=False,
+                                                pretrained_cfg_overlay=spec.cfg_overlay or None,
+                                                **spec.create_kwargs))
+    return load_with_fallback(spec, from_file, from_hub)
+
+
+class TimmNet:
+    """One timm model in inference mode with its own eval preprocessing."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        import timm.data
+
+        self.spec = spec
+        self.device = device
+        model = _create(spec)
+        self.data_config = timm.data.resolve_data_config({}, model=model)
+        self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(**self.data_config)
+        self.imagenet_subset = timm.data.infer_imagenet_subset(model)
+        self.num_features = model.num_features
+        self.channels_last = has_conv(model)
+        self.model = prepare_for_inference(model, device)
+
+    def preprocessing(self) -> dict:
+        """The resolved preprocessing, JSON-able (part of cache fingerprints)."""
+        return json.loads(json.dumps(self.data_config, default=list))
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features, class logits) for a preprocessed batch, both float32 on the CPU."""
+        x = to_model_input(batch, self.device, self.channels_last)
+        with autocast(self.device):
+            pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            logits = self.model.get_classifier()(pooled)
+        return pooled.float().cpu(), logits.float().cpu()
+
+
+@lru_cache(maxsize=4)
+def _load(spec_json: str, device: str) -> TimmNet:
+    return TimmNet(ModelSpec(**json.loads(spec_json)), torch.device(device))
+
+
+def load_timm_net(spec: ModelSpec, device: str = "auto") -> TimmNet:
+    """The process-wide TimmNet for `spec`: a classifier and an embedder naming the same model share it."""
+    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)))

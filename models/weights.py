@@ -1,0 +1,92 @@
+"""The one place that decides where a model's weights come from.
+
+Order: an explicit local path -> `$LOOKALIKE_WEIGHTS/<weight_file>` -> the library's hub (which
+honours HF_HUB_OFFLINE). When nothing works, `WeightsUnavailable` lists every place tried.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from models.registry import RANDOM, ModelSpec
+
+T = TypeVar("T")
+
+
+class WeightsUnavailable(RuntimeError):
+    """No weights could be found for a model; the message says where we looked and how to fix it."""
+
+
+def local_weights(spec: ModelSpec) -> Path | None:
+    """The local weight file for `spec`, or None when the hub should be used.
+
+    Raises FileNotFoundError when an explicit path was given and does not exist.
+    """
+    if spec.weights and spec.weights != RANDOM:
+        path = Path(spec.weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.name}: weights file {path} does not exist")
+        return path
+    folder = os.environ.get("LOOKALIKE_WEIGHTS")
+    if folder and spec.weight_file:
+        candidate = Path(folder).expanduser() / spec.weight_file
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def places_tried(spec: ModelSpec) -> list[str]:
+    """Human-readable list of the places `load_with_fallback` looks, in order."""
+    folder = os.environ.get("LOOKALIKE_WEIGHTS")
+    places = []
+    if spec.weight_file:
+        places.append(f"$LOOKALIKE_WEIGHTS/{spec.weight_file}"
+                      + (f" ({folder}: not there)" if folder else " (LOOKALIKE_WEIGHTS is unset)"))
+    places.append(f"the {spec.library} hub for '{spec.model_id}"
+                  + (f"/{spec.tag}'" if spec.tag else "'"))
+    return places
+
+
+def load_with_fallback(spec: ModelSpec, from_file: Callable[[Path], T], from_hub: Callable[[], T]) -> T:
+    """Load from a local file when one resolves, else from the hub; one clear error otherwise."""
+    path = local_weights(spec)
+    if path is not None:
+        return from_file(path)
+    try:
+        return from_hub()
+    except Exception as err:  # hub errors come in many types (HTTP, offline, missing file)
+        hint = (f"put {spec.weight_file} in $LOOKALIKE_WEIGHTS or " if spec.weight_file else "")
+        raise WeightsUnavailable(
+            f"cannot load {spec.library} model '{spec.name}': tried {'; '.join(places_tried(spec))}"
+            f" -> {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"To fix: {hint}append @/path/to/weights to the model name"
+        ) from err
+
+
+_HASHES: dict[tuple[str, int, float], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weight file, memoised per (path, size, mtime) within the process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def weights_identity(spec: ModelSpec) -> str:
+    """What the weights are, for fingerprints: a file hash, 'random', or the hub id."""
+    if spec.weights == RANDOM:
+        return RANDOM
+    path = local_weights(spec)
+    if path is not None:
+        return "sha256:" + file_sha256(path)
+    return f"hub:{spec.model_id}" + (f"/{spec.tag}" if spec.tag else "")

@@ -1,0 +1,62 @@
+"""Decoding images robustly: every file either becomes an RGB image or a one-line reason to skip it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
+DECODE_SIDE = 1024  # JPEGs are decoded at reduced size when they are much larger than this
+
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                             if fmt in Image.OPEN) | {".pgm", ".ppm", ".pbm"}
+
+
+class ImageLoadError(ValueError):
+    """A file that cannot be used as an image; str() is '<path>: <reason>'."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white, 16-bit is rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
+    """Open, orient (EXIF) and convert one image to RGB, or raise ImageLoadError saying why not."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "empty file (0 bytes)")
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
+                                           f" the limit is {MAX_PIXELS / 1e6:.0f} MP)")
+            if image.format == "JPEG" and max(width, height) > 2 * decode_side:
+                image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image (Pillow cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(path, f"cannot decode ({str(err) or type(err).__name__})") from None
+
+
+# Pillow's own bomb guard is replaced by MAX_PIXELS above, which names the file and the size.
+Image.MAX_IMAGE_PIXELS = None

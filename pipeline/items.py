@@ -1,0 +1,43 @@
+"""Item: one image as it travels through the stages, enriched by each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class Result:
+    rank: int
+    score: float
+    path: str
+    label: str | None
+    bucket: str | None
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path,
+                "label": self.label, "bucket": self.bucket}
+
+
+@dataclass
+class Item:
+    path: str
+    image: Image.Image | None = None
+    error: str | None = None
+    box: tuple[float, float, float, float] | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed tensors per stage
+    classes: np.ndarray | None = None  # top-k class indices, most probable first
+    probs: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    embedding: np.ndarray | None = None
+    results: list[Result] = field(default_factory=list)
+    candidates: int | None = None  # how many gallery items were searched
+    note: str | None = None
+
+    def predicted(self, limit: int = 5) -> list[dict]:
+        if self.classes is None:
+            return []
+        return [{"class": int(c), "name": name, "prob": round(float(p), 6)}
+                for c, name, p in zip(self.classes[:limit], self.class_names[:limit], self.probs[:limit])]

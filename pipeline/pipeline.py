@@ -1,0 +1,108 @@
+"""Pipeline: an ordered list of stages run over batches, with image decoding overlapped in threads."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from cache.search import Searcher
+from models.classifier import Classifier
+from models.detector import Detector
+from models.embedders import create_embedder
+from models.registry import resolve_spec
+from pipeline.config import PipelineConfig
+from pipeline.images import ImageLoadError, load_image
+from pipeline.items import Item
+from pipeline.policies import parse_policy
+from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage
+
+
+class Pipeline:
+    """Runs stages in order over batches; batches are decoded ahead while the models work."""
+
+    def __init__(self, stages: list[Stage], batch_size: int = 32, workers: int = 2,
+                 pool: ThreadPoolExecutor | None = None):
+        self.stages = stages
+        self.batch_size = batch_size
+        self.pool = pool or ThreadPoolExecutor(max(1, workers))
+        # Per-image preprocessing can run while loading, up to the first stage that changes the image.
+        self._early: list[Stage] = []
+        for stage in stages:
+            if isinstance(stage, CropStage):
+                break
+            self._early.append(stage)
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def describe(self) -> dict:
+        return {stage.name: stage.describe() for stage in self.stages}
+
+    def _load(self, path: str, root: Path | None) -> Item:
+        item = Item(path)
+        try:
+            item.image = load_image(root / path if root else path)
+            for stage in self._early:
+                stage.prepare(item)
+        except ImageLoadError as err:
+            item.error = err.reason
+        return item
+
+    def run(self, paths: Iterable[str], root: Path | None = None, prefetch: int = 2,
+            on_batch: Callable[[list[Item]], None] | None = None) -> Iterator[Item]:
+        """Yield every path's Item in order; unreadable images come back with `error` set."""
+        pending: deque[list[Future]] = deque()
+
+        def finish(futures: list[Future]) -> list[Item]:
+            items = [f.result() for f in futures]
+            good = [item for item in items if item.error is None]
+            for stage in self.stages if good else []:
+                good = stage(good)
+            for item in items:
+                item.image = None  # decoded pixels are not needed past the stages
+            if on_batch:
+                on_batch(items)
+            return items
+
+        batch: list[str] = []
+        for path in paths:
+            batch.append(path)
+            if len(batch) == self.batch_size:
+                pending.append([self.pool.submit(self._load, p, root) for p in batch])
+                batch = []
+                if len(pending) > prefetch:
+                    yield from finish(pending.popleft())
+        if batch:
+            pending.append([self.pool.submit(self._load, p, root) for p in batch])
+        while pending:
+            yield from finish(pending.popleft())
+
+
+def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> Pipeline:
+    """Crop -> classify -> embed (-> retrieve when a searcher is given), from one config.
+
+    When the classifier and the embedder name the same model, one forward serves both.
+    """
+    pool = ThreadPoolExecutor(max(1, config.workers))
+    stages: list[Stage] = []
+    if config.crop:
+        stages.append(CropStage(Detector(resolve_spec(config.detector, "detector"), config.device,
+                                         config.crop_confidence), config.crop_margin))
+    embed_spec = resolve_spec(config.embedder, "embedder")
+    classifier = None
+    if config.uses_classifier:
+        classifier_spec = resolve_spec(config.classifier, "classifier")
+        classifier = Classifier(classifier_spec, config.device)
+        stages.append(ClassifyStage(classifier, config.class_topk, pool, embed=classifier_spec == embed_spec))
+    if classifier is None or classifier.spec != embed_spec:
+        stages.append(EmbedStage(create_embedder(embed_spec, config.device), pool))
+    if searcher is not None:
+        policy = parse_policy(config.buckets)
+        if policy.uses_buckets and classifier is None:
+            raise ValueError(f"bucket policy '{config.buckets}' needs a classifier; use --buckets flat")
+        names = searcher.data.manifest.get("class_names", {})
+        stages.append(RetrieveStage(searcher, policy, config.k,
+                                    lambda key: names.get(str(key), classifier.class_name(key)
+                                                          if classifier else str(key))))
+    return Pipeline(stages, config.batch_size, config.workers, pool)

@@ -1,0 +1,34 @@
+"""Opening a cache for queries: the pipeline recorded in the cache, with query-time options on top."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from cache.search import Searcher
+from cache.store import CacheData, CacheError, load_cache
+from pipeline.config import CACHE_FIELDS, PipelineConfig
+from pipeline.pipeline import Pipeline, build_pipeline
+from pipeline.policies import parse_policy
+
+
+def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
+    """The cache's pipeline plus `overrides`; an override that would change the cache is refused."""
+    recorded = data.manifest["config"]
+    conflicts = [f"{name} {overrides[name]!r} (cache: {recorded.get(name)!r})" for name in CACHE_FIELDS
+                 if overrides.get(name) is not None and overrides[name] != recorded.get(name)]
+    if conflicts:
+        raise CacheError(f"{data.root}: built with another pipeline; you asked for {', '.join(conflicts)}. "
+                         "Drop those options or build a cache with them")
+    config = PipelineConfig.from_dict(recorded)
+    query_options = {k: v for k, v in overrides.items() if k not in CACHE_FIELDS and v is not None}
+    config = replace(config, **query_options)
+    if "buckets" not in query_options:
+        config.buckets = data.manifest.get("default_buckets", config.buckets) if config.uses_classifier else "flat"
+    parse_policy(config.buckets)  # a bad policy fails before any model loads
+    return config
+
+
+def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
+    data = load_cache(cache_dir)
+    config = query_config(data, overrides or {})
+    return build_pipeline(config, Searcher(data)), config

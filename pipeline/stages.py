@@ -1,0 +1,153 @@
+"""The Stage objects: each takes a batch of Items and returns them enriched. Stages know nothing of each other."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache.search import FLAT, Searcher
+from models.classifier import Classifier
+from models.detector import Detector, choose_box, pad_box
+from models.embedders import Embedder
+from pipeline.items import Item, Result
+from pipeline.policies import BucketPolicy
+
+
+class Stage(ABC):
+    """One job over a batch of items. `prepare` is per-image CPU work that may run in loader threads."""
+
+    name: str
+
+    def prepare(self, item: Item) -> None:
+        """Per-image preprocessing; stages without any leave this as is."""
+
+    @abstractmethod
+    def __call__(self, items: list[Item]) -> list[Item]: ...
+
+    def describe(self) -> dict:
+        """What this stage does to an image, for cache fingerprints."""
+        return {}
+
+
+class TensorStage(Stage):
+    """A stage whose model eats a batch made by its own per-image transform."""
+
+    def __init__(self, name: str, transform: Callable[[Image.Image], torch.Tensor], pool: ThreadPoolExecutor):
+        self.name = name
+        self.transform = transform
+        self.pool = pool
+
+    def prepare(self, item: Item) -> None:
+        item.inputs[self.name] = self.transform(item.image)
+
+    def batch(self, items: list[Item]) -> torch.Tensor:
+        missing = [item for item in items if self.name not in item.inputs]
+        list(self.pool.map(self.prepare, missing))
+        return torch.stack([item.inputs.pop(self.name) for item in items])
+
+
+class CropStage(Stage):
+    """Replace each image by its large, central detected object (padded); whole image if none."""
+
+    name = "crop"
+
+    def __init__(self, detector: Detector, margin: float):
+        self.detector = detector
+        self.margin = margin
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        for item, boxes in zip(items, self.detector.detect([item.image for item in items])):
+            width, height = item.image.size
+            box = choose_box(boxes, width, height)
+            if box is not None:
+                item.box = pad_box(box, self.margin, width, height)
+                item.image = item.image.crop(tuple(round(v) for v in item.box))
+            item.inputs.clear()  # anything prepared from the uncropped image is stale
+        return items
+
+    def describe(self) -> dict:
+        return {"detector": self.detector.describe(), "margin": self.margin}
+
+
+class ClassifyStage(TensorStage):
+    """Top-k ImageNet classes; with `embed=True` the same forward also gives the embedding."""
+
+    def __init__(self, classifier: Classifier, k: int, pool: ThreadPoolExecutor, embed: bool = False):
+        super().__init__("classify", classifier.transform, pool)
+        self.classifier = classifier
+        self.k = k
+        self.embed = embed
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        prediction = self.classifier.predict(self.batch(items), self.k)
+        if self.embed:
+            embeddings = torch.nn.functional.normalize(prediction.pooled, dim=-1).numpy()
+        for i, item in enumerate(items):
+            item.classes, item.probs = prediction.classes[i], prediction.probs[i]
+            item.class_names = [self.classifier.class_name(c) for c in item.classes[:5]]
+            if self.embed:
+                item.embedding = embeddings[i]
+        return items
+
+    def describe(self) -> dict:
+        return {"classifier": self.classifier.describe(), "k": self.k, "embeds": self.embed}
+
+
+class EmbedStage(TensorStage):
+    """L2-normalised embeddings."""
+
+    def __init__(self, embedder: Embedder, pool: ThreadPoolExecutor):
+        super().__init__("embed", embedder.transform, pool)
+        self.embedder = embedder
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        for item, vector in zip(items, self.embedder.embed(self.batch(items))):
+            item.embedding = vector
+        return items
+
+    def describe(self) -> dict:
+        return {"embedder": self.embedder.describe()}
+
+
+class RetrieveStage(Stage):
+    """Top-k gallery images for each item's embedding, searching the buckets its policy picks."""
+
+    name = "retrieve"
+
+    def __init__(self, searcher: Searcher, policy: BucketPolicy, k: int, bucket_name: Callable[[int], str]):
+        self.searcher = searcher
+        self.policy = policy
+        self.k = k
+        self.bucket_name = bucket_name
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        columns = self.searcher.data.columns
+        for item in items:
+            hits = self.searcher.search(item.embedding, self.policy, self.k, item.classes, item.probs)
+            item.candidates, item.note = hits.candidates, hits.note
+            item.results = []
+            for rank, (row, score) in enumerate(zip(hits.rows, hits.scores), start=1):
+                label = str(columns["labels"][row]) or None
+                bucket = self._bucket_of(int(row), hits.buckets)
+                item.results.append(Result(rank, float(score), str(columns["paths"][row]), label, bucket))
+        return items
+
+    def _bucket_of(self, row: int, searched: list[int]) -> str | None:
+        """The searched bucket this gallery image was found in (its own top class for flat search)."""
+        columns = self.searcher.data.columns
+        if self.searcher.data.manifest.get("bucket_by") == "label":
+            own = [int(columns["label_classes"][row])]
+        else:
+            own = [int(c) for c in columns["classes"][row][:self.policy.gallery_classes]]
+        if not own:
+            return None
+        found = [key for key in own if key in searched] if FLAT not in searched else []
+        return self.bucket_name(found[0] if found else own[0])
+
+
+def stack_embeddings(items: list[Item]) -> np.ndarray:
+    return np.stack([item.embedding for item in items]).astype(np.float32)
