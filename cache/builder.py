@@ -96,8 +96,11 @@ def _label_classes(entries_labels: np.ndarray, pipeline: Pipeline, cache: Path) 
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
                 bucket_by: str = "classifier", rebuild: bool = False, progress: bool = True,
-                pipeline: Pipeline | None = None) -> BuildSummary:
-    """Create or update the cache at `out` for the images under `gallery`."""
+                pipeline: Pipeline | None = None, chunk_rows: int = 256) -> BuildSummary:
+    """Create or update the cache at `out` for the images under `gallery`.
+
+    Progress is saved every `chunk_rows` embedded images (the most an interruption can lose).
+    """
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
     if bucket_by not in ("classifier", "label"):
@@ -136,7 +139,6 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
 
     topk = config.class_topk if config.uses_classifier else 0
     chunk: list[Item] = []
-    chunk_rows = max(256, config.batch_size)
     bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
 
     def save(items: list[Item]) -> None:

@@ -27,6 +27,7 @@ class Classifier:
         self.net: TimmNet = load_timm_net(spec, device)
         self.transform = self.net.transform
         self._info = None
+        self._lookup: dict[str, int] | None = None
         if self.net.imagenet_subset:
             from timm.data import ImageNetInfo
 
@@ -51,8 +52,7 @@ class Classifier:
         """The class index for a synset id ('n02690373') or readable name, None when unknown."""
         if self._info is None:
             return int(label) if label.isdigit() else None
-        if self._info.has_label(label):
-            return self._info.label_names().index(label)
-        names = [d.split(",")[0].lower() for d in self._info.label_descriptions()]
-        wanted = label.replace("_", " ").lower()
-        return names.index(wanted) if wanted in names else None
+        if self._lookup is None:
+            self._lookup = {name.split(",")[0].lower(): i for i, name in enumerate(self._info.label_descriptions())}
+            self._lookup.update({synset: i for i, synset in enumerate(self._info.label_names())})
+        return self._lookup.get(label, self._lookup.get(label.replace("_", " ").lower()))

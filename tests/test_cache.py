@@ -1,0 +1,143 @@
+"""build-cache: results come back, crashes lose nothing, updates embed only what changed."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cache.store
+from cache.builder import build_cache
+from cache.search import Searcher
+from cache.store import CacheError, load_cache
+from pipeline.pipeline import build_pipeline
+from pipeline.policies import parse_policy
+from pipeline.query import open_query_pipeline
+from tests.conftest import draw_shape
+
+
+def test_querying_a_gallery_image_finds_itself_first(gallery, tiny_config, tmp_path):
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 18 and summary.embedded == 18 and not summary.skipped
+    pipeline, _ = open_query_pipeline(tmp_path / "cache", {"buckets": "flat", "k": 3})
+    [item] = list(pipeline.run([str(gallery / "blue_squares" / "2.png")]))
+    assert item.results[0].path == "blue_squares/2.png" and item.results[0].label == "blue_squares"
+    assert item.results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [r.rank for r in item.results] == [1, 2, 3]
+
+
+def test_bad_files_are_skipped_and_reported_not_fatal(gallery, tiny_config, tmp_path):
+    (gallery / "red_circles" / "empty.jpg").write_bytes(b"")
+    (gallery / "red_circles" / "notes.png").write_text("not an image")
+    (gallery / "README.txt").write_text("ignored: not an image extension")
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 18
+    assert {s["path"] for s in summary.skipped} == {"red_circles/empty.jpg", "red_circles/notes.png"}
+    assert load_cache(tmp_path / "cache").manifest["skipped"] == summary.skipped
+
+
+def test_update_embeds_only_new_and_changed_and_drops_deleted(gallery, tiny_config, tmp_path):
+    out = tmp_path / "cache"
+    build_cache(gallery, out, tiny_config, progress=False)
+    draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=99)
+    changed = gallery / "blue_squares" / "0.png"
+    Image.new("RGB", (96, 96), "black").save(changed)
+    os.utime(changed, ns=(10**18, 10**18))
+    (gallery / "green_triangles" / "1.png").unlink()
+    summary = build_cache(gallery, out, tiny_config, progress=False)
+    assert (summary.embedded, summary.reused, summary.removed, summary.images) == (2, 16, 1, 18)
+    data = load_cache(out)
+    assert "green_triangles/1.png" not in data.columns["paths"].tolist()
+    assert len(list(out.glob("gen-*"))) == 1  # the superseded generation is gone
+
+
+def test_interrupted_build_resumes_from_saved_chunks(gallery, tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    config = tiny_config  # batches of 4 images
+    pipeline = build_pipeline(config)
+    embed = pipeline.stages[-1]
+    calls = {"n": 0}
+    original = type(embed).__call__
+
+    def crash_on_third_batch(self, items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, items)
+
+    monkeypatch.setattr(type(embed), "__call__", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(gallery, out, config, progress=False, pipeline=pipeline, chunk_rows=4)
+    assert not (out / "CURRENT").exists()
+    saved = len(list((out / "pending").glob("chunk-*.npz")))
+    assert saved == 2
+    monkeypatch.setattr(type(embed), "__call__", original)
+    summary = build_cache(gallery, out, config, progress=False, pipeline=pipeline, chunk_rows=4)
+    assert summary.reused == 8 and summary.embedded == 10 and summary.images == 18
+    assert not (out / "pending").exists()
+
+
+def test_crash_while_publishing_keeps_the_last_good_cache(gallery, tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    build_cache(gallery, out, tiny_config, progress=False)
+    draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=7)
+    real_save = np.save
+    calls = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(cache.store.np, "save", failing_save)
+    with pytest.raises(OSError):
+        build_cache(gallery, out, tiny_config, progress=False)
+    monkeypatch.setattr(cache.store.np, "save", real_save)
+    assert len(load_cache(out)) == 18  # the previous generation, intact
+    assert build_cache(gallery, out, tiny_config, progress=False).embedded == 0  # new image came from pending
+    assert len(load_cache(out)) == 19
+
+
+def test_another_pipeline_is_refused_naming_the_difference(gallery, tiny_config, tmp_path):
+    out = tmp_path / "cache"
+    build_cache(gallery, out, tiny_config, progress=False)
+    with pytest.raises(CacheError, match="test_resnet"):
+        build_cache(gallery, out, replace(tiny_config, embedder="timm:test_resnet@random"), progress=False)
+    with pytest.raises(CacheError, match="classifier 'timm:test_vit@random'"):
+        open_query_pipeline(out, {"classifier": "timm:test_vit@random"})
+    rebuilt = build_cache(gallery, out, replace(tiny_config, embedder="timm:test_resnet@random"),
+                          rebuild=True, progress=False)
+    assert rebuilt.embedded == 18
+
+
+def test_bucket_by_label_uses_the_folder_class(tmp_path, tiny_config):
+    root = tmp_path / "synsets"
+    for synset, colour in (("n02690373", (200, 0, 0)), ("n02128385", (0, 0, 200))):
+        for i in range(3):
+            draw_shape(root / synset / f"{i}.png", colour, "rectangle", seed=i)
+    build_cache(root, tmp_path / "cache", tiny_config, bucket_by="label", progress=False)
+    data = load_cache(tmp_path / "cache")
+    assert sorted(set(data.columns["label_classes"].tolist())) == [288, 404]
+    assert data.manifest["class_names"]["404"] == "airliner"
+    searcher = Searcher(data)
+    hits = searcher.search(data.columns["embeddings"][0], parse_policy("top1"), 5, np.array([404]), np.ones(1))
+    assert set(data.columns["labels"][hits.rows].tolist()) == {"n02690373"}
+
+
+def test_bucket_by_label_refuses_labels_that_are_not_classes(gallery, tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="unknown: blue_squares"):
+        build_cache(gallery, tmp_path / "cache", tiny_config, bucket_by="label", progress=False)
+
+
+def test_label_map_and_unlabelled_galleries(tmp_path, tiny_config):
+    flat = tmp_path / "flat"
+    for i in range(4):
+        draw_shape(flat / f"img{i}.png", (200, 0, 0) if i < 2 else (0, 0, 200), "ellipse", seed=i)
+    (tmp_path / "labels.json").write_text('{"img0.png": "red", "img1.png": "red", "img2.png": "blue"}')
+    build_cache(flat, tmp_path / "labelled", tiny_config, labels_file=tmp_path / "labels.json", progress=False)
+    assert load_cache(tmp_path / "labelled").columns["labels"].tolist() == ["red", "red", "blue", ""]
+    build_cache(flat, tmp_path / "plain", tiny_config, progress=False)
+    assert set(load_cache(tmp_path / "plain").columns["labels"].tolist()) == {""}

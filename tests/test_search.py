@@ -1,0 +1,85 @@
+"""Bucket policies on a hand-made cache whose answers are known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cache.search import Searcher, class_agreement
+from cache.store import CacheData, empty_columns
+from pipeline.policies import BucketPolicy, parse_policy
+
+
+def unit(*values):
+    vector = np.array(values, np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture
+def searcher(tmp_path) -> Searcher:
+    """Five images; classes 1 and 2 (top-2 each). Row 4 looks most like the query but sits in class 2."""
+    columns = empty_columns(dim=2, topk=2)
+    columns.update(
+        paths=np.array([f"{i}.jpg" for i in range(5)]), labels=np.array(["a", "a", "b", "b", "a"]),
+        label_classes=np.full(5, -1, np.int32),
+        classes=np.array([[1, 2], [1, 2], [2, 1], [2, 1], [2, 1]], np.int32),
+        probs=np.array([[0.9, 0.1], [0.8, 0.2], [0.9, 0.1], [0.7, 0.3], [0.55, 0.45]], np.float32),
+        embeddings=np.stack([unit(1, 0.2), unit(1, 0.4), unit(0, 1), unit(0.2, 1), unit(1, 0.1)]),
+    )
+    return Searcher(CacheData(tmp_path, {"fused_weight": 0.5}, columns))
+
+
+QUERY = unit(1, 0.05)
+CLASSES, PROBS = np.array([1, 2]), np.array([0.6, 0.4], np.float32)
+
+
+def test_flat_searches_everything(searcher):
+    hits = searcher.search(QUERY, parse_policy("flat"), k=3)
+    assert hits.rows.tolist() == [4, 0, 1] and hits.candidates == 5
+
+
+def test_top1_searches_only_the_predicted_bucket(searcher):
+    hits = searcher.search(QUERY, parse_policy("top1"), 5, CLASSES, PROBS)
+    assert hits.rows.tolist() == [0, 1] and hits.candidates == 2
+
+
+def test_topk_unions_buckets(searcher):
+    hits = searcher.search(QUERY, parse_policy("topk:2"), 3, CLASSES, PROBS)
+    assert hits.rows.tolist() == [4, 0, 1] and hits.candidates == 5
+
+
+def test_soft_assignment_puts_images_in_their_top_m_buckets(searcher):
+    hits = searcher.search(QUERY, parse_policy("top1+soft:2"), 5, CLASSES, PROBS)
+    assert hits.rows.tolist() == [4, 0, 1, 3, 2]  # each found once although in two buckets
+
+
+def test_fused_adds_class_agreement(searcher):
+    plain = searcher.search(QUERY, parse_policy("topk:2"), 5, CLASSES, PROBS)
+    fused = searcher.search(QUERY, parse_policy("fused:2@2"), 5, CLASSES, PROBS)
+    assert plain.rows[0] == 4 and fused.rows[0] == 0  # row 0 agrees with the query's classes more
+    expected = float(np.dot(QUERY, unit(1, 0.2)) + 2 * (0.6 * 0.9 + 0.4 * 0.1))
+    assert fused.scores[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_empty_buckets_fall_back_to_flat_and_say_so(searcher):
+    hits = searcher.search(QUERY, parse_policy("top1"), 2, np.array([7, 8]), PROBS)
+    assert hits.rows.tolist() == [4, 0] and "whole gallery" in hits.note
+
+
+def test_class_agreement_is_the_inner_product_of_sparse_probabilities():
+    agreement = class_agreement(np.array([3, 5]), np.array([0.5, 0.5]), np.array([[5, 9], [1, 2]]),
+                                np.array([[0.8, 0.2], [0.5, 0.5]]))
+    assert agreement.tolist() == pytest.approx([0.4, 0.0])
+
+
+@pytest.mark.parametrize("text, policy", [
+    ("flat", BucketPolicy("flat")), ("top1", BucketPolicy("topk", 1)), ("topk:4", BucketPolicy("topk", 4)),
+    ("fused", BucketPolicy("fused", 3)), ("fused:2@0.3+soft:2", BucketPolicy("fused", 2, 2, 0.3)),
+])
+def test_policy_grammar(text, policy):
+    assert parse_policy(text) == policy and parse_policy(str(policy)) == policy
+
+
+@pytest.mark.parametrize("text", ["top2", "topk:0", "flat:3", "top1@0.5", "nearest"])
+def test_bad_policies_are_refused(text):
+    with pytest.raises(ValueError, match="bucket policy"):
+        parse_policy(text)
