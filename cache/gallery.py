@@ -1,6 +1,6 @@
 """Finding a gallery's images and their relevance labels.
 
-Three layouts: folder-per-label (`root/<label>/.../img.jpg`), a flat folder with a JSON map
+Three layouts: folder-per-label (`root/.../<label>/img.jpg`: the image's parent folder), a flat folder with a JSON map
 `{"file.jpg": "label"}` (as `train_image_info.json`), or unlabelled.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def read_label_map(path: Path) -> dict[str, str]:
 
 
 def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> list[GalleryEntry]:
-    """Every image under `root` with its label (from `labels_file`, else its top folder, else None)."""
+    """Every image under `root` with its label (from `labels_file`, else its parent folder, else None)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: gallery folder does not exist")
@@ -50,4 +50,9 @@ def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> lis
         mapping = read_label_map(Path(labels_file))
         # Keys may be paths relative to the root or bare file names.
         return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]
-    return [GalleryEntry(p, p.split("/")[0] if "/" in p else None) for p in paths]
+    return [GalleryEntry(p, folder_label(p)) for p in paths]
+
+
+def folder_label(relpath: str) -> str | None:
+    """The label of `<...>/<label>/<image>`: the parent folder's name (None at the top level)."""
+    return relpath.split("/")[-2] if "/" in relpath else None

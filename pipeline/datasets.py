@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.gallery import list_images, read_label_map
+from cache.gallery import folder_label, list_images, read_label_map
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def load_labelled(spec: str | Path, labels_file: str | Path | None = None) -> La
         mapping = read_label_map(Path(labels_file))
         pairs = [(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]
     else:
-        pairs = [(p, p.split("/")[-2] if "/" in p else None) for p in paths]
+        pairs = [(p, folder_label(p)) for p in paths]
     pairs = [(p, label) for p, label in pairs if label is not None]
     if not pairs:
         raise ValueError(f"{spec}: no labelled images (expected <label>/<image> folders or a label map)")

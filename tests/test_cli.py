@@ -1,0 +1,87 @@
+"""The command line: readable and JSON output, one-line errors with non-zero exits, a fast --help."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def built(gallery, tmp_path) -> Path:
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(out), "--classifier",
+                                      TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "18 images in cache" in result.output and "images/s" in result.output
+    return out
+
+
+def test_query_json_lists_ranked_results(built, gallery, tmp_path):
+    query = str(gallery / "green_triangles" / "3.png")
+    sheet = tmp_path / "sheet.png"
+    result = CliRunner().invoke(cli, ["query", query, "--cache", str(built), "--json", "--buckets", "flat",
+                                      "--sheet", str(sheet)])
+    assert result.exit_code == 0, result.output
+    [answer] = json.loads(result.stdout)
+    assert answer["query"] == query and len(answer["predicted"]) == 5
+    assert [r["rank"] for r in answer["results"]] == [1, 2, 3, 4, 5]
+    assert answer["results"][0]["path"] == str(gallery / "green_triangles" / "3.png")
+    assert set(answer["results"][0]) == {"rank", "score", "path", "label", "bucket"}
+    assert sheet.stat().st_size > 0
+
+
+def test_query_table_is_readable(built, gallery):
+    result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built), "-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "predicted:" in result.output and "red_circles/0.png" in result.output
+    assert len([line for line in result.output.splitlines() if line.strip().startswith(("1 ", "2 "))]) == 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--buckets", "nearest"], "unknown bucket policy 'nearest'"),
+    (["--classifier", "mobilenetv2"], "built with another pipeline"),
+    (["-k", "0"], "must be at least 1"),
+])
+def test_bad_options_give_one_line_errors(built, gallery, arguments, message):
+    result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built)] + arguments)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_query_is_reported_and_others_still_answered(built, gallery, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    result = CliRunner().invoke(cli, ["query", str(broken), str(gallery / "red_circles" / "1.png"), "--cache",
+                                      str(built), "--json"])
+    assert result.exit_code == 1
+    assert f"error: {broken}:" in result.stderr
+    assert len(json.loads(result.stdout)) == 1
+
+
+def test_missing_cache_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["query", "x.jpg", "--cache", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: not a lookalike cache (no CURRENT file); run build-cache first"
+
+
+def test_unavailable_model_is_one_line(gallery, tmp_path):
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(tmp_path / "c"),
+                                      "--classifier", "none", "--embedder", "clip"])
+    assert result.exit_code == 1
+    assert "cannot load open_clip model 'clip'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_imports_no_heavy_library():
+    code = "import sys, cli; cli.cli(['--help'], standalone_mode=False); " \
+           "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'open_clip') if m in sys.modules))"
+    output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert output.strip().endswith("[]")
