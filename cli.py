@@ -135,5 +135,43 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
         sys.exit(1)
 
 
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@cli.command()
+@click.option("--data", help="labelled folder or zip (zip::inner/folder), split into gallery and queries")
+@click.option("--query-fraction", default=0.2, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--gallery", help="explicit gallery folder/zip (with --queries)")
+@click.option("--queries", help="explicit query folder/zip")
+@click.option("--gallery-labels", type=click.Path(dir_okay=False), help='JSON {"file": "label"} for --gallery')
+@click.option("--query-labels", type=click.Path(dir_okay=False), help='JSON {"file": "label"} for --queries')
+@click.option("--classifier", default="none,mobilenetv2,effnet-b7,eva02", show_default=True, help="comma list")
+@click.option("--embedder", default="mobilenetv2,clip", show_default=True, help="comma list")
+@click.option("--buckets", default="flat,top1,topk:3,top1+soft:3,fused:3", show_default=True, help="comma list")
+@click.option("--crop", default="off", show_default=True, help="off, on or off,on")
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@one_line_errors
+def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
+              buckets, crop, grid_file, device, out):
+    """Compare configurations on a labelled image set: metrics, costs, report and plots."""
+    from pipeline.benchmark import make_grid, read_grid_file, run_benchmark
+
+    lists = {"classifier": _split(classifier), "embedder": _split(embedder), "buckets": _split(buckets),
+             "crop": _split(crop)}
+    if grid_file:
+        lists.update(read_grid_file(grid_file))
+    cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
+    report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
+                           device)
+    from pipeline.reports import markdown_table
+
+    click.echo(markdown_table(report))
+    click.echo(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.json'}, pictures in {out}")
+
+
 if __name__ == "__main__":
     cli()

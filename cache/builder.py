@@ -16,10 +16,13 @@ from tqdm import tqdm
 from cache.gallery import GalleryEntry, scan_gallery
 from cache.store import CacheData, CacheError, PendingChunks, concat_columns, empty_columns, load_cache, \
     select_rows, write_generation
+from cache.search import Searcher
 from pipeline.config import PipelineConfig
+from pipeline.fusion import fit_fused_weight
 from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
+from pipeline.policies import parse_policy
 
 
 @dataclass
@@ -77,6 +80,8 @@ def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[s
     if topk:
         columns.update(classes=np.stack([item.classes for item in good]).astype(np.int32),
                        probs=np.stack([item.probs for item in good]).astype(np.float32))
+    else:
+        columns.update(classes=np.zeros((len(good), 0), np.int32), probs=np.zeros((len(good), 0), np.float32))
     return columns
 
 
@@ -177,6 +182,9 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         "dim": int(columns["embeddings"].shape[1]), "skipped": summary.skipped,
         "class_names": _class_names(columns, pipeline, bucket_by), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if topk and bucket_by == "classifier":
+        # The `fused` policy's weight, chosen on the labelled gallery itself (None without labels).
+        manifest["fused_weight"] = fit_fused_weight(Searcher(CacheData(out, manifest, columns)), parse_policy("fused"))
     write_generation(out, manifest, columns)
     pending.clear()
     summary.images = len(rows)

@@ -1,0 +1,225 @@
+"""benchmark: which configuration finds the right images, and at what cost.
+
+A grid of cells (classifier x embedder x bucket policy x crop) runs over a labelled set split into
+gallery and queries. Cells sharing classifier, embedder and crop share one cache and one pass of
+the query images, so nothing is computed twice; only the search differs between them.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cache.builder import build_cache
+from cache.search import Searcher
+from cache.store import load_cache
+from models.registry import NO_CLASSIFIER
+from models.weights import WeightsUnavailable
+from pipeline.config import PipelineConfig
+from pipeline.datasets import LabelledSet, load_labelled, split_queries
+from pipeline.fusion import fit_fused_weight
+from pipeline.items import Item
+from pipeline.metrics import cmc_curve, compute_metrics
+from pipeline.pipeline import build_pipeline
+from pipeline.policies import BucketPolicy, parse_policy
+
+REFERENCE_POLICY = "top1"  # the reference notebooks' behaviour: search the predicted class only
+CMC_DEPTH = 20
+
+
+@dataclass(frozen=True)
+class Cell:
+    classifier: str
+    embedder: str
+    buckets: str
+    crop: str  # 'off' | 'on'
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return self.classifier, self.embedder, self.crop
+
+    @property
+    def name(self) -> str:
+        return f"{self.classifier}/{self.embedder}/{self.buckets}/crop-{self.crop}"
+
+
+def make_grid(classifiers: list[str], embedders: list[str], buckets: list[str], crops: list[str]) -> list[Cell]:
+    """Every combination; without a classifier only flat search makes sense."""
+    for crop in crops:
+        if crop not in ("off", "on"):
+            raise ValueError(f"--crop {crop}: use off, on or off,on")
+    for policy in buckets:
+        parse_policy(policy)
+    return [Cell(c, e, b, crop) for c, e, b, crop in itertools.product(classifiers, embedders, buckets, crops)
+            if c != NO_CLASSIFIER or b == "flat"]
+
+
+def read_grid_file(path: str | Path) -> dict[str, list[str]]:
+    """A YAML or JSON mapping of classifier/embedder/buckets/crop to lists."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a grid file maps classifier/embedder/buckets/crop to lists")
+    return {key: [str(v) for v in (value if isinstance(value, list) else [value])] for key, value in data.items()}
+
+
+def link_tree(data: LabelledSet, folder: Path) -> Path:
+    """A folder-per-label view of `data` made of symlinks (the dataset itself is never written)."""
+    for i, (path, label) in enumerate(zip(data.paths, data.labels)):
+        target = folder / label / f"{i:06d}_{Path(path).name}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((data.root / path).resolve())
+    return folder
+
+
+def environment(device: str) -> dict:
+    import faiss
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "timm": timm.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": device,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class GroupRun:
+    """What one (classifier, embedder, crop) group computed: the cache and the embedded queries."""
+
+    searcher: Searcher
+    items: list[Item]
+    query_labels: np.ndarray
+    cost: dict
+
+
+def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, base: PipelineConfig,
+              latency_samples: int) -> GroupRun:
+    config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
+    key = hashlib.sha1(json.dumps(config.cache_part(), sort_keys=True).encode()).hexdigest()[:10]
+    cache_dir = out / "caches" / key
+    pipeline = build_pipeline(config)
+    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline)
+    data = load_cache(cache_dir)
+    paths = [str(queries.root / p) for p in queries.paths]
+    started = time.perf_counter()
+    items = list(tqdm(pipeline.run(paths), total=len(paths), desc="queries", unit="img", leave=False))
+    batch_seconds = time.perf_counter() - started
+    failed = [item for item in items if item.error]
+    if failed:
+        raise ValueError(f"{len(failed)} query images unreadable, e.g. {failed[0].path}: {failed[0].error}")
+    single = []
+    for path in paths[:latency_samples]:  # one image at a time, as a user's query runs
+        started = time.perf_counter()
+        list(pipeline.run([path]))
+        single.append((time.perf_counter() - started) * 1000)
+    cost = {"build_images_per_s": summary.images_per_s or None, "query_images_per_s": len(paths) / batch_seconds,
+            "embed_ms_p50": float(np.percentile(single, 50)), "embed_ms_p95": float(np.percentile(single, 95)),
+            "cache_bytes": folder_bytes(cache_dir)}
+    return GroupRun(Searcher(data), items, np.array(queries.labels), cost)
+
+
+def evaluate_policy(run: GroupRun, policy: BucketPolicy) -> tuple[dict, np.ndarray, np.ndarray, list]:
+    """Metrics of one policy: every query ranks all its candidates (the rest count as not retrieved)."""
+    columns = run.searcher.data.columns
+    gallery_labels = np.asarray(columns["labels"])
+    n_gallery = len(gallery_labels)
+    relevance = np.zeros((len(run.items), n_gallery), dtype=bool)
+    candidates, search_ms, top_rows, agreement = [], [], [], []
+    for i, item in enumerate(run.items):
+        started = time.perf_counter()
+        hits = run.searcher.search(item.embedding, policy, n_gallery, item.classes, item.probs)
+        search_ms.append((time.perf_counter() - started) * 1000)
+        relevance[i, :len(hits.rows)] = gallery_labels[hits.rows] == run.query_labels[i]
+        candidates.append(hits.candidates)
+        top_rows.append(hits.rows[:5])
+        if item.classes is not None:
+            same = gallery_labels == run.query_labels[i]
+            agreement.append(np.mean(columns["classes"][same, 0] == item.classes[0]) if same.any() else np.nan)
+    n_relevant = np.array([(gallery_labels == label).sum() for label in run.query_labels])
+    metrics = compute_metrics(relevance, n_relevant, n_gallery)
+    metrics["bucket_hit_rate"] = float(np.mean(relevance.any(axis=1)[n_relevant > 0]))
+    metrics["candidate_fraction"] = float(np.mean(candidates) / n_gallery)
+    metrics["classifier_agreement"] = float(np.nanmean(agreement)) if agreement else None
+    metrics["search_ms_p50"] = float(np.percentile(search_ms, 50))
+    return metrics, cmc_curve(relevance, n_relevant, CMC_DEPTH), relevance, top_rows
+
+
+def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, query_fraction: float = 0.2,
+                  seed: int = 0, gallery: str | None = None, queries: str | None = None,
+                  gallery_labels: str | None = None, query_labels: str | None = None, device: str = "auto",
+                  latency_samples: int = 20, sheets: int = 6) -> dict:
+    """Run every cell, write report.json, report.md and the pictures into `out`; return the report."""
+    from pipeline import reports
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data:
+        gallery_set, query_set = split_queries(load_labelled(data), query_fraction, seed)
+    elif gallery and queries:
+        gallery_set, query_set = load_labelled(gallery, gallery_labels), load_labelled(queries, query_labels)
+    else:
+        raise ValueError("give --data DIR|ZIP, or both --gallery and --queries")
+    gallery_dir = link_tree(gallery_set, out / "gallery")
+    base = PipelineConfig(device=device)
+    report = {"data": {"source": data or {"gallery": gallery, "queries": queries}, "gallery": len(gallery_set),
+                       "queries": len(query_set), "labels": len(set(gallery_set.labels)),
+                       "query_fraction": query_fraction if data else None, "seed": seed},
+              "environment": environment(device), "cells": []}
+    curves, extras = {}, {}
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.group, []).append(cell)
+    bar = tqdm(total=len(cells), desc="cells", unit="cell")
+    for group_cells in groups.values():
+        try:
+            run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples)
+        except Exception as err:  # a failing group is recorded and the run goes on
+            status = "skipped" if isinstance(err, (WeightsUnavailable, FileNotFoundError)) else "failed"
+            reason = " ".join(str(err).split()) or type(err).__name__
+            detail = None if status == "skipped" else traceback.format_exc(limit=3)
+            for cell in group_cells:
+                report["cells"].append({"config": asdict(cell), "status": status, "error": reason, "trace": detail})
+                bar.update()
+            continue
+        reports.group_pictures(run, group_cells[0], out)
+        for cell in group_cells:
+            try:
+                policy = parse_policy(cell.buckets)
+                if policy.kind == "fused" and policy.weight is None:
+                    policy = replace(policy, weight=fit_fused_weight(run.searcher, policy, seed=seed) or 0.5)
+                metrics, curves[cell.name], relevance, top_rows = evaluate_policy(run, policy)
+                cost = dict(run.cost, query_ms_p50=run.cost["embed_ms_p50"] + metrics.pop("search_ms_p50"))
+                report["cells"].append({"config": asdict(cell), "status": "ok", "policy": str(policy),
+                                        "metrics": metrics, "cost": cost})
+                extras[cell.name] = (run, top_rows)
+            except Exception as err:
+                report["cells"].append({"config": asdict(cell), "status": "failed",
+                                        "error": " ".join(str(err).split()), "trace": traceback.format_exc(limit=3)})
+            bar.update()
+    bar.close()
+    report["cells"].sort(key=lambda c: -(c.get("metrics") or {}).get("MAP@R", -1.0))
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    reports.write_markdown(report, out / "report.md")
+    reports.cmc_chart(curves, out / "cmc.png")
+    best = next((c for c in report["cells"] if c["status"] == "ok"), None)
+    if best:
+        run, top_rows = extras[Cell(**best["config"]).name]
+        reports.confusion_matrix(run, top_rows, out / "confusion.png")
+        reports.result_sheets(run, top_rows, sheets, seed, out / "sheets.png")
+    return report
