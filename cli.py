@@ -173,5 +173,75 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
     click.echo(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.json'}, pictures in {out}")
 
 
+def train_options(command):
+    """The training options, with TrainConfig's defaults (pipeline.training.config imports no torch)."""
+    from dataclasses import fields
+
+    from pipeline.training.config import AUGMENTS, LOSSES, MINERS, TrainConfig
+
+    default = {f.name: f.default for f in fields(TrainConfig)}
+    options = [
+        click.option("--loss", type=click.Choice(LOSSES), help="contrastive (siamese pairs) or triplet"),
+        click.option("--data", help="labelled images: a folder, a .zip, or archive.zip::inner/folder"),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory"),
+        click.option("--val-data", help="validation images from another folder/zip (e.g. a val/ split)"),
+        click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help='JSON {"file": "label"}'),
+        click.option("--backbone", default=default["backbone"], show_default=True,
+                     help="small-cnn, pixels, mobilenetv2, or timm:<model>[@weights.safetensors|@random]"),
+        click.option("--embedding-size", default=default["embedding_size"], show_default=True, type=int,
+                     help="projection size; 0 = the backbone's own features"),
+        click.option("--image-size", help="SIZE or HEIGHTxWIDTH [default: the backbone's own]"),
+        click.option("--margin", type=float, help="[default: 0.2 triplet, 0.5 contrastive negatives]"),
+        click.option("--miner", type=click.Choice(MINERS), default=default["miner"], show_default=True),
+        click.option("--pair-ratio", default=default["pair_ratio"], show_default=True,
+                     help="contrastive: positive:negative pairs kept per batch"),
+        click.option("--classes-per-batch", "-P", default=default["classes_per_batch"], show_default=True,
+                     type=int, help="P labels per batch"),
+        click.option("--images-per-class", "-K", default=default["images_per_class"], show_default=True,
+                     type=int, help="K images per label"),
+        click.option("--epochs", default=default["epochs"], show_default=True, type=int),
+        click.option("--patience", default=default["patience"], show_default=True, type=int,
+                     help="stop after this many epochs without a better validation MAP@R"),
+        click.option("--lr", default=default["lr"], show_default=True, type=float),
+        click.option("--weight-decay", default=default["weight_decay"], show_default=True, type=float),
+        click.option("--augment", type=click.Choice(AUGMENTS), default=default["augment"], show_default=True,
+                     help="trivial = horizontal flip + TrivialAugmentWide"),
+        click.option("--seed", default=default["seed"], show_default=True, type=int),
+        click.option("--holdout-labels", type=int, help="validate on N labels never trained on (chosen with --seed)"),
+        click.option("--holdout-images", type=float, help="validate on this fraction of each label's images [0.2]"),
+        click.option("--device", default=default["device"], show_default=True, help="auto, cpu or cuda"),
+        click.option("--resume", is_flag=True, help="continue the interrupted run in --out"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@train_options
+@one_line_errors
+def train(resume, **options):
+    """Fine-tune an embedder (contrastive or triplet loss); use it with --embedder ckpt:RUN_DIR."""
+    from click.core import ParameterSource
+
+    from pipeline.training.config import TrainConfig, parse_size
+    from pipeline.training.loop import train as run_training
+
+    options["image_size"] = parse_size(options["image_size"])
+    echo = functools.partial(click.echo, err=True)
+    if resume:
+        context = click.get_current_context()
+        given = {name: value for name, value in options.items()
+                 if name != "out" and context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+        result = run_training(resume_dir=Path(options["out"]), overrides=given, echo=echo)
+    else:
+        if not options["loss"] or not options["data"]:
+            raise ValueError("--loss and --data are required (or --resume to continue a run)")
+        result = run_training(TrainConfig(**options), echo=echo)
+    shown = "  ".join(f"{key[4:]} {value:.3f}" for key, value in result.best.items() if key.startswith("val_"))
+    click.echo(f"{result.run_dir}: best epoch {result.best_epoch} of {result.epochs_done}: {shown}"
+               f"\nuse it with --embedder ckpt:{result.run_dir}")
+
+
 if __name__ == "__main__":
     cli()

@@ -168,6 +168,11 @@ def build_net(model: dict, embedding_size: int, pretrained: bool) -> tuple[Embed
     return EmbeddingNet(backbone, num_features, embedding_size), preprocessing
 
 
+def is_pretrained(model: dict) -> bool:
+    """Whether the backbone starts from trained weights (its BatchNorm statistics are then kept)."""
+    return model["kind"] == "timm" and model["spec"]["weights"] != RANDOM
+
+
 def read_run_config(run_dir: Path) -> dict:
     """config.json of a run directory; one-line errors for a missing or garbled one."""
     path = run_dir / CONFIG_FILE
