@@ -149,7 +149,7 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--query-labels", type=click.Path(dir_okay=False), help='JSON {"file": "label"} for --queries')
 @click.option("--classifier", default="none,mobilenetv2,effnet-b7,eva02", show_default=True, help="comma list")
 @click.option("--embedder", default="mobilenetv2,clip", show_default=True, help="comma list")
-@click.option("--buckets", default="flat,top1,topk:3,top1+soft:3,fused:3", show_default=True, help="comma list")
+@click.option("--buckets", default="flat,top1,topk:3,top1+soft:3,fused:5", show_default=True, help="comma list")
 @click.option("--crop", default="off", show_default=True, help="off, on or off,on")
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
 @click.option("--device", default="auto", show_default=True)
@@ -192,7 +192,9 @@ def train_options(command):
                      help="projection size; 0 = the backbone's own features"),
         click.option("--image-size", help="SIZE or HEIGHTxWIDTH [default: the backbone's own]"),
         click.option("--margin", type=float, help="[default: 0.2 triplet, 0.5 contrastive negatives]"),
-        click.option("--miner", type=click.Choice(MINERS), default=default["miner"], show_default=True),
+        click.option("--miner", type=click.Choice(MINERS), default=default["miner"], show_default=True,
+                     help="batch-hard: hardest positive and negative per anchor; semi-hard: triplets (pairs, for"
+                          " contrastive) inside the margin; all: every triplet or pair in the batch"),
         click.option("--pair-ratio", default=default["pair_ratio"], show_default=True,
                      help="contrastive: positive:negative pairs kept per batch"),
         click.option("--classes-per-batch", "-P", default=default["classes_per_batch"], show_default=True,
