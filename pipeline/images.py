@@ -13,6 +13,11 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
                              if fmt in Image.OPEN) | {".pgm", ".ppm", ".pbm"}
 
 
+# ultralytics replaces Image.open on import with a version that needs pi_heif for unknown files;
+# keep Pillow's own, so a non-image is reported the same way with or without --crop.
+_pillow_open = Image.open
+
+
 class ImageLoadError(ValueError):
     """A file that cannot be used as an image; str() is '<path>: <reason>'."""
 
@@ -41,7 +46,7 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
-        with Image.open(path) as image:
+        with _pillow_open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
