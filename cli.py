@@ -187,7 +187,8 @@ def train_options(command):
         click.option("--val-data", help="validation images from another folder/zip (e.g. a val/ split)"),
         click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help='JSON {"file": "label"}'),
         click.option("--backbone", default=default["backbone"], show_default=True,
-                     help="small-cnn, pixels, mobilenetv2, or timm:<model>[@weights.safetensors|@random]"),
+                     help="mobilenetv2 (ImageNet, fine-tuned), small-cnn (greyscale, from scratch), pixels (baseline),"
+                          " or timm:<model>[@weights.safetensors|@random]"),
         click.option("--embedding-size", default=default["embedding_size"], show_default=True, type=int,
                      help="projection size; 0 = the backbone's own features"),
         click.option("--image-size", help="SIZE or HEIGHTxWIDTH [default: the backbone's own]"),
@@ -204,7 +205,7 @@ def train_options(command):
         click.option("--epochs", default=default["epochs"], show_default=True, type=int),
         click.option("--patience", default=default["patience"], show_default=True, type=int,
                      help="stop after this many epochs without a better validation MAP@R"),
-        click.option("--lr", default=default["lr"], show_default=True, type=float),
+        click.option("--lr", type=float, help="[default: 1e-4 for a pretrained backbone, 1e-3 from scratch]"),
         click.option("--weight-decay", default=default["weight_decay"], show_default=True, type=float),
         click.option("--augment", type=click.Choice(AUGMENTS), default=default["augment"], show_default=True,
                      help="trivial = horizontal flip + TrivialAugmentWide"),

@@ -7,6 +7,7 @@ LOSSES = ("contrastive", "triplet")
 MINERS = ("batch-hard", "semi-hard", "all")
 AUGMENTS = ("off", "trivial")
 DEFAULT_MARGIN = {"triplet": 0.2, "contrastive": 0.5}
+DEFAULT_LR = {"pretrained": 1e-4, "scratch": 1e-3}  # fine-tuning needs gentler steps than training anew
 RESUME_OVERRIDES = ("epochs", "patience", "device")  # what --resume may change; the rest is the run's
 
 
@@ -19,7 +20,7 @@ class TrainConfig:
     out: str
     val_data: str | None = None
     labels_file: str | None = None
-    backbone: str = "small-cnn"
+    backbone: str = "mobilenetv2"
     embedding_size: int = 128
     image_size: tuple[int, int] | None = None
     margin: float | None = None
@@ -29,7 +30,7 @@ class TrainConfig:
     images_per_class: int = 4
     epochs: int = 30
     patience: int = 5
-    lr: float = 1e-3
+    lr: float | None = None  # default: DEFAULT_LR by whether the backbone starts pretrained
     weight_decay: float = 5e-4
     augment: str = "off"
     seed: int = 0

@@ -32,7 +32,7 @@ from models.runtime import resolve_device
 from pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
 from pipeline.images import ImageLoadError, load_image
 from pipeline.metrics import METRICS, rank_by_score, relevance_matrix
-from pipeline.training.config import RESUME_OVERRIDES, TrainConfig, parse_ratio
+from pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio
 from pipeline.training.objective import Objective
 
 VAL_METRICS = ("P@1", "MAP@R", "R-precision", "mean_rank")
@@ -232,10 +232,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def save_state(run_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
-    payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "run": asdict(state),
+def save_state(run_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None, state: RunState) -> None:
+    payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
+               "run": asdict(state),
                "rng": _rng_state()}
     _atomic_write(run_dir / STATE_FILE, lambda path: torch.save(payload, path))
+
+
+def restore_state(run_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None,
+                  device: torch.device) -> RunState:
+    """Load last.pt into the model and optimiser, restore the RNGs; the run's progress so far."""
+    saved = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
+    net.load_state_dict(saved["model"])
+    if optimizer:
+        optimizer.load_state_dict(saved["optimizer"])
+    _set_rng_state(saved["rng"])
+    return RunState(**saved["run"])
 
 
 def save_weights(run_dir: Path, net: nn.Module) -> None:
@@ -280,6 +292,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
+    """AdamW over the trainable parameters; None for a parameter-free baseline (pixels, no head) at --epochs 0."""
+    parameters = [p for p in net.parameters() if p.requires_grad]
+    if not parameters:
+        if config.epochs:
+            raise ValueError(f"--backbone {config.backbone} with --embedding-size 0 has nothing to train: "
+                             "add a projection (--embedding-size 128) or evaluate it with --epochs 0")
+        return None
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def _resumed_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The stored config with the few options --resume may change."""
     stored = read_run_config(run_dir)
@@ -317,26 +340,24 @@ def train(config: TrainConfig | None = None, *, resume_dir: Path | None = None, 
         if (run_dir / STATE_FILE).exists():
             raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
         model = describe_backbone(config.backbone, config.image_size)
+        if config.lr is None:
+            config.lr = DEFAULT_LR["pretrained" if is_pretrained(model) else "scratch"]
     seed_everything(config.seed)
     device = resolve_device(config.device)
     net, preprocessing = build_net(model, config.embedding_size, pretrained=resume_dir is None)
+    net = net.to(device)
+    optimizer = make_optimizer(net, config)
     model = dict(model, preprocessing=preprocessing.describe())
     train_set, val_set = split_data(config)
     train_data = decode(trainable(train_set, echo), preprocessing, "training", echo)
     val_data = decode(val_set, preprocessing, "validation", echo)
     echo(f"{len(train_data)} training images of {len(train_data.names)} labels; "
          f"{len(val_data)} validation images of {len(val_data.names)} labels")
-    net = net.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    state = RunState(history=[])
     if resume_dir is not None:
-        saved = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = RunState(**saved["run"])
-        _set_rng_state(saved["rng"])
+        state = restore_state(run_dir, net, optimizer, device)
         echo(f"resuming {run_dir} after epoch {state.epoch}")
     else:
+        state = RunState(history=[])
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / CONFIG_FILE, lambda path: path.write_text(json.dumps(
             {"format": FORMAT_VERSION, "model": model, "embedding_size": config.embedding_size,
@@ -352,7 +373,7 @@ class _Loop:
 
     run_dir: Path
     net: EmbeddingNet
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     objective: Objective
     preprocessing: Preprocessing
     device: torch.device
