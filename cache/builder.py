@@ -5,6 +5,7 @@ images are dropped. Progress is saved in chunks, so an interrupted build loses a
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,8 +47,8 @@ class BuildSummary:
 
 
 def fingerprint(pipeline: Pipeline, bucket_by: str) -> dict:
-    """Everything that changes a stored embedding, class or bucket."""
-    return {"stages": pipeline.describe(), "bucket_by": bucket_by, "decode_side": DECODE_SIDE}
+    """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored)."""
+    return json.loads(json.dumps({"stages": pipeline.describe(), "bucket_by": bucket_by, "decode_side": DECODE_SIDE}))
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

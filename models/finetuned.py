@@ -117,10 +117,10 @@ def _timm_backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
     """A timm model without its classifier; starting weights (or @random) resolve as for every other model."""
     import timm
 
-    from models.timm_net import _create  # the one place that resolves timm weights
+    from models.timm_net import create_timm_model  # the one place that resolves timm weights
 
     if pretrained:
-        model = _create(spec)
+        model = create_timm_model(spec)
         model.reset_classifier(0)
         return model
     return timm.create_model(spec.model_id, pretrained=False, num_classes=0, **spec.create_kwargs)

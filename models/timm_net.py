@@ -14,7 +14,8 @@ from models.runtime import autocast, has_conv, prepare_for_inference, resolve_de
 from models.weights import load_with_fallback
 
 
-def _create(spec: ModelSpec) -> torch.nn.Module:
+def create_timm_model(spec: ModelSpec) -> torch.nn.Module:
+    """A timm model from `spec`: random (seeded), a local weight file, or the hub (one clear error)."""
     import timm
 
     def from_file(path: Path) -> torch.nn.Module:
@@ -41,7 +42,7 @@ class TimmNet:
 
         self.spec = spec
         self.device = device
-        model = _create(spec)
+        model = create_timm_model(spec)
         self.data_config = timm.data.resolve_data_config({}, model=model)
         self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(**self.data_config)
         self.imagenet_subset = timm.data.infer_imagenet_subset(model)

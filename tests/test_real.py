@@ -34,6 +34,8 @@ def test_mobilenetv2_cache_returns_the_right_labels(caltech_part, real_weights, 
     config = PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device="cpu")
     summary = build_cache(gallery_dir, tmp_path / "cache", config, progress=False)
     assert summary.images == len(gallery) and summary.buckets >= len(CLASSES)
+    again = build_cache(gallery_dir, tmp_path / "cache", config, progress=False)
+    assert (again.embedded, again.reused) == (0, len(gallery))  # same pipeline: nothing embedded twice
     for policy in ("flat", "topk:3"):
         pipeline, _ = open_query_pipeline(tmp_path / "cache", {"buckets": policy})
         items = list(pipeline.run([str(queries.root / p) for p in queries.paths]))
