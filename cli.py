@@ -96,7 +96,8 @@ def _print_table(item, gallery_root: Path) -> None:
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--buckets", default=None, help="flat, top1, topk:N, fused[:N][@W], optionally +soft:M")
+@click.option("--buckets", default=None,
+              help="auto (the cache's choice), flat, top1, topk:N, fused[:N][@W], optionally +soft:M")
 @click.option("-k", "k", default=5, show_default=True, type=int, help="results per query")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG")
@@ -149,7 +150,8 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--query-labels", type=click.Path(dir_okay=False), help='JSON {"file": "label"} for --queries')
 @click.option("--classifier", default="none,mobilenetv2,effnet-b7,eva02", show_default=True, help="comma list")
 @click.option("--embedder", default="mobilenetv2,clip", show_default=True, help="comma list")
-@click.option("--buckets", default="flat,top1,topk:3,top1+soft:3,fused:5", show_default=True, help="comma list")
+@click.option("--buckets", default="flat,top1,topk:3,top1+soft:3,fused:10+soft:3,auto", show_default=True,
+              help="comma list")
 @click.option("--crop", default="off", show_default=True, help="off, on or off,on")
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
 @click.option("--device", default="auto", show_default=True)

@@ -19,11 +19,10 @@ from cache.store import CacheData, CacheError, PendingChunks, concat_columns, em
     select_rows, write_generation
 from cache.search import Searcher
 from pipeline.config import PipelineConfig
-from pipeline.fusion import fit_fused_weight
+from pipeline.fusion import choose_policy
 from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
-from pipeline.policies import parse_policy
 
 
 @dataclass
@@ -184,8 +183,10 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         "class_names": _class_names(columns, pipeline, bucket_by), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if topk and bucket_by == "classifier":
-        # The `fused` policy's weight, chosen on the labelled gallery itself (None without labels).
-        manifest["fused_weight"] = fit_fused_weight(Searcher(CacheData(out, manifest, columns)), parse_policy("fused"))
+        # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
+        chosen = choose_policy(Searcher(CacheData(out, manifest, columns)))
+        manifest["default_buckets"] = str(chosen) if chosen else "flat"
+        manifest["fused_weight"] = chosen.weight if chosen and chosen.kind == "fused" else None
     write_generation(out, manifest, columns)
     pending.clear()
     summary.images = len(rows)

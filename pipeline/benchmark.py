@@ -26,11 +26,11 @@ from models.registry import NO_CLASSIFIER
 from models.weights import WeightsUnavailable
 from pipeline.config import PipelineConfig
 from pipeline.datasets import LabelledSet, load_labelled, split_queries
-from pipeline.fusion import fit_fused_weight
+from pipeline.fusion import tune_policy, validation_rows
 from pipeline.items import Item
 from pipeline.metrics import cmc_curve, compute_metrics
 from pipeline.pipeline import build_pipeline
-from pipeline.policies import BucketPolicy, parse_policy
+from pipeline.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
 
 REFERENCE_POLICY = "top1"  # the reference notebooks' behaviour: search the predicted class only
 CMC_DEPTH = 20
@@ -58,9 +58,10 @@ def make_grid(classifiers: list[str], embedders: list[str], buckets: list[str], 
         if crop not in ("off", "on"):
             raise ValueError(f"--crop {crop}: use off, on or off,on")
     for policy in buckets:
-        parse_policy(policy)
+        if policy != AUTO:
+            parse_policy(policy)
     return [Cell(c, e, b, crop) for c, e, b, crop in itertools.product(classifiers, embedders, buckets, crops)
-            if c != NO_CLASSIFIER or b == "flat"]
+            if c != NO_CLASSIFIER or b == "flat"]  # `auto` needs a classifier too: it may choose buckets
 
 
 def read_grid_file(path: str | Path) -> dict[str, list[str]]:
@@ -198,11 +199,12 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                 bar.update()
             continue
         reports.group_pictures(run, group_cells[0], out)
+        validation = validation_rows(np.asarray(run.searcher.data.columns["labels"]), 0.2, seed)
         for cell in group_cells:
             try:
-                policy = parse_policy(cell.buckets)
-                if policy.kind == "fused" and policy.weight is None:
-                    policy = replace(policy, weight=fit_fused_weight(run.searcher, policy, seed=seed) or 0.5)
+                policy = parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest))
+                if policy.kind == "fused" and policy.weight is None and validation is not None:
+                    policy = tune_policy(run.searcher, policy, validation)[0]  # weight fitted on the gallery
                 metrics, curves[cell.name], relevance, top_rows = evaluate_policy(run, policy)
                 cost = dict(run.cost, query_ms_p50=run.cost["embed_ms_p50"] + metrics.pop("search_ms_p50"))
                 report["cells"].append({"config": asdict(cell), "status": "ok", "policy": str(policy),

@@ -18,7 +18,7 @@ class PipelineConfig:
     crop_margin: float = 0.1
     crop_confidence: float = 0.25
     class_topk: int = 10  # classes kept per image: buckets, top-m soft assignment and fused scores use them
-    buckets: str = "flat"  # the benchmark winner on every dataset here (BENCHMARKS.md)
+    buckets: str = "auto"  # the policy chosen on the gallery at build time (pipeline/fusion.py)
     k: int = 5
     device: str = "auto"
     batch_size: int = 32

@@ -1,6 +1,7 @@
 """Bucket policies: which part of the gallery a query searches, and how candidates are ranked.
 
 Grammar (as typed on the command line):
+  auto            the policy chosen for this gallery when the cache was built (pipeline/fusion.py)
   flat            search everything (no classifier needed)
   top1            the bucket of the query's most probable class (the reference behaviour)
   topk:N          the union of the buckets of the query's N most probable classes
@@ -16,6 +17,14 @@ from dataclasses import dataclass
 
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+))?(?:@(?P<w>[0-9.]+))?"
                       r"(?:\+soft:(?P<m>\d+))?$")
+
+
+AUTO = "auto"
+
+
+def resolve_auto(text: str, manifest: dict) -> str:
+    """`auto` -> the policy recorded in the cache (flat when none was chosen); other text unchanged."""
+    return (manifest.get("default_buckets") or "flat") if text == AUTO else text
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from cache.search import Searcher
 from cache.store import CacheData, CacheError, load_cache
 from pipeline.config import CACHE_FIELDS, PipelineConfig
 from pipeline.pipeline import Pipeline, build_pipeline
-from pipeline.policies import parse_policy
+from pipeline.policies import parse_policy, resolve_auto
 
 
 def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
@@ -22,8 +22,7 @@ def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     config = PipelineConfig.from_dict(recorded)
     query_options = {k: v for k, v in overrides.items() if k not in CACHE_FIELDS and v is not None}
     config = replace(config, **query_options)
-    if "buckets" not in query_options:
-        config.buckets = data.manifest.get("default_buckets", config.buckets) if config.uses_classifier else "flat"
+    config.buckets = resolve_auto(config.buckets, data.manifest) if config.uses_classifier else "flat"
     parse_policy(config.buckets)  # a bad policy fails before any model loads
     return config
 

@@ -31,6 +31,8 @@ def markdown_table(report: dict) -> str:
     for cell in report["cells"]:
         config = cell["config"]
         buckets = cell.get("policy", config["buckets"])
+        if config["buckets"] == "auto" and "policy" in cell:
+            buckets = f"auto = {buckets}"
         if config["buckets"] == REFERENCE_POLICY:
             buckets += " *"
         if cell["status"] != "ok":

@@ -39,6 +39,15 @@ def test_query_json_lists_ranked_results(built, gallery, tmp_path):
     assert sheet.stat().st_size > 0
 
 
+def test_default_policy_is_the_one_the_cache_chose(built, gallery):
+    from cache.store import load_cache
+
+    result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built), "--json"])
+    assert result.exit_code == 0, result.output
+    chosen = load_cache(built).manifest["default_buckets"]
+    assert json.loads(result.stdout)[0]["buckets"] == chosen != "auto"
+
+
 def test_query_table_is_readable(built, gallery):
     result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built), "-k", "2"])
     assert result.exit_code == 0, result.output
