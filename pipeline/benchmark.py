@@ -208,7 +208,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                 metrics, curves[cell.name], relevance, top_rows = evaluate_policy(run, policy)
                 cost = dict(run.cost, query_ms_p50=run.cost["embed_ms_p50"] + metrics.pop("search_ms_p50"))
                 report["cells"].append({"config": asdict(cell), "status": "ok", "policy": str(policy),
-                                        "metrics": metrics, "cost": cost})
+                                        "metrics": metrics, "cost": cost, "cmc": curves[cell.name].tolist()})
                 extras[cell.name] = (run, top_rows)
             except Exception as err:
                 report["cells"].append({"config": asdict(cell), "status": "failed",

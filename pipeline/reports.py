@@ -60,8 +60,10 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def cmc_chart(curves: dict[str, np.ndarray], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 5))
-    for name, curve in sorted(curves.items(), key=lambda kv: -kv[1][0]):
-        axis.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name)
+    colours = plt.get_cmap("tab20")
+    for i, (name, curve) in enumerate(sorted(curves.items(), key=lambda kv: -kv[1][0])):
+        axis.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name, color=colours(i % 20),
+                  linestyle="--" if "crop-on" in name else "-")
     axis.set(xlabel="rank k", ylabel="CMC@k (a relevant image within the top k)", title="CMC curves")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
