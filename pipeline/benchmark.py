@@ -71,7 +71,10 @@ def read_grid_file(path: str | Path) -> dict[str, list[str]]:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a grid file maps classifier/embedder/buckets/crop to lists")
-    return {key: [str(v) for v in (value if isinstance(value, list) else [value])] for key, value in data.items()}
+    def text(value) -> str:  # YAML reads off/on as booleans
+        return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+    return {key: [text(v) for v in (value if isinstance(value, list) else [value])] for key, value in data.items()}
 
 
 def link_tree(data: LabelledSet, folder: Path) -> Path:

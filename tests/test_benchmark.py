@@ -44,3 +44,36 @@ def test_caches_are_reused_across_runs(gallery, tmp_path):
     assert result.exit_code == 0
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert report["cells"][0]["cost"]["build_images_per_s"] is None  # nothing embedded the second time
+
+
+def test_explicit_gallery_and_queries_with_label_maps_and_a_grid_file(tmp_path):
+    from tests.conftest import SHAPES, draw_shape
+
+    gallery_labels, query_labels = {}, {}
+    for index, (label, (colour, shape)) in enumerate(SHAPES.items()):
+        for i in range(4):
+            name = f"g{index}{i}.png"
+            draw_shape(tmp_path / "gallery" / name, colour, shape, seed=10 * index + i)
+            gallery_labels[name] = label
+        draw_shape(tmp_path / "query_images" / f"q{index}.png", colour, shape, seed=99 + index)
+        query_labels[f"q{index}.png"] = label
+    (tmp_path / "train_image_info.json").write_text(json.dumps(gallery_labels))
+    (tmp_path / "test_image_info.json").write_text(json.dumps(query_labels))
+    (tmp_path / "grid.yaml").write_text(f"classifier: [{TINY_CLASSIFIER}]\nembedder: {TINY_EMBEDDER}\n"
+                                        "buckets: [flat, auto]\ncrop: [off]\n")
+    result = CliRunner().invoke(cli, [
+        "benchmark", "--gallery", str(tmp_path / "gallery"), "--queries", str(tmp_path / "query_images"),
+        "--gallery-labels", str(tmp_path / "train_image_info.json"),
+        "--query-labels", str(tmp_path / "test_image_info.json"), "--grid", str(tmp_path / "grid.yaml"),
+        "--out", str(tmp_path / "bench"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert (report["data"]["gallery"], report["data"]["queries"], report["data"]["labels"]) == (12, 3, 3)
+    assert sorted(c["config"]["buckets"] for c in report["cells"]) == ["auto", "flat"]
+    assert all(c["status"] == "ok" and len(c["cmc"]) == 20 for c in report["cells"])
+    assert not (tmp_path / "gallery" / "cache").exists()  # nothing is written into the dataset
+
+
+def test_bad_grid_values_are_refused(gallery, tmp_path):
+    result = CliRunner().invoke(cli, ["benchmark", "--data", str(gallery), "--crop", "maybe", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--crop maybe" in result.stderr
