@@ -6,6 +6,7 @@ Three layouts: folder-per-label (`root/.../<label>/img.jpg`: the image's parent 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +20,13 @@ class GalleryEntry:
 
 
 def list_images(root: Path) -> list[str]:
-    """Image files under `root` (by extension, hidden files skipped), sorted, relative POSIX paths."""
+    """Image files under `root` (by extension; hidden entries skipped; symlinked folders followed), sorted."""
     found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            found.append(rel.as_posix())
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        rel = Path(folder).relative_to(root)
+        found += [(rel / name).as_posix() for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
 

@@ -141,3 +141,11 @@ def test_label_map_and_unlabelled_galleries(tmp_path, tiny_config):
     assert load_cache(tmp_path / "labelled").columns["labels"].tolist() == ["red", "red", "blue", ""]
     build_cache(flat, tmp_path / "plain", tiny_config, progress=False)
     assert set(load_cache(tmp_path / "plain").columns["labels"].tolist()) == {""}
+
+
+def test_symlinked_label_folders_are_followed(gallery, tiny_config, tmp_path):
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "circles").symlink_to(gallery / "red_circles", target_is_directory=True)
+    summary = build_cache(linked, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 6 and set(load_cache(tmp_path / "cache").columns["labels"].tolist()) == {"circles"}
