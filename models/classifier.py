@@ -34,7 +34,7 @@ class Classifier:
             self._info = ImageNetInfo(self.net.imagenet_subset)
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "preprocessing": self.net.preprocessing()}
+        return self.net.describe()
 
     def predict(self, batch: torch.Tensor, k: int) -> Prediction:
         pooled, logits = self.net.forward(batch)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from models.registry import ModelSpec
 from models.runtime import resolve_device
-from models.weights import WeightsUnavailable, local_weights, places_tried
+from models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
@@ -71,7 +71,7 @@ class Detector:
             ) from err
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "confidence": self.confidence}
+        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "confidence": self.confidence}
 
     def detect(self, images: list[Image.Image]) -> list[np.ndarray]:
         """Boxes [n, 4] per image, in that image's pixel coordinates."""

@@ -12,7 +12,7 @@ from PIL import Image
 from models.registry import RANDOM, ModelSpec
 from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from models.timm_net import load_timm_net
-from models.weights import load_with_fallback
+from models.weights import load_with_fallback, weights_identity
 
 
 class Embedder(Protocol):
@@ -44,7 +44,7 @@ class TimmEmbedder:
         return l2_normalize(self.net.forward(batch)[0])
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "preprocessing": self.net.preprocessing()}
+        return self.net.describe()
 
 
 class ClipEmbedder:
@@ -83,7 +83,7 @@ class ClipEmbedder:
         return l2_normalize(features.cpu())
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "preprocessing": self.preprocessing,
+        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "preprocessing": self.preprocessing,
                 "image_size": list(np.atleast_1d(self.image_size).tolist())}
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.registry import RANDOM, ModelSpec
 from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
-from models.weights import load_with_fallback
+from models.weights import load_with_fallback, weights_identity
 
 
 def create_timm_model(spec: ModelSpec) -> torch.nn.Module:
@@ -50,9 +50,10 @@ class TimmNet:
         self.channels_last = has_conv(model)
         self.model = prepare_for_inference(model, device)
 
-    def preprocessing(self) -> dict:
-        """The resolved preprocessing, JSON-able (part of cache fingerprints)."""
-        return json.loads(json.dumps(self.data_config, default=list))
+    def describe(self) -> dict:
+        """The spec, the weights' identity (file hash) and the resolved preprocessing: for cache fingerprints."""
+        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec),
+                "preprocessing": json.loads(json.dumps(self.data_config, default=list))}
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -147,7 +146,3 @@ class RetrieveStage(Stage):
             return None
         found = [key for key in own if key in searched] if FLAT not in searched else []
         return self.bucket_name(found[0] if found else own[0])
-
-
-def stack_embeddings(items: list[Item]) -> np.ndarray:
-    return np.stack([item.embedding for item in items]).astype(np.float32)

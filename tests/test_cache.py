@@ -149,3 +149,22 @@ def test_symlinked_label_folders_are_followed(gallery, tiny_config, tmp_path):
     (linked / "circles").symlink_to(gallery / "red_circles", target_is_directory=True)
     summary = build_cache(linked, tmp_path / "cache", tiny_config, progress=False)
     assert summary.images == 6 and set(load_cache(tmp_path / "cache").columns["labels"].tolist()) == {"circles"}
+
+
+def test_new_weights_in_the_same_file_are_detected(gallery, tiny_config, tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "tiny.safetensors"
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_file(timm.create_model("test_vit").state_dict(), str(weights))
+
+    save(1)
+    config = replace(tiny_config, embedder=f"timm:test_vit@{weights}")
+    build_cache(gallery, tmp_path / "cache", config, progress=False)
+    save(2)  # same path, other weights
+    with pytest.raises(CacheError, match="weights: 'sha256:"):
+        build_cache(gallery, tmp_path / "cache", config, progress=False)
