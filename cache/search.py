@@ -1,8 +1,10 @@
-"""Searching a cache under a bucket policy: per-bucket faiss indexes, built on demand from memory-mapped rows."""
+"""Searching a cache under a bucket policy: exact per-bucket search over memory-mapped rows, IVF above a measured size."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,88 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+# Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
+# Measured (BENCHMARKS_speed.md): one exact query over 10^5 x 512 costs ~10-20 ms here, an IVF probe < 1 ms,
+# while building the IVF costs ~2.5 s per 10^5 rows (once per cache generation: it is saved next to it).
+EXACT_MAX_ROWS = 100_000
+IVF_NPROBE = 16  # lists probed per query; recall@5 >= 0.98 on the synthetic benchmark (BENCHMARKS_speed.md)
+SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
+CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores, best first (ties: lower position first)."""
+    if k < len(scores):
+        part = np.argpartition(-scores, k - 1)[:k]
+        return part[np.lexsort((part, -scores[part]))]
+    return np.lexsort((np.arange(len(scores)), -scores))
+
+
+class ExactIndex:
+    """Exact inner product over some gallery rows; the whole gallery is scanned in slices, not copied."""
+
+    def __init__(self, rows: np.ndarray, vectors: np.ndarray):
+        self.rows = rows
+        self.vectors = vectors  # a bucket's rows gathered (float32), or the memory-mapped matrix itself
+        self.nbytes = vectors.nbytes if not isinstance(vectors, np.memmap) else 0
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions in this index's rows), best first. faiss, not numpy: numpy's threaded
+        sgemv was 80x slower here when another process held a core (BENCHMARKS_speed.md)."""
+        faiss, k = _faiss(), min(k, len(self.rows))
+        query = np.ascontiguousarray(query[None], np.float32)
+        found, found_scores = [], []
+        for start in range(0, len(self.vectors), SCAN_CHUNK_ROWS):
+            scores, local = faiss.knn(query, self.vectors[start:start + SCAN_CHUNK_ROWS], k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)
+            keep = local[0] >= 0
+            found.append(local[0][keep] + start)
+            found_scores.append(scores[0][keep])
+        if len(found) == 1:
+            return found_scores[0], found[0]
+        positions, scores = np.concatenate(found), np.concatenate(found_scores)
+        best = _top_k(scores, k)
+        return scores[best], positions[best]
+
+
+class IVFIndex:
+    """An approximate faiss IndexIVFFlat over a large bucket (or the whole gallery)."""
+
+    def __init__(self, rows: np.ndarray, index, nprobe: int = IVF_NPROBE):
+        self.rows = rows
+        self.index = index
+        self.index.nprobe = min(nprobe, index.nlist)
+        self.nbytes = 0  # memory-mapped from its file when saved; otherwise counted as one big entry
+        self.saved = False
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, local = self.index.search(np.ascontiguousarray(query[None], np.float32), min(k, len(self.rows)))
+        keep = local[0] >= 0
+        return scores[0][keep], local[0][keep]
+
+
+def ivf_lists(count: int) -> int:
+    """Inverted lists for `count` vectors: about sqrt(count) (~1,000 rows a list at 10^6)."""
+    return max(1, min(4096, int(np.sqrt(count))))
+
+
+def build_ivf(vectors: np.ndarray, rows: np.ndarray | None = None, seed: int = 0):
+    """An IndexIVFFlat (inner product) over `vectors[rows]` (all rows when None), added in slices."""
+    faiss = _faiss()
+    count = len(vectors) if rows is None else len(rows)
+    dim = vectors.shape[1]
+    nlist = ivf_lists(count)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(count, min(count, 40 * nlist), replace=False))
+    picked = sample if rows is None else rows[sample]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(vectors[picked], np.float32))
+    for start in range(0, count, SCAN_CHUNK_ROWS):
+        part = slice(start, start + SCAN_CHUNK_ROWS)
+        index.add(np.ascontiguousarray(vectors[part] if rows is None else vectors[rows[part]], np.float32))
+    return index
 
 
 class BucketTable:
@@ -50,14 +134,22 @@ class BucketTable:
 
 
 class Searcher:
-    """Top-k search of one cache; indexes are built lazily and kept in a small LRU."""
+    """Top-k search of one cache; indexes are built (or loaded) lazily and kept in a small LRU.
 
-    def __init__(self, data: CacheData, index_cache_size: int = 64):
+    A bucket's rows are read from the memory-mapped matrix when it is searched, so a query process
+    holds the models and the buckets it searched, not the gallery. Buckets (or a flat search) above
+    `exact_max_rows` use an IVF index, saved next to the cache generation and memory-mapped back.
+    """
+
+    def __init__(self, data: CacheData, index_cache_size: int = 64, exact_max_rows: int = EXACT_MAX_ROWS,
+                 nprobe: int = IVF_NPROBE):
         self.data = data
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
-        self._indexes: OrderedDict[tuple[int, int], tuple[np.ndarray, object]] = OrderedDict()
+        self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
+        self.exact_max_rows = exact_max_rows
+        self.nprobe = nprobe
 
     def table(self, gallery_classes: int) -> BucketTable:
         """Bucket membership: the folder label's class (`--bucket-by label`), else the top-M classes."""
@@ -69,33 +161,68 @@ class Searcher:
             self._tables[gallery_classes] = BucketTable(columns)
         return self._tables[gallery_classes]
 
-    def _index(self, key: int, gallery_classes: int) -> tuple[np.ndarray, object]:
+    def _index_file(self, key: int, gallery_classes: int) -> Path | None:
+        """Where an IVF index of this cache generation is saved: beside its memory-mapped embeddings."""
+        filename = getattr(self.embeddings, "filename", None)
+        if not isinstance(self.embeddings, np.memmap) or not filename:
+            return None  # an in-memory cache (during a build): nothing to save next to
+        name = "flat" if key == FLAT else f"bucket-{key}-m{gallery_classes}"
+        return Path(filename).parent / f"ivf-{name}.faiss"
+
+    def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int) -> IVFIndex:
+        faiss = _faiss()
+        path = self._index_file(key, gallery_classes)
+        if path is not None and path.is_file():
+            try:
+                index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
+                if index.index.ntotal == len(rows):
+                    index.saved = True
+                    return index
+            except RuntimeError:
+                pass  # unreadable (cut short): build it again
+        index = IVFIndex(rows, build_ivf(self.embeddings, None if key == FLAT else rows), self.nprobe)
+        index.nbytes = len(rows) * self.embeddings.shape[1] * 4
+        if path is not None:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                faiss.write_index(index.index, str(tmp))
+                os.replace(tmp, path)
+                index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
+                index.saved = True
+            except (OSError, RuntimeError):
+                tmp.unlink(missing_ok=True)  # a read-only cache: keep the index in memory
+        return index
+
+    def _index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
         cache_key = (key, gallery_classes)
         if cache_key in self._indexes:
             self._indexes.move_to_end(cache_key)
             return self._indexes[cache_key]
-        if key == FLAT:
-            rows = np.arange(len(self.embeddings))
-            vectors = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        rows = np.arange(len(self.embeddings)) if key == FLAT else self.table(gallery_classes).rows_of(key)
+        if len(rows) > self.exact_max_rows:
+            index = self._ivf(rows, key, gallery_classes)
+        elif key == FLAT:
+            vectors = self.embeddings
+            if not isinstance(vectors, np.memmap) or vectors.dtype != np.float32:
+                vectors = np.asarray(vectors, np.float32)
+            index = ExactIndex(rows, vectors)
         else:
-            rows = self.table(gallery_classes).rows_of(key)
-            vectors = np.ascontiguousarray(self.embeddings[rows], dtype=np.float32)
-        index = _faiss().IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        self._indexes[cache_key] = (rows, index)
-        if len(self._indexes) > self._index_cache_size:
+            index = ExactIndex(rows, np.ascontiguousarray(self.embeddings[rows], dtype=np.float32))
+        self._indexes[cache_key] = index
+        while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
+                                          sum(i.nbytes for i in self._indexes.values()) > CACHED_BYTES):
             self._indexes.popitem(last=False)
-        return rows, index
+        return index
 
     def _search_buckets(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> Hits:
         found_rows, found_scores, candidates = [], [], 0
+        query = np.asarray(query, np.float32)
         for key in keys:
-            rows, index = self._index(key, gallery_classes)
-            candidates += len(rows)
-            scores, local = index.search(query[None].astype(np.float32), min(k, len(rows)))
-            keep = local[0] >= 0
-            found_rows.append(rows[local[0][keep]])
-            found_scores.append(scores[0][keep])
+            index = self._index(key, gallery_classes)
+            candidates += len(index.rows)
+            scores, local = index.search(query, k)
+            found_rows.append(index.rows[local])
+            found_scores.append(scores)
         rows, scores = np.concatenate(found_rows), np.concatenate(found_scores)
         rows, first = np.unique(rows, return_index=True)  # soft assignment can find an image twice
         scores = scores[first]

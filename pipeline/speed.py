@@ -1,0 +1,434 @@
+"""`speed`: how close build-cache and query come to what the models allow on this machine, measured.
+
+Figures (all on the machine it runs on, with its thread count):
+- forward-only throughput of each model (batched, its own resolution): the ceiling;
+- end-to-end build-cache throughput (models loaded once, as a long build sees them) and its ratio;
+- the naive build (one image at a time, fp32 NCHW under no_grad, as the reference notebooks) and its ratio;
+- query latency: cold (a new `cli.py query` process) and warm (p50/p95 in one process), against the
+  summed batch-1 forward times, and the reference approach (embed the predicted class's gallery at query time);
+- search alone on synthetic L2-normalised vectors in 1,000 buckets, each size in a fresh process.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC_DIM = 512
+SYNTHETIC_BUCKETS = 1000
+
+
+def environment() -> dict:
+    import faiss
+    import PIL
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "platform": platform.platform()}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ---------------------------------------------------------------- models: forward-only ceilings
+
+def _model_calls(pipeline) -> list[tuple]:
+    """(name, transform, batched forward) for every model stage of `pipeline`, as the stages call them."""
+    from pipeline.stages import ClassifyStage, EmbedStage
+
+    calls = []
+    for stage in pipeline.stages:
+        if isinstance(stage, ClassifyStage):
+            calls.append((f"classify:{stage.classifier.spec.name}", stage.transform,
+                          lambda batch, s=stage: s.classifier.predict(batch, s.k)))
+        elif isinstance(stage, EmbedStage):
+            calls.append((f"embed:{stage.embedder.spec.name}", stage.transform, stage.embedder.embed))
+    return calls
+
+
+def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> dict:
+    """Images/s of each model on preprocessed batches (no decoding), and batch-1 latency in ms."""
+    models = {}
+    for name, transform, forward in _model_calls(pipeline):
+        import torch
+
+        one = transform(image)
+        batch = torch.stack([one] * batch_size)
+        forward(batch)  # warm-up: first-call allocations, kernel choice
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or count < 2 * batch_size:
+            forward(batch)
+            count += batch_size
+        rate = count / (time.perf_counter() - started)
+        single = one[None]
+        forward(single)
+        latencies = []
+        for _ in range(15):
+            t = time.perf_counter()
+            forward(single)
+            latencies.append((time.perf_counter() - t) * 1000)
+        models[name] = {"images_per_s": rate, "batch1_ms_p50": statistics.median(latencies),
+                        "input": list(one.shape)}
+    combined = 1.0 / sum(1.0 / m["images_per_s"] for m in models.values()) if models else 0.0
+    return {"models": models, "images_per_s": combined,
+            "batch1_ms_sum": sum(m["batch1_ms_p50"] for m in models.values())}
+
+
+# ---------------------------------------------------------------- the naive reference build
+
+def naive_embedder(pipeline):
+    """One image at a time, as the reference notebooks: fresh fp32 NCHW copies of the models, no_grad."""
+    import torch
+
+    from pipeline.images import load_image
+    from pipeline.stages import ClassifyStage, EmbedStage
+
+    steps = []
+    for stage in pipeline.stages:
+        if isinstance(stage, ClassifyStage):
+            model = copy.deepcopy(stage.classifier.net.model).to(memory_format=torch.contiguous_format)
+
+            def classify(x, model=model, stage=stage):
+                pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+                probs = model.get_classifier()(pooled).softmax(-1)
+                top = probs.topk(stage.k)
+                return pooled if stage.embed else None, top.indices, top.values
+
+            steps.append((stage.transform, classify))
+        elif isinstance(stage, EmbedStage):
+            embedder = stage.embedder
+            module = getattr(getattr(embedder, "net", None), "model", None) or getattr(embedder, "visual", None)
+            if module is None:  # a kind the reference never had: run it as lookalike does, batch of one
+                steps.append((stage.transform, lambda x, e=embedder: (torch.as_tensor(e.embed(x)), None, None)))
+                continue
+            module = copy.deepcopy(module).to(memory_format=torch.contiguous_format)
+            if hasattr(embedder, "net"):
+                def embed(x, m=module):
+                    return m.forward_head(m.forward_features(x), pre_logits=True), None, None
+            else:
+                def embed(x, m=module):
+                    return m(x), None, None
+            steps.append((stage.transform, embed))
+
+    def run(path: Path) -> np.ndarray | None:
+        image = load_image(path)
+        vector = None
+        with torch.no_grad():
+            for transform, forward in steps:
+                features, _, _ = forward(transform(image)[None])
+                if features is not None:
+                    vector = torch.nn.functional.normalize(features.float(), dim=-1)[0].numpy()
+        return vector
+
+    return run
+
+
+def naive_build(pipeline, root: Path, paths: list[str]) -> dict:
+    run = naive_embedder(pipeline)
+    run(root / paths[0])  # warm-up, not counted
+    rows, started = [], time.perf_counter()
+    for path in paths:
+        rows.append(run(root / path))
+    seconds = time.perf_counter() - started
+    return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}
+
+
+# ---------------------------------------------------------------- query latency
+
+def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int, reference_queries: int,
+                  naive_run=None) -> dict:
+    from pipeline.query import open_query_pipeline
+
+    pipeline, config = open_query_pipeline(cache, {})
+    chosen = [str(images[i % len(images)]) for i in range(queries)]
+    list(pipeline.run(chosen[:2]))  # warm-up
+    warm = []
+    for path in chosen:
+        t = time.perf_counter()
+        items = list(pipeline.run([path]))
+        warm.append((time.perf_counter() - t) * 1000)
+        assert items[0].error is None and items[0].results, items[0].error
+    cold = []
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for i in range(cold_runs):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "cli.py"), "query", chosen[i], "--cache", str(cache)],
+                       check=True, capture_output=True, env=env, cwd=ROOT)
+        cold.append(time.perf_counter() - t)
+    result = {"buckets": config.buckets, "warm_ms_p50": _percentile(warm, 50), "warm_ms_p95": _percentile(warm, 95),
+              "cold_s": statistics.median(cold), "cold_runs": cold_runs, "queries": queries}
+    classify = pipeline.stage("classify")
+    if naive_run is not None and classify is not None and reference_queries:
+        # The reference approach: classify the query, then embed its predicted class's gallery images now.
+        searcher = pipeline.stage("retrieve").searcher
+        table = searcher.table(1)
+        root = searcher.data.gallery_root
+        paths = searcher.data.columns["paths"]
+        costs, sizes = [], []
+        for path in chosen[:reference_queries]:
+            t = time.perf_counter()
+            item = list(pipeline.run([path]))[0]
+            rows = table.rows_of(int(item.classes[0]))
+            for row in rows:
+                naive_run(root / str(paths[row]))
+            costs.append(time.perf_counter() - t)
+            sizes.append(len(rows))
+        result.update(reference_s_mean=float(np.mean(costs)), reference_bucket_images_mean=float(np.mean(sizes)),
+                      reference_queries=reference_queries)
+    return result
+
+
+# ---------------------------------------------------------------- search alone, synthetic
+
+def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int = SYNTHETIC_BUCKETS,
+              noise: float = 1.2):
+    """(vectors, classes[count, 3], query sampler): clustered unit vectors, bucket centres in 50 groups.
+
+    Each vector is its bucket centre plus Gaussian noise (cosine to the centre ~0.64); bucket centres
+    scatter around 50 group centres, so neighbouring buckets overlap as similar classes do. Classes are
+    the bucket and its two nearest buckets (a classifier's usual confusions).
+    """
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    groups = unit(rng.standard_normal((50, dim), dtype=np.float32))
+    centres = unit(groups[rng.integers(0, 50, buckets)] + 0.8 * unit(rng.standard_normal((buckets, dim),
+                                                                                         dtype=np.float32)))
+    near = np.argsort(-(centres @ centres.T), axis=1)[:, :3]  # itself first
+    own = rng.integers(0, buckets, count)
+    vectors = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        part = slice(start, min(count, start + 100_000))
+        noise_part = rng.standard_normal((len(own[part]), dim), dtype=np.float32) * (noise / np.sqrt(dim))
+        vectors[part] = unit(centres[own[part]] + noise_part)
+
+    def queries(n: int, query_seed: int = 1):
+        qrng = np.random.default_rng(query_seed)
+        chosen = qrng.integers(0, buckets, n)
+        q = unit(centres[chosen] + qrng.standard_normal((n, dim), dtype=np.float32) * (noise / np.sqrt(dim)))
+        return q, near[chosen].astype(np.int32)
+
+    return vectors, near[own].astype(np.int32), queries
+
+
+def make_synthetic_cache(folder: Path, count: int) -> None:
+    """A real cache generation (written by cache.store) holding `count` synthetic rows."""
+    from cache.store import write_generation
+
+    vectors, classes, _ = synthetic(count)
+    columns = {
+        "paths": np.char.add("img", np.arange(count).astype(str)), "sizes": np.zeros(count, np.int64),
+        "mtimes": np.zeros(count, np.int64), "labels": classes[:, 0].astype(str),
+        "label_classes": np.full(count, -1, np.int32), "classes": classes,
+        "probs": np.tile(np.array([0.8, 0.15, 0.05], np.float32), (count, 1)),
+        "boxes": np.full((count, 4), np.nan, np.float32), "embeddings": vectors,
+    }
+    write_generation(folder, {"fingerprint": {}, "config": {}, "gallery_root": str(folder), "bucket_by": "classifier",
+                              "dim": SYNTHETIC_DIM}, columns)
+
+
+def _memory() -> dict:
+    """This process's resident memory in MiB: anonymous (its own) and file-backed (mapped pages)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int = 50,
+                     recall_queries: int = 100) -> dict:
+    """Latency per query of top1, topk:3 and flat on a synthetic cache, memory, and IVF recall@5."""
+    from cache.search import EXACT_MAX_ROWS, ExactIndex, Searcher
+    from cache.store import load_cache
+    from pipeline.policies import parse_policy
+
+    before = _memory()
+    data = load_cache(folder)
+    count = len(data)
+    _, _, sample_queries = synthetic(0)
+    queries, classes = sample_queries(max(bucket_queries, flat_queries, recall_queries))
+    probs = np.array([0.8, 0.15, 0.05], np.float32)
+    searcher = Searcher(data)
+    out = {"items": count, "dim": SYNTHETIC_DIM, "buckets": SYNTHETIC_BUCKETS,
+           "matrix_mib": count * SYNTHETIC_DIM * 4 / 2**20, "exact_max_rows": EXACT_MAX_ROWS}
+
+    def timed(policy: str, n: int) -> dict:
+        parsed = parse_policy(policy)
+        searcher.search(queries[0], parsed, 5, classes[0], probs)  # builds or loads what it needs
+        latencies = []
+        for i in range(n):
+            t = time.perf_counter()
+            searcher.search(queries[i], parsed, 5, classes[i], probs)
+            latencies.append((time.perf_counter() - t) * 1000)
+        memory = _memory()
+        return {"ms_p50": _percentile(latencies, 50), "ms_p95": _percentile(latencies, 95), "queries": n,
+                "rss_anon_mib": memory["RssAnon"] - before["RssAnon"], "rss_file_mib": memory["RssFile"] - before["RssFile"]}
+
+    out["top1"] = timed("top1", bucket_queries)
+    out["topk:3"] = timed("topk:3", bucket_queries)
+    t = time.perf_counter()
+    searcher.search(queries[0], parse_policy("flat"), 5)
+    out["flat_first_query_s"] = time.perf_counter() - t  # builds and saves the IVF index above EXACT_MAX_ROWS
+    out["flat"] = timed("flat", flat_queries)
+    exact = ExactIndex(np.arange(count), data.columns["embeddings"])
+    started = time.perf_counter()
+    truth = [exact.search(queries[i], 5)[1] for i in range(recall_queries)]
+    out["flat_exact_ms"] = (time.perf_counter() - started) * 1000 / recall_queries
+    index = searcher._index(-1, 1)
+    out["flat_index"] = type(index).__name__
+    if hasattr(index, "index"):
+        sweep = {}
+        for nprobe in (1, 2, 4, 8, 16, 32, 64):
+            index.index.nprobe = nprobe
+            t = time.perf_counter()
+            found = [index.search(queries[i], 5)[1] for i in range(recall_queries)]
+            ms = (time.perf_counter() - t) * 1000 / recall_queries
+            recall = float(np.mean([len(set(f.tolist()) & set(g.tolist())) / 5 for f, g in zip(found, truth)]))
+            sweep[nprobe] = {"recall_at_5": recall, "ms": ms}
+        index.index.nprobe = searcher.nprobe
+        out["ivf"] = {"nlist": int(index.index.nlist), "nprobe": searcher.nprobe, "sweep": sweep,
+                      "recall_at_5": sweep[searcher.nprobe]["recall_at_5"]}
+    out["peak_rss_mib"] = _memory()["VmHWM"]
+    return out
+
+
+def _child(code: str, timeout: float = 1800) -> dict:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if result.returncode != 0:
+        raise RuntimeError(f"speed: a measuring process failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def search_sizes_benchmark(sizes: list[int], workdir: Path) -> dict:
+    """Each size written by one process and searched by a fresh one (clean memory figures)."""
+    results = {}
+    for count in sizes:
+        folder = workdir / f"synthetic-{count}"
+        _child(f"from pathlib import Path; from pipeline.speed import make_synthetic_cache; "
+               f"make_synthetic_cache(Path({str(folder)!r}), {count}); print('{{}}')")
+        results[str(count)] = _child(f"import json; from pathlib import Path; from pipeline.speed import "
+                                     f"search_benchmark; print(json.dumps(search_benchmark(Path({str(folder)!r}))))")
+    return results
+
+
+# ---------------------------------------------------------------- everything
+
+def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int = 200, cold_runs: int = 3,
+              reference_queries: int = 5, search_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+              forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None) -> dict:
+    """All the figures for one configuration; `echo` gets a line per finished step."""
+    from cache.builder import build_cache
+    from cache.gallery import scan_gallery
+    from pipeline.datasets import resolve_data
+    from pipeline.images import load_image
+    from pipeline.pipeline import build_pipeline
+
+    echo = echo or (lambda line: None)
+    root = resolve_data(gallery)
+    entries = scan_gallery(root)
+    if not entries:
+        raise ValueError(f"{gallery}: no images")
+    report = {"environment": environment(), "config": config.to_dict(), "gallery": str(root), "images": len(entries)}
+    started = time.perf_counter()
+    pipeline = build_pipeline(config)
+    report["model_load_s"] = time.perf_counter() - started
+    forward = forward_ceilings(pipeline, load_image(root / entries[0].relpath), config.batch_size, forward_seconds)
+    report["forward"] = forward
+    echo(f"forward-only: {forward['images_per_s']:.1f} images/s")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        cache = Path(tmp) / "cache"
+        summary = build_cache(root, cache, config, progress=False, pipeline=pipeline)
+        report["build"] = {"images": summary.embedded, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+                           "skipped": len(summary.skipped)}
+        echo(f"build-cache: {summary.images_per_s:.1f} images/s")
+        step = max(1, len(entries) // naive_images) if naive_images else 1
+        sample = [e.relpath for e in entries[::step]][:naive_images]
+        report["naive"] = naive_build(pipeline, root, sample) if sample else {"images_per_s": 0.0}
+        echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
+        images = [root / e.relpath for e in entries[len(entries) // 2::max(1, len(entries) // (queries + 1))]]
+        naive_run = naive_embedder(pipeline) if reference_queries else None
+        report["query"] = query_latency(cache, images, queries, cold_runs, reference_queries, naive_run)
+        echo(f"query: warm p50 {report['query']['warm_ms_p50']:.1f} ms, cold {report['query']['cold_s']:.2f} s")
+        report["search"] = search_sizes_benchmark(list(search_sizes), Path(tmp)) if search_sizes else {}
+    build, naive, query = report["build"], report["naive"], report["query"]
+    report.update(
+        forward_images_per_s=forward["images_per_s"], build_images_per_s=build["images_per_s"],
+        naive_images_per_s=naive["images_per_s"],
+        build_vs_forward=build["images_per_s"] / forward["images_per_s"],
+        build_vs_naive=build["images_per_s"] / naive["images_per_s"],
+        query_warm_ms_p50=query["warm_ms_p50"], query_warm_ms_p95=query["warm_ms_p95"], query_cold_s=query["cold_s"],
+        query_warm_vs_forward=query["warm_ms_p50"] / forward["batch1_ms_sum"],
+    )
+    return report
+
+
+def format_report(report: dict, command: str) -> str:
+    """The figures as Markdown: the command, the versions and threads, then one table per part."""
+    env = report["environment"]
+    lines = [f"`{command}`", "",
+             f"python {env['python']}, torch {env['torch']}, timm {env['timm']}, faiss {env['faiss']}, "
+             f"numpy {env['numpy']}, Pillow {env['pillow']}; torch threads {env['torch_threads']}, "
+             f"{env['cpu_count']} CPUs, load average at start {env['load_average']}; {env['platform']}",
+             f"gallery {report['gallery']} ({report['images']} images); device {report['config']['device']}, "
+             f"batch {report['config']['batch_size']}, workers {report['config']['workers']}; "
+             f"models loaded in {report['model_load_s']:.1f} s", "",
+             "| measure | value |", "|---|---|"]
+    for name, model in report["forward"]["models"].items():
+        lines.append(f"| forward-only {name} (input {'x'.join(map(str, model['input']))}) | "
+                     f"{model['images_per_s']:.1f} images/s; batch of 1: {model['batch1_ms_p50']:.1f} ms |")
+    q = report["query"]
+    lines += [
+        f"| forward-only ceiling (all models) | {report['forward_images_per_s']:.1f} images/s |",
+        f"| build-cache end to end ({report['build']['images']} images, {report['build']['seconds']:.1f} s) | "
+        f"{report['build_images_per_s']:.1f} images/s = {report['build_vs_forward']:.2f} x forward-only |",
+        f"| naive build ({report['naive'].get('images', 0)} images, one at a time) | "
+        f"{report['naive_images_per_s']:.1f} images/s; build-cache is {report['build_vs_naive']:.2f} x faster |",
+        f"| query warm ({q['queries']} queries, buckets {q['buckets']}) | p50 {q['warm_ms_p50']:.1f} ms, "
+        f"p95 {q['warm_ms_p95']:.1f} ms = {report['query_warm_vs_forward']:.2f} x the summed batch-1 forwards "
+        f"({report['forward']['batch1_ms_sum']:.1f} ms) |",
+        f"| query cold (new `cli.py query` process, median of {q['cold_runs']}) | {q['cold_s']:.2f} s |",
+    ]
+    if "reference_s_mean" in q:
+        lines.append(f"| reference query (embed the predicted class's {q['reference_bucket_images_mean']:.0f} "
+                     f"gallery images at query time, mean of {q['reference_queries']}) | {q['reference_s_mean']:.2f} s |")
+    if report["search"]:
+        lines += ["", f"Search alone, synthetic unit vectors, dim {SYNTHETIC_DIM}, {SYNTHETIC_BUCKETS} buckets "
+                      "(each size in a fresh process; memory = growth of resident memory after the policy's queries: "
+                      "anonymous / file-backed mapped pages):", "",
+                  "| items | matrix MiB | top1 ms p50 (p95) | topk:3 ms p50 (p95) | flat ms p50 (p95) | flat index | "
+                  "exact flat ms | recall@5 vs exact | mem after top1 MiB | mem after flat MiB | first flat query s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for count, s in report["search"].items():
+            ivf = s.get("ivf")
+            recall = f"{ivf['recall_at_5']:.3f} (nlist {ivf['nlist']}, nprobe {ivf['nprobe']})" if ivf else "exact"
+            lines.append(
+                f"| {int(count):,} | {s['matrix_mib']:.0f} | {s['top1']['ms_p50']:.2f} ({s['top1']['ms_p95']:.2f}) | "
+                f"{s['topk:3']['ms_p50']:.2f} ({s['topk:3']['ms_p95']:.2f}) | {s['flat']['ms_p50']:.2f} "
+                f"({s['flat']['ms_p95']:.2f}) | {s['flat_index']} | {s['flat_exact_ms']:.1f} | {recall} | "
+                f"{s['top1']['rss_anon_mib']:.0f} / {s['top1']['rss_file_mib']:.0f} | "
+                f"{s['flat']['rss_anon_mib']:.0f} / {s['flat']['rss_file_mib']:.0f} | {s['flat_first_query_s']:.1f} |")
+        sweeps = {count: s["ivf"]["sweep"] for count, s in report["search"].items() if s.get("ivf")}
+        for count, sweep in sweeps.items():
+            lines.append("")
+            lines.append(f"IVF at {int(count):,} items, recall@5 / ms per query by nprobe: " + ", ".join(
+                f"{n}: {v['recall_at_5']:.3f} / {v['ms']:.2f}" for n, v in sweep.items()))
+    return "\n".join(lines)

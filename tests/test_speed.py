@@ -1,0 +1,131 @@
+"""The speed benchmark and the search paths it measures: behaviour, never timings."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cache.search as search
+from cache.search import FLAT, ExactIndex, IVFIndex, Searcher
+from cache.store import CacheData, load_cache
+from pipeline.policies import parse_policy
+from pipeline.speed import make_synthetic_cache, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("forward_images_per_s", "build_images_per_s", "naive_images_per_s", "build_vs_forward", "build_vs_naive",
+            "query_warm_ms_p50", "query_cold_s")
+
+
+def synthetic_data(tmp_path, count: int) -> CacheData:
+    vectors, classes, _ = synthetic(count)
+    columns = {"embeddings": vectors, "classes": classes, "paths": np.arange(count).astype(str)}
+    return CacheData(tmp_path, {"bucket_by": "classifier"}, columns)
+
+
+def recall_at_5(searcher: Searcher, truth: Searcher, queries: np.ndarray) -> float:
+    flat = parse_policy("flat")
+    found = [set(searcher.search(q, flat, 5).rows.tolist()) & set(truth.search(q, flat, 5).rows.tolist())
+             for q in queries]
+    return float(np.mean([len(f) / 5 for f in found]))
+
+
+def test_speed_json_has_every_figure(gallery, tiny_config):
+    from cli import cli
+
+    args = ["speed", "--gallery", str(gallery), "--classifier", tiny_config.classifier, "--embedder",
+            tiny_config.embedder, "--device", "cpu", "--batch-size", "4", "--queries", "3", "--naive-images", "4",
+            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in REQUIRED:
+        assert report[key] > 0, key
+    assert report["build"]["images"] == 18 and report["naive"]["images"] == 4
+    searched = report["search"]["2000"]
+    assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
+    assert report["environment"]["torch_threads"] >= 1
+
+
+def test_exact_scan_in_slices_matches_brute_force(monkeypatch):
+    monkeypatch.setattr(search, "SCAN_CHUNK_ROWS", 300)
+    vectors, _, sample = synthetic(2000)
+    queries, _ = sample(10)
+    index = ExactIndex(np.arange(2000), vectors)
+    for query in queries:
+        scores, positions = index.search(query, 5)
+        assert positions.tolist() == np.argsort(-(vectors @ query), kind="stable")[:5].tolist()
+        assert np.allclose(scores, vectors[positions] @ query, atol=1e-5)
+
+
+def test_ivf_recall_at_5_against_exact(tmp_path):
+    data = synthetic_data(tmp_path, 20_000)
+    approximate = Searcher(data, exact_max_rows=5_000)
+    exact = Searcher(data, exact_max_rows=10**9)
+    queries, _ = synthetic(0)[2](100)
+    assert recall_at_5(approximate, exact, queries) >= 0.98
+    assert isinstance(approximate._index(FLAT, 1), IVFIndex) and isinstance(exact._index(FLAT, 1), ExactIndex)
+
+
+def test_ivf_index_is_saved_beside_the_generation_and_mapped_back(tmp_path):
+    make_synthetic_cache(tmp_path / "cache", 6_000)
+    queries, _ = synthetic(0)[2](5)
+    first = Searcher(load_cache(tmp_path / "cache"), exact_max_rows=1_000)
+    hits = [first.search(q, parse_policy("flat"), 5).rows.tolist() for q in queries]
+    saved = list((tmp_path / "cache").glob("gen-*/ivf-flat.faiss"))
+    assert len(saved) == 1 and first._index(FLAT, 1).saved
+    second = Searcher(load_cache(tmp_path / "cache"), exact_max_rows=1_000)
+    assert [second.search(q, parse_policy("flat"), 5).rows.tolist() for q in queries] == hits
+    assert second._index(FLAT, 1).saved
+
+
+class RecordingArray(np.ndarray):
+    """An embedding matrix that remembers which rows were read."""
+
+    touched: list
+
+    def __getitem__(self, key):
+        self.touched.append(key)
+        return np.asarray(self).__getitem__(key)
+
+
+def test_bucket_search_reads_only_the_bucket_rows(tmp_path):
+    data = synthetic_data(tmp_path, 5_000)
+    recording = data.columns["embeddings"].view(RecordingArray)
+    recording.touched = []
+    data.columns["embeddings"] = recording
+    searcher = Searcher(data)
+    queries, classes = synthetic(0)[2](3)
+    hits = searcher.search(queries[0], parse_policy("top1"), 5, classes[0], np.array([0.8, 0.15, 0.05]))
+    bucket = searcher.table(1).rows_of(int(classes[0][0]))
+    read = np.concatenate([np.atleast_1d(np.asarray(key)) for key in recording.touched])
+    assert sorted(read.tolist()) == sorted(bucket.tolist()) and len(bucket) < len(data) / 100
+    assert set(hits.rows.tolist()) <= set(bucket.tolist())
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_query_without_crop_never_imports_ultralytics(gallery, tiny_config, tmp_path):
+    from cache.builder import build_cache
+
+    build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    image = next(gallery.rglob("*.png"))
+    code = ("import sys; import cli\n"
+            f"sys.argv = ['cli.py', 'query', {str(image)!r}, '--cache', {str(tmp_path / 'cache')!r}, '--json']\n"
+            "try:\n    cli.cli()\nexcept SystemExit as end:\n    assert end.code in (0, None), end.code\n"
+            "print('ultralytics' in sys.modules, 'torch' in sys.modules)")
+    assert run_python(code) == "False True"
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; import cli\nsys.argv = ['cli.py', '--help']\n"
+            "try:\n    cli.cli()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'faiss', 'ultralytics', 'timm', 'open_clip') if m in sys.modules))")
+    assert run_python(code) == "[]"
