@@ -248,5 +248,32 @@ def train(resume, **options):
                f"\nuse it with --embedder ckpt:{result.run_dir}")
 
 
+@cli.command()
+@click.option("--gallery", required=True, help="folder or .zip of images (a benchmark, not a test)")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.option("--queries", default=50, show_default=True, type=int, help="warm queries timed")
+@click.option("--naive-images", default=200, show_default=True, type=int, help="images of the naive build")
+@click.option("--cold-runs", default=3, show_default=True, type=int, help="cold query processes timed")
+@click.option("--search-sizes", default="10000,100000,1000000", show_default=True,
+              help="synthetic gallery sizes for search alone (comma list; 'none' to skip)")
+@click.option("--forward-seconds", default=4.0, show_default=True, type=float, help="time per forward-only figure")
+@click.option("--workers", default=2, show_default=True, type=int, help="decoding threads")
+@pipeline_options(defaults=True)
+@one_line_errors
+def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, **options):
+    """Measure forward-only, build-cache, naive build, query and search speed on this machine."""
+    from pipeline.config import PipelineConfig
+    from pipeline.speed import format_report, run_speed
+
+    sizes = tuple(int(n) for n in _split(search_sizes) or [] if n != "none")
+    echo = functools.partial(click.echo, err=True)
+    report = run_speed(gallery, PipelineConfig(**options), queries, naive_images, cold_runs,
+                       search_sizes=sizes, forward_seconds=forward_seconds, echo=echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(format_report(report, " ".join(["python", "cli.py", *sys.argv[1:]])))
+
+
 if __name__ == "__main__":
     cli()
