@@ -203,11 +203,12 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
             continue
         reports.group_pictures(run, group_cells[0], out)
         validation = validation_rows(np.asarray(run.searcher.data.columns["labels"]), 0.2, seed)
+        p1_floor = tune_policy(run.searcher, parse_policy("flat"), validation)[1][1] if validation is not None else 0
         for cell in group_cells:
             try:
                 policy = parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest))
                 if policy.kind == "fused" and policy.weight is None and validation is not None:
-                    policy = tune_policy(run.searcher, policy, validation)[0]  # weight fitted on the gallery
+                    policy = tune_policy(run.searcher, policy, validation, p1_floor)[0]  # fitted on the gallery
                 metrics, curves[cell.name], relevance, top_rows = evaluate_policy(run, policy)
                 cost = dict(run.cost, query_ms_p50=run.cost["embed_ms_p50"] + metrics.pop("search_ms_p50"))
                 report["cells"].append({"config": asdict(cell), "status": "ok", "policy": str(policy),
