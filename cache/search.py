@@ -1,6 +1,7 @@
 """Searching a cache under a bucket policy: exact per-bucket search over memory-mapped rows, IVF above a measured size."""
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in sli
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
 
 
+def release_pages(matrix: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped matrix after reading what was needed (they stay in the page
+    cache, shared and reclaimable): the kernel maps whole large folios on a read fault, so even a few
+    scattered rows would otherwise leave most of the file counted in this process's memory."""
+    handle = getattr(matrix, "_mmap", None)
+    if isinstance(matrix, np.memmap) and handle is not None:
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k highest scores, best first (ties: lower position first)."""
     if k < len(scores):
@@ -66,6 +76,7 @@ class ExactIndex:
             keep = local[0] >= 0
             found.append(local[0][keep] + start)
             found_scores.append(scores[0][keep])
+        release_pages(self.vectors)
         if len(found) == 1:
             return found_scores[0], found[0]
         positions, scores = np.concatenate(found), np.concatenate(found_scores)
@@ -181,6 +192,7 @@ class Searcher:
             except RuntimeError:
                 pass  # unreadable (cut short): build it again
         index = IVFIndex(rows, build_ivf(self.embeddings, None if key == FLAT else rows), self.nprobe)
+        release_pages(self.embeddings)
         index.nbytes = len(rows) * self.embeddings.shape[1] * 4
         if path is not None:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -208,6 +220,7 @@ class Searcher:
             index = ExactIndex(rows, vectors)
         else:
             index = ExactIndex(rows, np.ascontiguousarray(self.embeddings[rows], dtype=np.float32))
+            release_pages(self.embeddings)
         self._indexes[cache_key] = index
         while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
                                           sum(i.nbytes for i in self._indexes.values()) > CACHED_BYTES):
@@ -233,7 +246,9 @@ class Searcher:
                gallery_classes: int, weight: float, k: int) -> Hits:
         table = self.table(gallery_classes)
         rows = np.unique(np.concatenate([table.rows_of(key) for key in keys]))
-        similarity = np.asarray(self.embeddings[rows], dtype=np.float32) @ query.astype(np.float32)
+        vectors = np.ascontiguousarray(self.embeddings[rows], dtype=np.float32)
+        release_pages(self.embeddings)
+        similarity = vectors @ query.astype(np.float32)
         scores = similarity + weight * class_agreement(classes, probs, self.data.columns["classes"][rows],
                                                        self.data.columns["probs"][rows])
         order = np.argsort(-scores, kind="stable")[:k]

@@ -129,3 +129,27 @@ def test_help_imports_no_heavy_library():
             "try:\n    cli.cli()\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'faiss', 'ultralytics', 'timm', 'open_clip') if m in sys.modules))")
     assert run_python(code) == "[]"
+
+
+def mapped_mib(filename: str) -> float:
+    """Resident MiB of this process's mappings of `filename` (from /proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            current = fields[5] if len(fields) >= 6 else None
+        elif fields[0] == "Rss:" and current == filename:
+            total += int(fields[1])
+    return total / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path):
+    make_synthetic_cache(tmp_path / "cache", 20_000)
+    data = load_cache(tmp_path / "cache")
+    searcher = Searcher(data)
+    queries, classes = synthetic(0)[2](20)
+    for policy in ("top1", "topk:3", "flat", "fused"):
+        for query, top in zip(queries, classes):
+            searcher.search(query, parse_policy(policy), 5, top, np.array([0.8, 0.15, 0.05], np.float32))
+        assert mapped_mib(str(data.columns["embeddings"].filename)) < 1, policy  # matrix: 39 MiB
