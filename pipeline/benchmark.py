@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.builder import build_cache
+from cache.builder import build_cache, fingerprint
 from cache.search import Searcher
 from cache.store import load_cache
 from models.registry import NO_CLASSIFIER
@@ -115,9 +115,10 @@ class GroupRun:
 def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, base: PipelineConfig,
               latency_samples: int) -> GroupRun:
     config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
-    key = hashlib.sha1(json.dumps(config.cache_part(), sort_keys=True).encode()).hexdigest()[:10]
-    cache_dir = out / "caches" / key
     pipeline = build_pipeline(config)
+    # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
+    key = hashlib.sha1(json.dumps(fingerprint(pipeline, "classifier"), sort_keys=True).encode()).hexdigest()[:10]
+    cache_dir = out / "caches" / key
     summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline)
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]
