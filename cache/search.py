@@ -31,12 +31,14 @@ def _faiss():
 
 
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
-# Measured (BENCHMARKS_speed.md): one exact query over 10^5 x 512 costs ~10-20 ms here, an IVF probe < 1 ms,
-# while building the IVF costs ~2.5 s per 10^5 rows (once per cache generation: it is saved next to it).
-EXACT_MAX_ROWS = 100_000
-IVF_NPROBE = 16  # lists probed per query; recall@5 >= 0.98 on the synthetic benchmark (BENCHMARKS_speed.md)
+# Measured (BENCHMARKS_speed.md, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
+# 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
+# answers in ~2 ms at 10^6 and costs ~17 s per 10^6 rows to build, once per cache generation (it is saved).
+EXACT_MAX_ROWS = 32_768
+IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprobe 1): margin for real data
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
+RELEASE_ABOVE_BYTES = 256 << 20  # a smaller matrix stays mapped (re-mapping it per query costs ms)
 
 
 def release_pages(matrix: np.ndarray) -> None:
@@ -44,7 +46,7 @@ def release_pages(matrix: np.ndarray) -> None:
     cache, shared and reclaimable): the kernel maps whole large folios on a read fault, so even a few
     scattered rows would otherwise leave most of the file counted in this process's memory."""
     handle = getattr(matrix, "_mmap", None)
-    if isinstance(matrix, np.memmap) and handle is not None:
+    if isinstance(matrix, np.memmap) and handle is not None and matrix.nbytes > RELEASE_ABOVE_BYTES:
         handle.madvise(mmap.MADV_DONTNEED)
 
 
@@ -71,7 +73,8 @@ class ExactIndex:
         query = np.ascontiguousarray(query[None], np.float32)
         found, found_scores = [], []
         for start in range(0, len(self.vectors), SCAN_CHUNK_ROWS):
-            scores, local = faiss.knn(query, self.vectors[start:start + SCAN_CHUNK_ROWS], k,
+            # np.asarray: a plain ndarray view (faiss.contrib.torch_utils, once imported, rejects memmaps)
+            scores, local = faiss.knn(query, np.asarray(self.vectors[start:start + SCAN_CHUNK_ROWS]), k,
                                       metric=faiss.METRIC_INNER_PRODUCT)
             keep = local[0] >= 0
             found.append(local[0][keep] + start)

@@ -33,7 +33,9 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch
 
 
 def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Move a preprocessed batch to the model's device and memory layout."""
+    """Move a preprocessed batch to the model's device and memory layout (via pinned memory to a GPU)."""
+    if device.type == "cuda" and not batch.is_pinned():
+        batch = batch.pin_memory()  # page-locked: the copy below is a DMA that does not block the host
     batch = batch.to(device, non_blocking=True)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)

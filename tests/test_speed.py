@@ -72,6 +72,8 @@ def test_ivf_recall_at_5_against_exact(tmp_path):
 
 
 def test_ivf_index_is_saved_beside_the_generation_and_mapped_back(tmp_path):
+    import faiss.contrib.torch_utils  # noqa: F401  (training imports it; it patches faiss.knn for torch tensors)
+
     make_synthetic_cache(tmp_path / "cache", 6_000)
     queries, _ = synthetic(0)[2](5)
     first = Searcher(load_cache(tmp_path / "cache"), exact_max_rows=1_000)
@@ -144,11 +146,14 @@ def mapped_mib(filename: str) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
-def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path):
+def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
     make_synthetic_cache(tmp_path / "cache", 20_000)
     data = load_cache(tmp_path / "cache")
     searcher = Searcher(data)
     queries, classes = synthetic(0)[2](20)
+    import faiss.contrib.torch_utils  # noqa: F401  (as after training code ran: memmaps must still work)
+
     for policy in ("top1", "topk:3", "flat", "fused"):
         for query, top in zip(queries, classes):
             searcher.search(query, parse_policy(policy), 5, top, np.array([0.8, 0.15, 0.05], np.float32))
