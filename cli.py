@@ -83,9 +83,10 @@ def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, **options
     click.echo(summary.line())
 
 
-def _print_table(item, gallery_root: Path) -> None:
+def _print_table(item, gallery_root: Path, buckets: str) -> None:
     predicted = ", ".join(f"{p['name']} {p['prob']:.2f}" for p in item.predicted(3))
     click.echo(f"\n{item.path}" + (f"  [predicted: {predicted}]" if predicted else ""))
+    click.echo(f"  buckets {buckets}: {item.candidates} gallery images compared")
     if item.note:
         click.echo(f"  note: {item.note}")
     click.echo(f"  {'rank':>4}  {'score':>6}  {'label':<16} {'bucket':<18} path (under {gallery_root})")
@@ -126,7 +127,7 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
         } for item in done], indent=1))
     else:
         for item in done:
-            _print_table(item, root)
+            _print_table(item, root, config.buckets)
     if sheet and done:
         rows = [[Tile(item.path, "query\n" + (item.class_names[0] if item.class_names else ""))]
                 + [Tile(root / r.path, f"{r.rank}. {r.score:.3f}\n{r.label or r.bucket or ''}") for r in item.results]
