@@ -31,7 +31,7 @@ def _faiss():
 
 
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
-# Measured (BENCHMARKS_speed.md, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
+# Measured (BENCHMARKS.md, Speed, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
 # 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
 # answers in ~2 ms at 10^6 and costs ~17 s per 10^6 rows to build, once per cache generation (it is saved).
 EXACT_MAX_ROWS = 32_768
@@ -68,7 +68,7 @@ class ExactIndex:
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions in this index's rows), best first. faiss, not numpy: numpy's threaded
-        sgemv was 80x slower here when another process held a core (BENCHMARKS_speed.md)."""
+        sgemv was 80x slower here when another process held a core (BENCHMARKS.md, Speed)."""
         faiss, k = _faiss(), min(k, len(self.rows))
         query = np.ascontiguousarray(query[None], np.float32)
         found, found_scores = [], []
