@@ -143,8 +143,6 @@ class BucketTable:
             return np.zeros(0, dtype=np.int64)
         return self.rows[self.offsets[i]:self.offsets[i + 1]]
 
-    def sizes(self) -> dict[int, int]:
-        return dict(zip(self.keys.tolist(), np.diff(self.offsets).tolist()))
 
 
 class Searcher:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import platform
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +24,7 @@ from models.registry import NO_CLASSIFIER
 from models.weights import WeightsUnavailable
 from pipeline.config import PipelineConfig
 from pipeline.datasets import LabelledSet, load_labelled, split_queries
+from pipeline.environment import environment
 from pipeline.fusion import tune_policy, validation_rows
 from pipeline.items import Item
 from pipeline.metrics import cmc_curve, compute_metrics
@@ -85,17 +84,6 @@ def link_tree(data: LabelledSet, folder: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to((data.root / path).resolve())
     return folder
-
-
-def environment(device: str) -> dict:
-    import faiss
-    import timm
-    import torch
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "timm": timm.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": device,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def folder_bytes(folder: Path) -> int:

@@ -51,7 +51,7 @@ def write_markdown(report: dict, path: Path) -> None:
     data, env = report["data"], report["environment"]
     text = (f"# lookalike benchmark\n\n{data['gallery']} gallery images, {data['queries']} queries, "
             f"{data['labels']} labels (source: {data['source']}, seed {data['seed']}).\n"
-            f"torch {env['torch']}, timm {env['timm']}, faiss {env['faiss']}, {env['threads']} threads, "
+            f"torch {env['torch']}, timm {env['timm']}, faiss {env['faiss']}, {env['torch_threads']} threads, "
             f"device {env['device']}.\n\n{markdown_table(report)}\n\n"
             "`*` marks the reference policy (search only the query's top-1 class bucket). build img/s is empty "
             "when the cache was reused.\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,21 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.environment import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_DIM = 512
 SYNTHETIC_BUCKETS = 1000
-
-
-def environment() -> dict:
-    import faiss
-    import PIL
-    import timm
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "faiss": faiss.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average": [round(v, 2) for v in os.getloadavg()], "platform": platform.platform()}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -354,7 +343,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     entries = scan_gallery(root)
     if not entries:
         raise ValueError(f"{gallery}: no images")
-    report = {"environment": environment(), "config": config.to_dict(), "gallery": str(root), "images": len(entries)}
+    report = {"environment": environment(config.device), "config": config.to_dict(), "gallery": str(root), "images": len(entries)}
     started = time.perf_counter()
     pipeline = build_pipeline(config)
     report["model_load_s"] = time.perf_counter() - started

@@ -16,7 +16,6 @@ from conftest import SHAPES, draw_shape
 from models.embedders import create_embedder
 from models.finetuned import CheckpointEmbedder, Preprocessing
 from models.registry import resolve_spec
-from pipeline.datasets import load_labelled
 from pipeline.images import load_image
 from pipeline.training import loop
 from pipeline.training.config import TrainConfig
