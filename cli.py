@@ -49,6 +49,8 @@ def pipeline_options(defaults: bool):
             click.option("--crop/--no-crop", default=default("crop"), help="crop to the main object (YOLO)"),
             click.option("--detector", default=default("detector"), help="yolov8n or a .pt path"),
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda"),
+            click.option("--runtime", type=click.Choice(["torch", "onnx"]), default=default("runtime"),
+                         help="onnx: ONNX Runtime on the CPU, used where it matches torch [default: torch]"),
             click.option("--batch-size", default=base.batch_size, show_default=True, type=int),
         ]
         for option in reversed(options):

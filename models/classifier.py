@@ -22,9 +22,9 @@ class Prediction:
 class Classifier:
     """Predicts ImageNet classes with a timm model and its own preprocessing."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
         self.spec = spec
-        self.net: TimmNet = load_timm_net(spec, device)
+        self.net: TimmNet = load_timm_net(spec, device, runtime)
         self.transform = self.net.transform
         self._info = None
         self._lookup: dict[str, int] | None = None

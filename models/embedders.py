@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from models.registry import RANDOM, ModelSpec
-from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from models.onnx_runtime import check_runtime, onnx_forward
+from models.runtime import (autocast, gpu_precision, has_conv, prepare_for_inference, resolve_device, seeded,
+                            to_model_input)
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity
 
@@ -34,9 +36,9 @@ def l2_normalize(features: torch.Tensor) -> np.ndarray:
 class TimmEmbedder:
     """Pooled (pre-logits) features of a timm model."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
         self.spec = spec
-        self.net = load_timm_net(spec, device)
+        self.net = load_timm_net(spec, device, runtime)
         self.transform = self.net.transform
         self.dim = self.net.num_features
 
@@ -50,11 +52,12 @@ class TimmEmbedder:
 class ClipEmbedder:
     """The image tower of an open_clip model with its pretrained tag's preprocessing."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
         import open_clip
 
         self.spec = spec
         self.device = resolve_device(device)
+        check_runtime(runtime, self.device)
         # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
         tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
         self.preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode")
@@ -76,9 +79,16 @@ class ClipEmbedder:
         self.channels_last = has_conv(self.visual)
         self.dim = model.visual.output_dim
         self.image_size = model.visual.image_size
+        size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
+        self.precision = gpu_precision(self.visual, (3, *size), self.device, (False,), self.channels_last)
+        self.onnx = None
+        if runtime == "onnx":
+            self.onnx = onnx_forward(self.visual, (3, *size), self.describe(), logits=(False,))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), autocast(self.device):
+        if self.onnx is not None:
+            return l2_normalize(self.onnx(batch)[0])
+        with torch.inference_mode(), autocast(self.device, self.precision):
             features = self.visual(to_model_input(batch, self.device, self.channels_last))
         return l2_normalize(features.cpu())
 
@@ -87,14 +97,14 @@ class ClipEmbedder:
                 "image_size": list(np.atleast_1d(self.image_size).tolist())}
 
 
-def create_embedder(spec: ModelSpec, device: str = "auto") -> Embedder:
-    """The factory for every embedder kind."""
+def create_embedder(spec: ModelSpec, device: str = "auto", runtime: str = "torch") -> Embedder:
+    """The factory for every embedder kind; `runtime` 'onnx' runs it under ONNX Runtime where it matches."""
     if spec.library == "timm":
-        return TimmEmbedder(spec, device)
+        return TimmEmbedder(spec, device, runtime)
     if spec.library == "open_clip":
-        return ClipEmbedder(spec, device)
+        return ClipEmbedder(spec, device, runtime)
     if spec.library == "checkpoint":
         from models.finetuned import CheckpointEmbedder
 
-        return CheckpointEmbedder(Path(spec.model_id), device)
+        return CheckpointEmbedder(Path(spec.model_id), device, runtime)
     raise ValueError(f"{spec.name}: no embedder for library {spec.library}")

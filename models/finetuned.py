@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from models.embedders import l2_normalize
+from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec, resolve_spec
 from models.runtime import resolve_device
 from models.weights import file_sha256
@@ -208,7 +209,7 @@ def load_weights(net: nn.Module, path: Path) -> None:
 class CheckpointEmbedder:
     """The embed stage for a fine-tuned run directory (`ckpt:RUN_DIR`)."""
 
-    def __init__(self, run_dir: Path, device: str = "auto"):
+    def __init__(self, run_dir: Path, device: str = "auto", runtime: str = "torch"):
         run_dir = Path(run_dir).expanduser()
         config = read_run_config(run_dir)
         self.weights_path = run_dir / WEIGHTS_FILE
@@ -220,8 +221,15 @@ class CheckpointEmbedder:
         self.spec = ModelSpec(name=f"ckpt:{run_dir}", library="checkpoint", model_id=str(run_dir))
         self.transform = self.preprocessing
         self.dim = self.net.dim
+        check_runtime(runtime, self.device)
+        self.onnx = None
+        if runtime == "onnx":
+            self.onnx = onnx_forward(self.net, (self.preprocessing.channels, *self.preprocessing.size),
+                                     self.describe(), logits=(False,))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
+        if self.onnx is not None:
+            return l2_normalize(self.onnx(batch)[0])
         with torch.inference_mode():
             return l2_normalize(self.net(batch.to(self.device)).cpu())
 

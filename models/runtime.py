@@ -1,7 +1,7 @@
 """Device choice and the inference set-up every model shares."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -42,9 +42,52 @@ def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: boo
     return batch
 
 
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16); plain fp32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+MATCH_COSINE = 0.999  # the bar for a faster runtime or precision: cosine to the eager fp32 output
+GPU_DTYPES = (torch.bfloat16, torch.float16)  # tried in this order on CUDA
+PROBE_BATCH = 4
+
+
+def outputs_match(fast: Sequence[torch.Tensor], eager: Sequence[torch.Tensor], logits: Sequence[bool]) -> str | None:
+    """None when every output matches (cosine, and top-1 for logits); else what differs."""
+    for i, (a, b, is_logits) in enumerate(zip(fast, eager, logits)):
+        a, b = a.float().cpu(), b.float().cpu()
+        cosine = torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min().item()
+        if cosine < MATCH_COSINE:
+            return f"output {i}: cosine {cosine:.5f} < {MATCH_COSINE}"
+        if is_logits:
+            top2 = b.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # a near-tie may flip either way in any runtime
+            if not torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]):
+                return f"output {i}: a different top-1 class"
+    return None
+
+
+def probe_batch(input_shape: Sequence[int]) -> torch.Tensor:
+    """A fixed batch of noise images in the model's input shape, for output checks."""
+    return seeded(lambda: torch.randn(PROBE_BATCH, *input_shape))
+
+
+@torch.inference_mode()
+def gpu_precision(module: torch.nn.Module, input_shape: Sequence[int], device: torch.device,
+                  logits: Sequence[bool], channels_last: bool) -> torch.dtype | None:
+    """The first of GPU_DTYPES whose autocast outputs match fp32 on a probe batch; None (fp32) on the CPU
+    or when neither matches, so half precision is used only where it gives the same answers."""
+    if device.type != "cuda":
+        return None
+    x = to_model_input(probe_batch(input_shape), device, channels_last)
+
+    def run(dtype: torch.dtype | None):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = module(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    reference = run(None)
+    return next((dtype for dtype in GPU_DTYPES if outputs_match(run(dtype), reference, logits) is None), None)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on CUDA; plain fp32 when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def seeded(fn: Callable[[], T], seed: int = 0) -> T:

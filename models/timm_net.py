@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec
-from models.runtime import autocast, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from models.runtime import (autocast, gpu_precision, has_conv, prepare_for_inference, resolve_device, seeded,
+                            to_model_input)
 from models.weights import load_with_fallback, weights_identity
 
 
@@ -34,12 +36,25 @@ def create_timm_model(spec: ModelSpec) -> torch.nn.Module:
     return load_with_fallback(spec, from_file, from_hub)
 
 
-class TimmNet:
-    """One timm model in inference mode with its own eval preprocessing."""
+class FeaturesAndLogits(torch.nn.Module):
+    """(pooled features, class logits) of a timm model in one forward: what TimmNet exports to ONNX."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return pooled, self.model.get_classifier()(pooled)
+
+
+class TimmNet:
+    """One timm model in inference mode with its own eval preprocessing (torch, or ONNX Runtime on the CPU)."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, runtime: str = "torch"):
         import timm.data
 
+        check_runtime(runtime, device)
         self.spec = spec
         self.device = device
         model = create_timm_model(spec)
@@ -49,6 +64,14 @@ class TimmNet:
         self.num_features = model.num_features
         self.channels_last = has_conv(model)
         self.model = prepare_for_inference(model, device)
+        self.features_and_logits = FeaturesAndLogits(self.model)
+        # Half precision on a GPU only where it matches fp32 (bf16, else fp16, else fp32).
+        self.precision = gpu_precision(self.features_and_logits, self.data_config["input_size"], device,
+                                       (False, True), self.channels_last)
+        self.onnx = None
+        if runtime == "onnx":
+            self.onnx = onnx_forward(self.features_and_logits, self.data_config["input_size"], self.describe(),
+                                     logits=(False, True))
 
     def describe(self) -> dict:
         """The spec, the weights' identity (file hash) and the resolved preprocessing: for cache fingerprints."""
@@ -58,18 +81,19 @@ class TimmNet:
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled features, class logits) for a preprocessed batch, both float32 on the CPU."""
+        if self.onnx is not None:
+            return self.onnx(batch)
         x = to_model_input(batch, self.device, self.channels_last)
-        with autocast(self.device):
-            pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-            logits = self.model.get_classifier()(pooled)
+        with autocast(self.device, self.precision):
+            pooled, logits = self.features_and_logits(x)
         return pooled.float().cpu(), logits.float().cpu()
 
 
 @lru_cache(maxsize=4)
-def _load(spec_json: str, device: str) -> TimmNet:
-    return TimmNet(ModelSpec(**json.loads(spec_json)), torch.device(device))
+def _load(spec_json: str, device: str, runtime: str) -> TimmNet:
+    return TimmNet(ModelSpec(**json.loads(spec_json)), torch.device(device), runtime)
 
 
-def load_timm_net(spec: ModelSpec, device: str = "auto") -> TimmNet:
+def load_timm_net(spec: ModelSpec, device: str = "auto", runtime: str = "torch") -> TimmNet:
     """The process-wide TimmNet for `spec`: a classifier and an embedder naming the same model share it."""
-    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)))
+    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)), runtime)

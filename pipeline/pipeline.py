@@ -93,10 +93,10 @@ def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> 
     classifier = None
     if config.uses_classifier:
         classifier_spec = resolve_spec(config.classifier, "classifier")
-        classifier = Classifier(classifier_spec, config.device)
+        classifier = Classifier(classifier_spec, config.device, config.runtime)
         stages.append(ClassifyStage(classifier, config.class_topk, pool, embed=classifier_spec == embed_spec))
     if classifier is None or classifier.spec != embed_spec:
-        stages.append(EmbedStage(create_embedder(embed_spec, config.device), pool))
+        stages.append(EmbedStage(create_embedder(embed_spec, config.device, config.runtime), pool))
     if searcher is not None:
         policy = parse_policy(config.buckets)
         if policy.uses_buckets and classifier is None:

@@ -23,6 +23,7 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LOOKALIKE_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "config"))
     monkeypatch.setenv("LOOKALIKE_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "datasets"))
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lookalike-cache"))
 
 
 def draw_shape(path: Path, colour, shape: str, seed: int, size: int = 96) -> Path:

@@ -1,0 +1,100 @@
+"""`--runtime onnx`: a model's forward exported once to ONNX and run by ONNX Runtime on the CPU.
+
+Why: on a 2-core CPU, ONNX Runtime runs mobilenetv2 about twice as fast as eager torch with channels_last
+(BENCHMARKS.md, Speed). Used only where it gives the same answers: every export is checked against the
+eager fp32 forward on a probe batch (models/runtime.py `outputs_match`: cosine >= 0.999 for every output
+vector, same top-1 for logits); a model that fails the check, or cannot be exported, runs in torch and
+says why on stderr.
+Exports are kept in $LOOKALIKE_CACHE_DIR/onnx (default ~/.cache/lookalike/onnx), keyed by the model's
+identity (spec, weight hash, preprocessing), so a process exports a model once per weight file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import runtime as _runtime
+
+RUNTIMES = ("torch", "onnx")
+
+
+def check_runtime(runtime: str, device: torch.device) -> None:
+    """ValueError for an unknown runtime, or onnx on a GPU (ONNX Runtime here is the CPU build)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime {runtime}: use {' or '.join(RUNTIMES)}")
+    if runtime == "onnx" and device.type != "cpu":
+        raise ValueError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch (half-precision autocast)")
+
+
+def export_dir() -> Path:
+    return Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike")) / "onnx"
+
+
+class OnnxForward:
+    """An ONNX Runtime session that takes a float32 NCHW batch and returns float32 CPU tensors."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        array = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+        return tuple(torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array}))
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: int) -> None:
+    """Export with a dynamic batch axis; written to a temporary name, then renamed (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    names = [f"out{i}" for i in range(outputs)]
+    try:
+        torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=names,
+                          dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
+                          opset_version=17, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_forward(module: torch.nn.Module, input_shape: Sequence[int], identity: dict,
+                 logits: Sequence[bool]) -> OnnxForward | None:
+    """ONNX Runtime in place of `module` (eval, fp32, CPU, contiguous) when it matches it; else None.
+
+    `logits[i]` says whether output i holds class logits (then top-1 must agree too).
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ValueError("--runtime onnx needs onnxruntime and onnx: pip install 'lookalike[onnx]'") from None
+    key = hashlib.sha256(json.dumps([identity, list(input_shape), torch.__version__], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    path = export_dir() / f"{key}.onnx"
+    probe = _runtime.probe_batch(input_shape)
+    try:
+        with torch.inference_mode():
+            eager = module(probe)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        if not path.is_file():
+            _export(module, probe[:1], path, len(eager))
+        forward = OnnxForward(path, torch.get_num_threads())
+        mismatch = _runtime.outputs_match(forward(probe), eager, logits)
+    except Exception as err:  # any export or session failure: the model still runs, in torch
+        mismatch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if mismatch:
+        print(f"lookalike: --runtime onnx not used for {identity.get('spec', {}).get('name', 'model')} "
+              f"({mismatch}); running in torch", file=sys.stderr)
+        return None
+    return forward
