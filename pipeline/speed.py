@@ -36,23 +36,33 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- models: forward-only ceilings
 
 def _model_calls(pipeline) -> list[tuple]:
-    """(name, transform, batched forward) for every model stage of `pipeline`, as the stages call them."""
+    """(name, transform, batched forward, how it runs) for every model stage, as the stages call them."""
     from pipeline.stages import ClassifyStage, EmbedStage
 
     calls = []
     for stage in pipeline.stages:
         if isinstance(stage, ClassifyStage):
             calls.append((f"classify:{stage.classifier.spec.name}", stage.transform,
-                          lambda batch, s=stage: s.classifier.predict(batch, s.k)))
+                          lambda batch, s=stage: s.classifier.predict(batch, s.k), _runs_as(stage.classifier.net)))
         elif isinstance(stage, EmbedStage):
-            calls.append((f"embed:{stage.embedder.spec.name}", stage.transform, stage.embedder.embed))
+            embedder = stage.embedder
+            calls.append((f"embed:{embedder.spec.name}", stage.transform, embedder.embed,
+                          _runs_as(getattr(embedder, "net", embedder))))
     return calls
+
+
+def _runs_as(model) -> str:
+    """'onnxruntime', or torch with the autocast precision it chose ('torch bfloat16'), or 'torch float32'."""
+    if getattr(model, "onnx", None) is not None:
+        return "onnxruntime"
+    precision = getattr(model, "precision", None)
+    return f"torch {str(precision or 'torch.float32').removeprefix('torch.')}"
 
 
 def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> dict:
     """Images/s of each model on preprocessed batches (no decoding), and batch-1 latency in ms."""
     models = {}
-    for name, transform, forward in _model_calls(pipeline):
+    for name, transform, forward, runs_as in _model_calls(pipeline):
         import torch
 
         one = transform(image)
@@ -71,7 +81,7 @@ def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> 
             forward(single)
             latencies.append((time.perf_counter() - t) * 1000)
         models[name] = {"images_per_s": rate, "batch1_ms_p50": statistics.median(latencies),
-                        "input": list(one.shape)}
+                        "input": list(one.shape), "runs_as": runs_as}
     combined = 1.0 / sum(1.0 / m["images_per_s"] for m in models.values()) if models else 0.0
     return {"models": models, "images_per_s": combined,
             "batch1_ms_sum": sum(m["batch1_ms_p50"] for m in models.values())}
@@ -93,35 +103,35 @@ def naive_embedder(pipeline):
 
             def classify(x, model=model, stage=stage):
                 pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-                probs = model.get_classifier()(pooled).softmax(-1)
-                top = probs.topk(stage.k)
-                return pooled if stage.embed else None, top.indices, top.values
+                return pooled if stage.embed else None, int(model.get_classifier()(pooled).argmax(-1)[0])
 
             steps.append((stage.transform, classify))
         elif isinstance(stage, EmbedStage):
             embedder = stage.embedder
             module = getattr(getattr(embedder, "net", None), "model", None) or getattr(embedder, "visual", None)
             if module is None:  # a kind the reference never had: run it as lookalike does, batch of one
-                steps.append((stage.transform, lambda x, e=embedder: (torch.as_tensor(e.embed(x)), None, None)))
+                steps.append((stage.transform, lambda x, e=embedder: (torch.as_tensor(e.embed(x)), None)))
                 continue
             module = copy.deepcopy(module).to(memory_format=torch.contiguous_format)
             if hasattr(embedder, "net"):
                 def embed(x, m=module):
-                    return m.forward_head(m.forward_features(x), pre_logits=True), None, None
+                    return m.forward_head(m.forward_features(x), pre_logits=True), None
             else:
                 def embed(x, m=module):
-                    return m(x), None, None
+                    return m(x), None
             steps.append((stage.transform, embed))
 
-    def run(path: Path) -> np.ndarray | None:
+    def run(path: Path) -> tuple[np.ndarray | None, int | None]:
+        """(L2-normalised embedding, top-1 class or None) of one image."""
         image = load_image(path)
-        vector = None
+        vector = top1 = None
         with torch.no_grad():
             for transform, forward in steps:
-                features, _, _ = forward(transform(image)[None])
+                features, top = forward(transform(image)[None])
+                top1 = top if top is not None else top1
                 if features is not None:
-                    vector = torch.nn.functional.normalize(features.float(), dim=-1)[0].numpy()
-        return vector
+                    vector = torch.nn.functional.normalize(features.float().cpu(), dim=-1)[0].numpy()
+        return vector, top1
 
     return run
 
@@ -134,6 +144,22 @@ def naive_build(pipeline, root: Path, paths: list[str]) -> dict:
         rows.append(run(root / path))
     seconds = time.perf_counter() - started
     return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}
+
+
+def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
+    """How the pipeline's outputs (its runtime and precision) compare with eager fp32 on real images:
+    the smallest and mean cosine of the embeddings, and the share of images with the same top-1 class."""
+    items = list(pipeline.run(paths, root))
+    cosines, same = [], []
+    for item, path in zip(items, paths):
+        if item.error:
+            continue
+        vector, top1 = naive_run(root / path)
+        cosines.append(float(np.dot(item.embedding, vector)))
+        if top1 is not None:
+            same.append(int(item.classes[0]) == top1)
+    return {"images": len(cosines), "cosine_min": min(cosines), "cosine_mean": float(np.mean(cosines)),
+            "top1_agreement": float(np.mean(same)) if same else None}
 
 
 # ---------------------------------------------------------------- query latency
@@ -360,6 +386,9 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         sample = [e.relpath for e in entries[::step]][:naive_images]
         report["naive"] = naive_build(pipeline, root, sample) if sample else {"images_per_s": 0.0}
         echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
+        if sample:
+            report["agreement"] = agreement(pipeline, naive_embedder(pipeline), root, sample[:64])
+            echo(f"agreement with eager fp32: cosine min {report['agreement']['cosine_min']:.5f}")
         images = [root / e.relpath for e in entries[len(entries) // 2::max(1, len(entries) // (queries + 1))]]
         naive_run = naive_embedder(pipeline) if reference_queries else None
         report["query"] = query_latency(cache, images, queries, cold_runs, reference_queries, naive_run)
@@ -389,8 +418,13 @@ def format_report(report: dict, command: str) -> str:
              f"models loaded in {report['model_load_s']:.1f} s", "",
              "| measure | value |", "|---|---|"]
     for name, model in report["forward"]["models"].items():
-        lines.append(f"| forward-only {name} (input {'x'.join(map(str, model['input']))}) | "
+        lines.append(f"| forward-only {name} (input {'x'.join(map(str, model['input']))}, {model['runs_as']}) | "
                      f"{model['images_per_s']:.1f} images/s; batch of 1: {model['batch1_ms_p50']:.1f} ms |")
+    if "agreement" in report:
+        a = report["agreement"]
+        top1 = f", same top-1 class {a['top1_agreement']:.3f}" if a["top1_agreement"] is not None else ""
+        lines.append(f"| outputs vs eager fp32 ({a['images']} gallery images) | embedding cosine min {a['cosine_min']:.5f}, "
+                     f"mean {a['cosine_mean']:.6f}{top1} |")
     q = report["query"]
     lines += [
         f"| forward-only ceiling (all models) | {report['forward_images_per_s']:.1f} images/s |",

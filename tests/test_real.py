@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cache.builder import build_cache
@@ -69,3 +70,23 @@ def test_yolo_crop_finds_the_object_on_a_large_canvas(assets, real_weights, tmp_
     assert x0 >= offset[0] * 0.8 and y0 >= offset[1] * 0.8  # the crop left the empty border behind
     assert x1 <= (offset[0] + photo.width) * 1.1 and y1 <= (offset[1] + photo.height) * 1.1
     assert (x1 - x0) * (y1 - y0) >= 0.15 * photo.width * photo.height
+
+
+@pytest.mark.parametrize("device, runtime", [
+    ("cpu", "onnx"),
+    pytest.param("cuda", "torch", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
+])
+def test_faster_runtimes_give_eager_fp32_answers_on_real_photos(caltech_part, real_weights, device, runtime):
+    """ONNX Runtime on the CPU, and the GPU's half precision, against eager fp32 on the CPU: same embedding
+    (cosine >= 0.999) and the same top-1 class wherever fp32's top two classes are not a near-tie."""
+    gallery, _ = caltech_part
+    paths = [str(gallery.root / p) for p in gallery.paths]
+    answers = {}
+    for key, (dev, rt) in {"eager": ("cpu", "torch"), "fast": (device, runtime)}.items():
+        pipeline = build_pipeline(PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device=dev, runtime=rt))
+        answers[key] = list(pipeline.run(paths))
+    cosines = [float(np.dot(a.embedding, b.embedding)) for a, b in zip(answers["fast"], answers["eager"])]
+    assert min(cosines) >= 0.999, min(cosines)
+    clear = [b.probs[0] - b.probs[1] > 1e-3 for b in answers["eager"]]
+    same = [a.classes[0] == b.classes[0] for a, b in zip(answers["fast"], answers["eager"])]
+    assert all(s for s, c in zip(same, clear) if c) and sum(clear) >= 0.9 * len(clear)

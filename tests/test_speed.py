@@ -34,18 +34,23 @@ def recall_at_5(searcher: Searcher, truth: Searcher, queries: np.ndarray) -> flo
     return float(np.mean([len(f) / 5 for f in found]))
 
 
-def test_speed_json_has_every_figure(gallery, tiny_config):
+@pytest.mark.parametrize("runtime, runs_as", [("torch", "torch float32"), ("onnx", "onnxruntime")])
+def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     from cli import cli
 
     args = ["speed", "--gallery", str(gallery), "--classifier", tiny_config.classifier, "--embedder",
             tiny_config.embedder, "--device", "cpu", "--batch-size", "4", "--queries", "3", "--naive-images", "4",
-            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json"]
+            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json", "--runtime", runtime]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     for key in REQUIRED:
         assert report[key] > 0, key
     assert report["build"]["images"] == 18 and report["naive"]["images"] == 4
+    assert {model["runs_as"] for model in report["forward"]["models"].values()} == {runs_as}
+    # the runtime in use gives eager fp32's embeddings (top-1 of near-uniform random logits may flip:
+    # tests/test_real.py checks it with real weights)
+    assert report["agreement"]["cosine_min"] >= 0.999 and 0 <= report["agreement"]["top1_agreement"] <= 1
     searched = report["search"]["2000"]
     assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
     assert report["environment"]["torch_threads"] >= 1
