@@ -102,6 +102,7 @@ def naive_embedder(pipeline):
             model = copy.deepcopy(stage.classifier.net.model).to(memory_format=torch.contiguous_format)
 
             def classify(x, model=model, stage=stage):
+                x = x.to(next(model.parameters()).device)
                 pooled = model.forward_head(model.forward_features(x), pre_logits=True)
                 return pooled if stage.embed else None, int(model.get_classifier()(pooled).argmax(-1)[0])
 
@@ -115,10 +116,10 @@ def naive_embedder(pipeline):
             module = copy.deepcopy(module).to(memory_format=torch.contiguous_format)
             if hasattr(embedder, "net"):
                 def embed(x, m=module):
-                    return m.forward_head(m.forward_features(x), pre_logits=True), None
+                    return m.forward_head(m.forward_features(x.to(next(m.parameters()).device)), pre_logits=True), None
             else:
                 def embed(x, m=module):
-                    return m(x), None
+                    return m(x.to(next(m.parameters()).device)), None
             steps.append((stage.transform, embed))
 
     def run(path: Path) -> tuple[np.ndarray | None, int | None]:
