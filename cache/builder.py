@@ -34,6 +34,7 @@ class BuildSummary:
     buckets: int = 0
     seconds: float = 0.0
     skipped: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: embed, choose_policy, publish (the rest)
 
     @property
     def images_per_s(self) -> float:
@@ -158,11 +159,13 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             save(chunk)
             chunk.clear()
 
+    embedding_started = time.perf_counter()
     for _ in pipeline.run(todo, root=gallery, on_batch=on_batch):
         pass
     if chunk:
         save(chunk)
     bar.close()
+    summary.phases["embed"] = time.perf_counter() - embedding_started
     summary.embedded = len(todo) - len(summary.skipped)
 
     # Publish: every current gallery image's newest row, in gallery order.
@@ -184,11 +187,14 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     }
     if topk and bucket_by == "classifier":
         # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
+        choosing_started = time.perf_counter()
         chosen = choose_policy(Searcher(CacheData(out, manifest, columns)))
         manifest["default_buckets"] = str(chosen) if chosen else "flat"
         manifest["fused_weight"] = chosen.weight if chosen and chosen.kind == "fused" else None
+        summary.phases["choose_policy"] = time.perf_counter() - choosing_started
     write_generation(out, manifest, columns)
     pending.clear()
+    summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
     summary.images = len(rows)
     summary.buckets = len(np.unique(columns["label_classes"] if bucket_by == "label" else columns["classes"][:, :1])) \
         if topk else 0

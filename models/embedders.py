@@ -11,8 +11,7 @@ from PIL import Image
 
 from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
-from models.runtime import (autocast, gpu_precision, has_conv, prepare_for_inference, resolve_device, seeded,
-                            to_model_input)
+from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity
 
@@ -79,17 +78,17 @@ class ClipEmbedder:
         self.channels_last = has_conv(self.visual)
         self.dim = model.visual.output_dim
         self.image_size = model.visual.image_size
-        size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
-        self.precision = gpu_precision(self.visual, (3, *size), self.device, (False,), self.channels_last)
+        self.precision = GpuPrecision(self.device, logits=(False,))  # half precision only where it matches fp32
         self.onnx = None
         if runtime == "onnx":
+            size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
             self.onnx = onnx_forward(self.visual, (3, *size), self.describe(), logits=(False,))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:
             return l2_normalize(self.onnx(batch)[0])
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            features = self.visual(to_model_input(batch, self.device, self.channels_last))
+        with torch.inference_mode():
+            (features,) = self.precision.run(self.visual, to_model_input(batch, self.device, self.channels_last))
         return l2_normalize(features.cpu())
 
     def describe(self) -> dict:

@@ -67,27 +67,36 @@ def probe_batch(input_shape: Sequence[int]) -> torch.Tensor:
     return seeded(lambda: torch.randn(PROBE_BATCH, *input_shape))
 
 
-@torch.inference_mode()
-def gpu_precision(module: torch.nn.Module, input_shape: Sequence[int], device: torch.device,
-                  logits: Sequence[bool], channels_last: bool) -> torch.dtype | None:
-    """The first of GPU_DTYPES whose autocast outputs match fp32 on a probe batch; None (fp32) on the CPU
-    or when neither matches, so half precision is used only where it gives the same answers."""
-    if device.type != "cuda":
-        return None
-    x = to_model_input(probe_batch(input_shape), device, channels_last)
+class GpuPrecision:
+    """The autocast precision of one model on CUDA, chosen on the first real batch it runs: the first of
+    GPU_DTYPES whose outputs match fp32 on that batch, else fp32. (A noise probe is not enough: bf16 passed
+    one for mobilenetv2, then gave cosine 0.985 to fp32 on photos; BENCHMARKS.md, GPU.) fp32 on the CPU."""
 
-    def run(dtype: torch.dtype | None):
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = module(x)
-        return out if isinstance(out, tuple) else (out,)
+    def __init__(self, device: torch.device, logits: Sequence[bool]):
+        self.logits = logits
+        self.dtype: torch.dtype | None = None
+        self.checked = device.type != "cuda"
 
-    reference = run(None)
-    return next((dtype for dtype in GPU_DTYPES if outputs_match(run(dtype), reference, logits) is None), None)
+    def __str__(self) -> str:
+        return str(self.dtype or torch.float32).removeprefix("torch.") + ("" if self.checked else " (unchecked)")
 
+    def run(self, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`module(x)` as a tuple, under the chosen precision (choosing it on this batch the first time)."""
+        def under(dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+            with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = module(x)
+            return out if isinstance(out, tuple) else (out,)
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision in `dtype` on CUDA; plain fp32 when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        if self.checked:
+            return under(self.dtype)
+        self.checked = True
+        reference = under(None)
+        for dtype in GPU_DTYPES:
+            out = under(dtype)
+            if outputs_match(out, reference, self.logits) is None:
+                self.dtype = dtype
+                return out
+        return reference
 
 
 def seeded(fn: Callable[[], T], seed: int = 0) -> T:

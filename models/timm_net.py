@@ -11,8 +11,7 @@ from PIL import Image
 
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec
-from models.runtime import (autocast, gpu_precision, has_conv, prepare_for_inference, resolve_device, seeded,
-                            to_model_input)
+from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from models.weights import load_with_fallback, weights_identity
 
 
@@ -65,9 +64,7 @@ class TimmNet:
         self.channels_last = has_conv(model)
         self.model = prepare_for_inference(model, device)
         self.features_and_logits = FeaturesAndLogits(self.model)
-        # Half precision on a GPU only where it matches fp32 (bf16, else fp16, else fp32).
-        self.precision = gpu_precision(self.features_and_logits, self.data_config["input_size"], device,
-                                       (False, True), self.channels_last)
+        self.precision = GpuPrecision(device, logits=(False, True))  # half precision only where it matches fp32
         self.onnx = None
         if runtime == "onnx":
             self.onnx = onnx_forward(self.features_and_logits, self.data_config["input_size"], self.describe(),
@@ -84,8 +81,7 @@ class TimmNet:
         if self.onnx is not None:
             return self.onnx(batch)
         x = to_model_input(batch, self.device, self.channels_last)
-        with autocast(self.device, self.precision):
-            pooled, logits = self.features_and_logits(x)
+        pooled, logits = self.precision.run(self.features_and_logits, x)
         return pooled.float().cpu(), logits.float().cpu()
 
 

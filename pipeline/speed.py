@@ -36,18 +36,18 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- models: forward-only ceilings
 
 def _model_calls(pipeline) -> list[tuple]:
-    """(name, transform, batched forward, how it runs) for every model stage, as the stages call them."""
+    """(name, transform, batched forward, model) for every model stage, as the stages call them."""
     from pipeline.stages import ClassifyStage, EmbedStage
 
     calls = []
     for stage in pipeline.stages:
         if isinstance(stage, ClassifyStage):
             calls.append((f"classify:{stage.classifier.spec.name}", stage.transform,
-                          lambda batch, s=stage: s.classifier.predict(batch, s.k), _runs_as(stage.classifier.net)))
+                          lambda batch, s=stage: s.classifier.predict(batch, s.k), stage.classifier.net))
         elif isinstance(stage, EmbedStage):
             embedder = stage.embedder
             calls.append((f"embed:{embedder.spec.name}", stage.transform, embedder.embed,
-                          _runs_as(getattr(embedder, "net", embedder))))
+                          getattr(embedder, "net", embedder)))
     return calls
 
 
@@ -55,14 +55,13 @@ def _runs_as(model) -> str:
     """'onnxruntime', or torch with the autocast precision it chose ('torch bfloat16'), or 'torch float32'."""
     if getattr(model, "onnx", None) is not None:
         return "onnxruntime"
-    precision = getattr(model, "precision", None)
-    return f"torch {str(precision or 'torch.float32').removeprefix('torch.')}"
+    return f"torch {getattr(model, 'precision', 'float32')}"
 
 
 def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> dict:
     """Images/s of each model on preprocessed batches (no decoding), and batch-1 latency in ms."""
     models = {}
-    for name, transform, forward, runs_as in _model_calls(pipeline):
+    for name, transform, forward, model in _model_calls(pipeline):
         import torch
 
         one = transform(image)
@@ -81,7 +80,7 @@ def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> 
             forward(single)
             latencies.append((time.perf_counter() - t) * 1000)
         models[name] = {"images_per_s": rate, "batch1_ms_p50": statistics.median(latencies),
-                        "input": list(one.shape), "runs_as": runs_as}
+                        "input": list(one.shape), "runs_as": _runs_as(model)}
     combined = 1.0 / sum(1.0 / m["images_per_s"] for m in models.values()) if models else 0.0
     return {"models": models, "images_per_s": combined,
             "batch1_ms_sum": sum(m["batch1_ms_p50"] for m in models.values())}
@@ -381,7 +380,8 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         cache = Path(tmp) / "cache"
         summary = build_cache(root, cache, config, progress=False, pipeline=pipeline)
         report["build"] = {"images": summary.embedded, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
-                           "skipped": len(summary.skipped)}
+                           "skipped": len(summary.skipped), "phases_s": summary.phases,
+                           "embed_images_per_s": summary.embedded / summary.phases["embed"]}
         echo(f"build-cache: {summary.images_per_s:.1f} images/s")
         step = max(1, len(entries) // naive_images) if naive_images else 1
         sample = [e.relpath for e in entries[::step]][:naive_images]
@@ -431,6 +431,9 @@ def format_report(report: dict, command: str) -> str:
         f"| forward-only ceiling (all models) | {report['forward_images_per_s']:.1f} images/s |",
         f"| build-cache end to end ({report['build']['images']} images, {report['build']['seconds']:.1f} s) | "
         f"{report['build_images_per_s']:.1f} images/s = {report['build_vs_forward']:.2f} x forward-only |",
+        f"| build-cache phases (embed = decode + models + chunk writes; publish = scan, merge, write) | "
+        f"{', '.join(f'{k} {v:.1f} s' for k, v in report['build']['phases_s'].items())}; embedding alone "
+        f"{report['build']['embed_images_per_s']:.1f} images/s |",
         f"| naive build ({report['naive'].get('images', 0)} images, one at a time) | "
         f"{report['naive_images_per_s']:.1f} images/s; build-cache is {report['build_vs_naive']:.2f} x faster |",
         f"| query warm ({q['queries']} queries, buckets {q['buckets']}) | p50 {q['warm_ms_p50']:.1f} ms, "
