@@ -276,7 +276,7 @@ class Searcher:
         if classes is None:
             raise ValueError(f"bucket policy {policy} needs a classifier; use flat")
         table = self.table(policy.gallery_classes)
-        keys = [int(c) for c in classes[:policy.query_classes] if len(table.rows_of(int(c)))]
+        keys = [int(c) for c in classes[:policy.classes_used(probs)] if len(table.rows_of(int(c)))]
         if not keys:
             hits = self._search_buckets(query, [FLAT], 1, k)
             hits.note = "the predicted classes' buckets are empty: searched the whole gallery"

@@ -60,6 +60,23 @@ def test_fused_adds_class_agreement(searcher):
     assert fused.scores[0] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("text, probs, buckets, rows", [
+    ("topk:2~0.5", [0.6, 0.4], [1], [0, 1]),  # 0.6 reaches 0.5: the top class alone
+    ("topk:2~0.9", [0.6, 0.4], [1, 2], [4, 0, 1, 3, 2]),  # 0.6 + 0.4 reaches 0.9: both classes
+    ("topk:2~0.9", [0.5, 0.2], [1, 2], [4, 0, 1, 3, 2]),  # never reached: all N classes
+    ("topk:1~0.9", [0.5, 0.2], [1], [0, 1]),  # at most N
+    ("fused:2~0.5@2", [0.6, 0.4], [1], [0, 1]),
+])
+def test_nucleus_searches_the_shortest_prefix_reaching_t(searcher, text, probs, buckets, rows):
+    hits = searcher.search(QUERY, parse_policy(text), 5, CLASSES, np.array(probs, np.float32))
+    assert hits.buckets == buckets and hits.rows.tolist() == rows and hits.candidates == len(rows)
+
+
+def test_nucleus_needs_probabilities(searcher):
+    with pytest.raises(ValueError, match="probabilities"):
+        searcher.search(QUERY, parse_policy("topk:2~0.5"), 5, CLASSES)
+
+
 def test_empty_buckets_fall_back_to_flat_and_say_so(searcher):
     hits = searcher.search(QUERY, parse_policy("top1"), 2, np.array([7, 8]), PROBS)
     assert hits.rows.tolist() == [4, 0] and "whole gallery" in hits.note
@@ -74,12 +91,22 @@ def test_class_agreement_is_the_inner_product_of_sparse_probabilities():
 @pytest.mark.parametrize("text, policy", [
     ("flat", BucketPolicy("flat")), ("top1", BucketPolicy("topk", 1)), ("topk:4", BucketPolicy("topk", 4)),
     ("fused", BucketPolicy("fused", 3)), ("fused:2@0.3+soft:2", BucketPolicy("fused", 2, 2, 0.3)),
+    ("topk:3~0.8", BucketPolicy("topk", 3, nucleus=0.8)), ("topk:5~1+soft:2", BucketPolicy("topk", 5, 2, None, 1.0)),
+    ("fused:10~0.9@0+soft:5", BucketPolicy("fused", 10, 5, 0.0, 0.9)),
+    ("fused:4~0.75", BucketPolicy("fused", 4, 1, None, 0.75)), ("topk:1~0.9", BucketPolicy("topk", 1, nucleus=0.9)),
 ])
 def test_policy_grammar(text, policy):
     assert parse_policy(text) == policy and parse_policy(str(policy)) == policy
 
 
-@pytest.mark.parametrize("text", ["top2", "topk:0", "flat:3", "top1@0.5", "nearest"])
+@pytest.mark.parametrize("text", ["flat", "top1+soft:3", "topk:3~0.8", "fused:10~0.9@0+soft:5", "fused:3@0.25"])
+def test_canonical_policies_print_as_written(text):
+    assert str(parse_policy(text)) == text
+
+
+@pytest.mark.parametrize("text", ["top2", "topk:0", "flat:3", "top1@0.5", "nearest", "top1~0.5", "fused~0.8",
+                                  "topk:3~0", "topk:3~1.5", "topk:3~0.8@0.5", "fused:3~", "fused:3~1.2.3",
+                                  "topk:3~0.8~0.9", "fused:3@0.5~0.8", "topk:0~0.5"])
 def test_bad_policies_are_refused(text):
     with pytest.raises(ValueError, match="bucket policy"):
         parse_policy(text)
