@@ -17,7 +17,6 @@ from tqdm import tqdm
 from cache.gallery import GalleryEntry, scan_gallery
 from cache.store import CacheData, CacheError, PendingChunks, concat_columns, empty_columns, load_cache, \
     select_rows, write_generation
-from cache.search import Searcher
 from pipeline.config import PipelineConfig
 from pipeline.fusion import choose_policy
 from pipeline.images import DECODE_SIDE
@@ -188,7 +187,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     if topk and bucket_by == "classifier":
         # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
         choosing_started = time.perf_counter()
-        chosen = choose_policy(Searcher(CacheData(out, manifest, columns)))
+        chosen = choose_policy(columns)
         manifest["default_buckets"] = str(chosen) if chosen else "flat"
         manifest["fused_weight"] = chosen.weight if chosen and chosen.kind == "fused" else None
         summary.phases["choose_policy"] = time.perf_counter() - choosing_started

@@ -25,7 +25,7 @@ from models.weights import WeightsUnavailable
 from pipeline.config import PipelineConfig
 from pipeline.datasets import LabelledSet, load_labelled, split_queries
 from pipeline.environment import environment
-from pipeline.fusion import tune_policy, validation_rows
+from pipeline.fusion import fit_weights
 from pipeline.items import Item
 from pipeline.metrics import cmc_curve, compute_metrics
 from pipeline.pipeline import build_pipeline
@@ -191,13 +191,13 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                 bar.update()
             continue
         reports.group_pictures(run, group_cells[0], out)
-        validation = validation_rows(np.asarray(run.searcher.data.columns["labels"]), 0.2, seed)
-        p1_floor = tune_policy(run.searcher, parse_policy("flat"), validation)[1][1] if validation is not None else 0
-        for cell in group_cells:
+        # Fused cells without @W get their weight fitted on the gallery (without labels: the cache's weight).
+        policies = [parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest)) for cell in group_cells]
+        fitted = fit_weights(run.searcher.data.columns,
+                             [p for p in dict.fromkeys(policies) if p.kind == "fused" and p.weight is None], seed)
+        for cell, policy in zip(group_cells, policies):
             try:
-                policy = parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest))
-                if policy.kind == "fused" and policy.weight is None and validation is not None:
-                    policy = tune_policy(run.searcher, policy, validation, p1_floor)[0]  # fitted on the gallery
+                policy = fitted.get(policy, policy)
                 metrics, curves[cell.name], relevance, top_rows = evaluate_policy(run, policy)
                 cost = dict(run.cost, query_ms_p50=run.cost["embed_ms_p50"] + metrics.pop("search_ms_p50"))
                 report["cells"].append({"config": asdict(cell), "status": "ok", "policy": str(policy),

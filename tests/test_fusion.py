@@ -1,4 +1,4 @@
-"""`auto` and the fused weight are chosen on the gallery: class agreement is used only where it helps."""
+"""`auto` and the fused weight are chosen on the gallery: buckets are used only where they lose nothing."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,42 +6,102 @@ import pytest
 
 from cache.search import Searcher
 from cache.store import CacheData, empty_columns
-from pipeline.fusion import choose_policy
-from pipeline.policies import resolve_auto
+from pipeline.fusion import FLAT, Score, choose_policy, fit_weights, loo_scores, not_worse
+from pipeline.metrics import map_at_r, precision_at_k
+from pipeline.policies import parse_policy, resolve_auto
+
+CLASSES = 20  # the classifier's classes; each image keeps its 10 most probable
+PROBS = np.array([0.83] + [0.17 / 9] * 9, np.float32)  # a nucleus of 0.8 is 1 class, 0.9 is 5, 0.95 is 8
 
 
-def gallery_cache(tmp_path, informative_classes: bool) -> Searcher:
-    """300 images of 3 labels; embeddings carry a weak label signal; classes follow labels or not."""
+def gallery_columns(informative_classes: bool, per_label: int = 60) -> dict[str, np.ndarray]:
+    """6 labels; embeddings carry a weak label signal; the top class is the label's (informative) or
+    random, the other nine stored classes random."""
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 100)
-    embeddings = rng.normal(size=(300, 16)) + 0.8 * np.eye(16)[labels]
+    labels = np.repeat(np.arange(6), per_label)
+    count = len(labels)
+    embeddings = rng.normal(size=(count, 16)) + 3.0 * np.eye(16)[labels]
     embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
-    top1 = labels if informative_classes else rng.integers(0, 3, 300)
-    classes = np.stack([top1, (top1 + 1) % 3, (top1 + 2) % 3], axis=1).astype(np.int32)
-    columns = empty_columns(16, 3)
-    columns.update(paths=np.array([f"{i}.jpg" for i in range(300)]), labels=np.array([f"l{x}" for x in labels]),
-                   label_classes=np.full(300, -1, np.int32), classes=classes,
-                   probs=np.tile(np.array([0.8, 0.15, 0.05], np.float32), (300, 1)), embeddings=embeddings)
-    return Searcher(CacheData(tmp_path, {}, columns))
+    top1 = labels if informative_classes else rng.integers(0, 6, count)
+    others = [rng.permutation(np.delete(np.arange(CLASSES), top))[:9] for top in top1]
+    columns = empty_columns(16, 10)
+    columns.update(paths=np.array([f"{i}.jpg" for i in range(count)]), labels=np.array([f"l{x}" for x in labels]),
+                   label_classes=np.full(count, -1, np.int32),
+                   classes=np.column_stack([top1, np.stack(others)]).astype(np.int32),
+                   probs=np.tile(PROBS, (count, 1)), embeddings=embeddings)
+    return columns
 
 
-def test_informative_classes_make_auto_choose_a_fused_policy(tmp_path):
-    chosen = choose_policy(gallery_cache(tmp_path, informative_classes=True), fraction=0.3)
-    assert chosen.kind == "fused" and chosen.weight > 0
+def test_informative_classes_make_auto_choose_a_bucketed_policy():
+    columns = gallery_columns(informative_classes=True)
+    chosen = choose_policy(columns)
+    assert chosen.kind == "fused" and chosen.weight is not None and parse_policy(str(chosen)) == chosen
+    scores = loo_scores(columns, [FLAT, chosen])
+    assert scores[chosen].candidates < 0.5 and scores[chosen].map_at_r > scores[FLAT].map_at_r
 
 
-def test_uninformative_classes_leave_flat_search(tmp_path):
-    assert str(choose_policy(gallery_cache(tmp_path, informative_classes=False), fraction=0.3)) == "flat"
+def test_uninformative_classes_leave_flat_search():
+    assert choose_policy(gallery_columns(informative_classes=False)) == FLAT
 
 
-def test_unlabelled_gallery_has_no_choice(tmp_path):
-    searcher = gallery_cache(tmp_path, informative_classes=True)
-    searcher.data.columns["labels"] = np.array([""] * 300)
-    assert choose_policy(searcher) is None
+def test_unlabelled_gallery_has_no_choice():
+    columns = gallery_columns(informative_classes=True)
+    columns["labels"] = np.array([""] * len(columns["labels"]))
+    assert choose_policy(columns) is None and fit_weights(columns, [parse_policy("fused:3")]) == {}
+
+
+def test_fitted_weights_are_from_the_grid_and_keep_the_rest_of_the_policy():
+    policy = parse_policy("fused:10~0.8+soft:3")
+    fitted = fit_weights(gallery_columns(informative_classes=True), [policy])[policy]
+    assert fitted.weight in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0) and fitted == parse_policy(str(fitted))
+    assert (fitted.query_classes, fitted.nucleus, fitted.gallery_classes) == (10, 0.8, 3)
+
+
+@pytest.mark.parametrize("text", ["flat", "fused:10~0.8@0.5+soft:3", "fused:5@0+soft:7", "fused:10~0.95@0.25+soft:10"])
+def test_leave_one_out_scores_match_searching_query_by_query(tmp_path, text):
+    """The vectorised evaluator gives what Searcher.search gives, each gallery row querying the others."""
+    columns = gallery_columns(informative_classes=True, per_label=15)
+    policy = parse_policy(text)
+    score = loo_scores(columns, [policy])[policy]
+    searcher = Searcher(CacheData(tmp_path, {}, columns))
+    labels, count = columns["labels"], len(columns["labels"])
+    relevance, candidates = np.zeros((count, count - 1), bool), 0
+    for row in range(count):
+        hits = searcher.search(columns["embeddings"][row], policy, count, columns["classes"][row],
+                               columns["probs"][row])
+        found = hits.rows[hits.rows != row]
+        relevance[row, :len(found)] = labels[found] == labels[row]
+        candidates += hits.candidates
+    n_relevant = np.full(count, 14)
+    assert score.map_at_r == pytest.approx(map_at_r(relevance, n_relevant))
+    assert score.p_at_1 == pytest.approx(precision_at_k(relevance, n_relevant, 1))
+    assert score.hits.tolist() == relevance[:, 0].tolist()
+    assert score.candidates == pytest.approx(candidates / count ** 2)
+
+
+def sign_case(losses: int, wins: int, map_gain: float) -> tuple[Score, Score]:
+    """(policy, flat) scores over 20 queries: flat alone right on `losses`, the policy alone on `wins`."""
+    flat = np.zeros(20, bool)
+    flat[:losses] = True
+    policy = np.zeros(20, bool)
+    policy[losses:losses + wins] = True
+    return Score(0.5 + map_gain, policy.mean(), policy, 0.3), Score(0.5, flat.mean(), flat, 1.0)
+
+
+@pytest.mark.parametrize("losses, wins, map_gain, eligible", [
+    (0, 0, 0.0, True),  # the same answers: a tie is not worse
+    (1, 0, 0.1, True),  # one loss among one disagreement: 1 <= sqrt(1)
+    (2, 0, 0.1, False),  # 2 > sqrt(2)
+    (3, 1, 0.1, True),  # 2 <= sqrt(4)
+    (4, 1, 0.1, False),  # 3 > sqrt(5)
+    (0, 3, -0.01, False),  # better P@1 but a lower MAP@R
+])
+def test_paired_sign_count_decides_eligibility(losses, wins, map_gain, eligible):
+    assert not_worse(*sign_case(losses, wins, map_gain)) is eligible
 
 
 @pytest.mark.parametrize("text, manifest, expected", [
-    ("auto", {"default_buckets": "fused:10@1+soft:3"}, "fused:10@1+soft:3"),
+    ("auto", {"default_buckets": "fused:10~0.8@0+soft:7"}, "fused:10~0.8@0+soft:7"),
     ("auto", {}, "flat"), ("topk:3", {"default_buckets": "flat"}, "topk:3")])
 def test_auto_resolves_to_the_caches_choice(text, manifest, expected):
     assert resolve_auto(text, manifest) == expected
