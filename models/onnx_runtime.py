@@ -47,6 +47,9 @@ class OnnxForward:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle threads sleep instead of spinning: spinning took the cores from the image-decoding threads and
+        # from torch (naive build 30 -> 13 images/s, warm query 29 -> 63 ms in one process; BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

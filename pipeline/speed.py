@@ -164,19 +164,32 @@ def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
 
 # ---------------------------------------------------------------- query latency
 
+def warm_queries(cache: Path, paths: list[str]) -> list[float]:
+    """Milliseconds of each query, one image at a time, in this process after two warm-up queries."""
+    from pipeline.query import open_query_pipeline
+
+    pipeline, _ = open_query_pipeline(cache, {})
+    list(pipeline.run(paths[:2]))
+    warm = []
+    for path in paths:
+        started = time.perf_counter()
+        items = list(pipeline.run([path]))
+        warm.append((time.perf_counter() - started) * 1000)
+        if items[0].error or not items[0].results:
+            raise RuntimeError(f"speed: query {path} failed: {items[0].error}")
+    return warm
+
+
 def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int, reference_queries: int,
                   naive_run=None) -> dict:
     from pipeline.query import open_query_pipeline
 
     pipeline, config = open_query_pipeline(cache, {})
     chosen = [str(images[i % len(images)]) for i in range(queries)]
-    list(pipeline.run(chosen[:2]))  # warm-up
-    warm = []
-    for path in chosen:
-        t = time.perf_counter()
-        items = list(pipeline.run([path]))
-        warm.append((time.perf_counter() - t) * 1000)
-        assert items[0].error is None and items[0].results, items[0].error
+    # Warm queries run in a process of their own, as a user's query process: in this one, the build and
+    # naive parts left thread pools that made batch-1 forwards 2-4x slower (BENCHMARKS.md, Speed).
+    warm = _child(f"import json; from pathlib import Path; from pipeline.speed import warm_queries; "
+                  f"print(json.dumps(warm_queries(Path({str(cache)!r}), {chosen!r})))")
     cold = []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for i in range(cold_runs):
@@ -332,7 +345,7 @@ def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int 
     return out
 
 
-def _child(code: str, timeout: float = 1800) -> dict:
+def _child(code: str, timeout: float = 1800) -> dict | list:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if result.returncode != 0:
