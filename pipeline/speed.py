@@ -136,8 +136,12 @@ def naive_embedder(pipeline):
     return run
 
 
-def naive_build(pipeline, root: Path, paths: list[str]) -> dict:
-    run = naive_embedder(pipeline)
+def naive_build(config: dict, root: Path, paths: list[str]) -> dict:
+    """The naive build of `paths`, timed in this process (call it in a fresh one: see warm_queries)."""
+    from pipeline.config import PipelineConfig
+    from pipeline.pipeline import build_pipeline
+
+    run = naive_embedder(build_pipeline(PipelineConfig(**dict(config, runtime="torch"))))  # eager, by definition
     run(root / paths[0])  # warm-up, not counted
     rows, started = [], time.perf_counter()
     for path in paths:
@@ -186,8 +190,8 @@ def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int,
 
     pipeline, config = open_query_pipeline(cache, {})
     chosen = [str(images[i % len(images)]) for i in range(queries)]
-    # Warm queries run in a process of their own, as a user's query process: in this one, the build and
-    # naive parts left thread pools that made batch-1 forwards 2-4x slower (BENCHMARKS.md, Speed).
+    # Warm queries run in a process of their own, as a user's query process: in this one, the build left
+    # thread pools that made batch-1 forwards 2-4x slower (BENCHMARKS.md, Speed).
     warm = _child(f"import json; from pathlib import Path; from pipeline.speed import warm_queries; "
                   f"print(json.dumps(warm_queries(Path({str(cache)!r}), {chosen!r})))")
     cold = []
@@ -398,7 +402,9 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         echo(f"build-cache: {summary.images_per_s:.1f} images/s")
         step = max(1, len(entries) // naive_images) if naive_images else 1
         sample = [e.relpath for e in entries[::step]][:naive_images]
-        report["naive"] = naive_build(pipeline, root, sample) if sample else {"images_per_s": 0.0}
+        report["naive"] = _child(
+            f"import json; from pathlib import Path; from pipeline.speed import naive_build; print(json.dumps("
+            f"naive_build({config.to_dict()!r}, Path({str(root)!r}), {sample!r})))") if sample else {"images_per_s": 0.0}
         echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
         if sample:
             report["agreement"] = agreement(pipeline, naive_embedder(pipeline), root, sample[:64])
