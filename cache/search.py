@@ -282,7 +282,8 @@ class Searcher:
             hits.note = "the predicted classes' buckets are empty: searched the whole gallery"
             return hits
         if policy.kind == "fused":
-            weight = policy.weight if policy.weight is not None else self.data.manifest.get("fused_weight") or 0.5
+            stored = self.data.manifest.get("fused_weight")
+            weight = policy.weight if policy.weight is not None else (0.5 if stored is None else stored)
             return self._fused(query, classes, probs, keys, policy.gallery_classes, weight, k)
         return self._search_buckets(query, keys, policy.gallery_classes, k)
 

@@ -18,6 +18,19 @@ from pipeline.policies import parse_policy
 from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage
 
 
+def _single_threaded_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def loader_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads that decode and preprocess images. Their torch ops (to tensor, normalise) run on one thread
+    each: with torch's default, each loader thread got its own OpenMP team, and the model's batch-1 forward
+    in the main thread stayed 2x slower afterwards (35 -> 79 ms for mobilenetv2 on 2 cores; BENCHMARKS.md)."""
+    return ThreadPoolExecutor(max(1, workers), initializer=_single_threaded_torch)
+
+
 class Pipeline:
     """Runs stages in order over batches; batches are decoded ahead while the models work."""
 
@@ -25,7 +38,7 @@ class Pipeline:
                  pool: ThreadPoolExecutor | None = None):
         self.stages = stages
         self.batch_size = batch_size
-        self.pool = pool or ThreadPoolExecutor(max(1, workers))
+        self.pool = pool or loader_pool(workers)
         # Per-image preprocessing can run while loading, up to the first stage that changes the image.
         self._early: list[Stage] = []
         for stage in stages:
@@ -84,7 +97,7 @@ def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> 
 
     When the classifier and the embedder name the same model, one forward serves both.
     """
-    pool = ThreadPoolExecutor(max(1, config.workers))
+    pool = loader_pool(config.workers)
     stages: list[Stage] = []
     if config.crop:
         stages.append(CropStage(Detector(resolve_spec(config.detector, "detector"), config.device,
