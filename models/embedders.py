@@ -79,10 +79,8 @@ class ClipEmbedder:
         self.dim = model.visual.output_dim
         self.image_size = model.visual.image_size
         self.precision = GpuPrecision(self.device, logits=(False,))  # half precision only where it matches fp32
-        self.onnx = None
-        if runtime == "onnx":
-            size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
-            self.onnx = onnx_forward(self.visual, (3, *size), self.describe(), logits=(False,))
+        size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
+        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe(), logits=(False,))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

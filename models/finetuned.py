@@ -222,10 +222,8 @@ class CheckpointEmbedder:
         self.transform = self.preprocessing
         self.dim = self.net.dim
         check_runtime(runtime, self.device)
-        self.onnx = None
-        if runtime == "onnx":
-            self.onnx = onnx_forward(self.net, (self.preprocessing.channels, *self.preprocessing.size),
-                                     self.describe(), logits=(False,))
+        self.onnx = onnx_forward(runtime, self.net, (self.preprocessing.channels, *self.preprocessing.size),
+                                 self.describe(), logits=(False,))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

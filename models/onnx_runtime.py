@@ -1,10 +1,10 @@
 """`--runtime onnx`: a model's forward exported once to ONNX and run by ONNX Runtime on the CPU.
 
 Why: on this project's 2-core CPU, ONNX Runtime forwards mobilenetv2 about 4x as fast as eager torch
-(114 vs 27 images/s batched; BENCHMARKS.md, Speed). Used only where it gives the same answers: every export is checked against the
-eager fp32 forward on a probe batch (models/runtime.py `outputs_match`: cosine >= 0.999 for every output
-vector, same top-1 for logits); a model that fails the check, or cannot be exported, runs in torch and
-says why on stderr.
+(114 vs 27 images/s batched; BENCHMARKS.md, Speed). Used only where it gives the same answers: every export
+is checked against the eager fp32 forward on a probe batch (models/runtime.py `outputs_match`: cosine >= 0.999
+for every output vector, same top-1 for logits); a model that fails the check, or cannot be exported, runs in
+torch and says why on stderr.
 Exports are kept in $LOOKALIKE_CACHE_DIR/onnx (default ~/.cache/lookalike/onnx), keyed by the model's
 identity (spec, weight hash, preprocessing), so a process exports a model once per weight file.
 """
@@ -30,7 +30,8 @@ def check_runtime(runtime: str, device: torch.device) -> None:
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime {runtime}: use {' or '.join(RUNTIMES)}")
     if runtime == "onnx" and device.type != "cpu":
-        raise ValueError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch (half-precision autocast)")
+        raise ValueError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch "
+                         "(half-precision autocast)")
 
 
 def export_dir() -> Path:
@@ -72,12 +73,12 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs:
         tmp.unlink(missing_ok=True)
 
 
-def onnx_forward(module: torch.nn.Module, input_shape: Sequence[int], identity: dict,
+def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: dict,
                  logits: Sequence[bool]) -> OnnxForward | None:
-    """ONNX Runtime in place of `module` (eval, fp32, CPU, contiguous) when it matches it; else None.
-
-    `logits[i]` says whether output i holds class logits (then top-1 must agree too).
-    """
+    """ONNX Runtime in place of `module` (eval, fp32, CPU) when `runtime` is 'onnx' and it matches; else None
+    (the caller runs `module` in torch). `logits[i]` says whether output i holds class logits (top-1 must agree)."""
+    if runtime != "onnx":
+        return None
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

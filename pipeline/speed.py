@@ -168,11 +168,11 @@ def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
 
 # ---------------------------------------------------------------- query latency
 
-def warm_queries(cache: Path, paths: list[str]) -> list[float]:
+def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
     """Milliseconds of each query, one image at a time, in this process after two warm-up queries."""
     from pipeline.query import open_query_pipeline
 
-    pipeline, _ = open_query_pipeline(cache, {})
+    pipeline, _ = open_query_pipeline(cache, overrides)
     list(pipeline.run(paths[:2]))
     warm = []
     for path in paths:
@@ -185,20 +185,23 @@ def warm_queries(cache: Path, paths: list[str]) -> list[float]:
 
 
 def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int, reference_queries: int,
-                  naive_run=None) -> dict:
+                  naive_run=None, device: str = "auto", runtime: str = "torch") -> dict:
+    """Warm and cold query latency with the given device and runtime (a cache records neither)."""
     from pipeline.query import open_query_pipeline
 
-    pipeline, config = open_query_pipeline(cache, {})
+    overrides = {"device": device, "runtime": runtime}
+    pipeline, config = open_query_pipeline(cache, overrides)
     chosen = [str(images[i % len(images)]) for i in range(queries)]
-    # Warm queries run in a process of their own, as a user's query process: in this one, the build left
-    # thread pools that made batch-1 forwards 2-4x slower (BENCHMARKS.md, Speed).
+    # Warm queries run in a process of their own, as a user's query process: nothing left over from the build
+    # (thread pools, the page cache of its writes) can slow them or be counted in them.
     warm = _child(f"import json; from pathlib import Path; from pipeline.speed import warm_queries; "
-                  f"print(json.dumps(warm_queries(Path({str(cache)!r}), {chosen!r})))")
+                  f"print(json.dumps(warm_queries(Path({str(cache)!r}), {chosen!r}, {overrides!r})))")
     cold = []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for i in range(cold_runs):
         t = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "cli.py"), "query", chosen[i], "--cache", str(cache)],
+        subprocess.run([sys.executable, str(ROOT / "cli.py"), "query", chosen[i], "--cache", str(cache),
+                        "--device", device, "--runtime", runtime],
                        check=True, capture_output=True, env=env, cwd=ROOT)
         cold.append(time.perf_counter() - t)
     result = {"buckets": config.buckets, "warm_ms_p50": _percentile(warm, 50), "warm_ms_p95": _percentile(warm, 95),
@@ -402,16 +405,19 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         echo(f"build-cache: {summary.images_per_s:.1f} images/s")
         step = max(1, len(entries) // naive_images) if naive_images else 1
         sample = [e.relpath for e in entries[::step]][:naive_images]
-        report["naive"] = _child(
-            f"import json; from pathlib import Path; from pipeline.speed import naive_build; print(json.dumps("
-            f"naive_build({config.to_dict()!r}, Path({str(root)!r}), {sample!r})))") if sample else {"images_per_s": 0.0}
-        echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
+        report["naive"] = {"images_per_s": 0.0}
         if sample:
-            report["agreement"] = agreement(pipeline, naive_embedder(pipeline), root, sample[:64])
+            report["naive"] = _child(
+                f"import json; from pathlib import Path; from pipeline.speed import naive_build; print(json.dumps("
+                f"naive_build({config.to_dict()!r}, Path({str(root)!r}), {sample!r})))")
+        echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
+        naive_run = naive_embedder(pipeline)  # eager fp32 copies: the agreement reference and the reference query
+        if sample:
+            report["agreement"] = agreement(pipeline, naive_run, root, sample[:64])
             echo(f"agreement with eager fp32: cosine min {report['agreement']['cosine_min']:.5f}")
         images = [root / e.relpath for e in entries[len(entries) // 2::max(1, len(entries) // (queries + 1))]]
-        naive_run = naive_embedder(pipeline) if reference_queries else None
-        report["query"] = query_latency(cache, images, queries, cold_runs, reference_queries, naive_run)
+        report["query"] = query_latency(cache, images, queries, cold_runs, reference_queries, naive_run,
+                                        config.device, config.runtime)
         echo(f"query: warm p50 {report['query']['warm_ms_p50']:.1f} ms, cold {report['query']['cold_s']:.2f} s")
         report["search"] = search_sizes_benchmark(list(search_sizes), Path(tmp)) if search_sizes else {}
     build, naive, query = report["build"], report["naive"], report["query"]

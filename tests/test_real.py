@@ -83,7 +83,8 @@ def test_faster_runtimes_give_eager_fp32_answers_on_real_photos(caltech_part, re
     paths = [str(gallery.root / p) for p in gallery.paths]
     answers = {}
     for key, (dev, rt) in {"eager": ("cpu", "torch"), "fast": (device, runtime)}.items():
-        pipeline = build_pipeline(PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device=dev, runtime=rt))
+        config = PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device=dev, runtime=rt)
+        pipeline = build_pipeline(config)
         answers[key] = list(pipeline.run(paths))
     cosines = [float(np.dot(a.embedding, b.embedding)) for a, b in zip(answers["fast"], answers["eager"])]
     assert min(cosines) >= 0.999, min(cosines)
