@@ -1,10 +1,10 @@
 """`--runtime onnx`: a model's forward exported once to ONNX and run by ONNX Runtime on the CPU.
 
 Why: on this project's 2-core CPU, ONNX Runtime forwards mobilenetv2 about 4x as fast as eager torch
-(114 vs 27 images/s batched; BENCHMARKS.md, Speed). Used only where it gives the same answers: every export
-is checked against the eager fp32 forward on a probe batch (models/runtime.py `outputs_match`: cosine >= 0.999
-for every output vector, same top-1 for logits); a model that fails the check, or cannot be exported, runs in
-torch and says why on stderr.
+(102-114 vs 27 images/s batched in two runs; BENCHMARKS.md, Speed). Used only where it gives the same
+answers: every export is checked against the eager fp32 forward on a probe batch (models/runtime.py
+`outputs_match`: cosine >= 0.999 for every output vector, same top-1 for logits); a model that fails the
+check, or cannot be exported, runs in torch and says why on stderr.
 Exports are kept in $LOOKALIKE_CACHE_DIR/onnx (default ~/.cache/lookalike/onnx), keyed by the model's
 identity (spec, weight hash, preprocessing), so a process exports a model once per weight file.
 """
