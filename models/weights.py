@@ -5,18 +5,19 @@ honours HF_HUB_OFFLINE). When nothing works, `WeightsUnavailable` lists every pl
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from models.errors import UserError
+from models.files import sha256_of
 from models.registry import RANDOM, ModelSpec
 
 T = TypeVar("T")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError):
     """No weights could be found for a model; the message says where we looked and how to fix it."""
 
 
@@ -74,11 +75,7 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime)
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
+        _HASHES[key] = sha256_of(path)
     return _HASHES[key]
 
 

@@ -1,0 +1,10 @@
+"""The one error type for problems a user can fix: bad input, missing weights, a refused cache.
+
+The CLI prints a UserError as one line; anything else is a bug and is reported with its traceback.
+It subclasses ValueError so callers that already expect ValueError for a bad choice keep working.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem the user can fix; str() is one line naming the file or option and the problem."""
