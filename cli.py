@@ -75,7 +75,7 @@ def cli():
 @one_line_errors
 def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
-    from cache.builder import build_cache
+    from pipeline.build import build_cache
     from pipeline.config import PipelineConfig
 
     config = PipelineConfig(**options)
@@ -163,7 +163,7 @@ def _split(text: str | None) -> list[str] | None:
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
               buckets, crop, grid_file, device, out):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
-    from pipeline.benchmark import make_grid, read_grid_file, run_benchmark
+    from pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
 
     lists = {"classifier": _split(classifier), "embedder": _split(embedder), "buckets": _split(buckets),
              "crop": _split(crop)}
@@ -172,7 +172,7 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
                            device)
-    from pipeline.reports import markdown_table
+    from pipeline.evaluation.reports import markdown_table
 
     click.echo(markdown_table(report))
     click.echo(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.json'}, pictures in {out}")
@@ -266,7 +266,7 @@ def train(resume, **options):
 def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, **options):
     """Measure forward-only, build-cache, naive build, query and search speed on this machine."""
     from pipeline.config import PipelineConfig
-    from pipeline.speed import format_report, run_speed
+    from pipeline.evaluation.speed import format_report, run_speed
 
     sizes = tuple(int(n) for n in _split(search_sizes) or [] if n != "none")
     echo = functools.partial(click.echo, err=True)

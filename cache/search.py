@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.policies import BucketPolicy
 from cache.store import CacheData
-from pipeline.policies import BucketPolicy
 
 FLAT = -1  # bucket key of the whole gallery
 

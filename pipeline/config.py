@@ -18,7 +18,7 @@ class PipelineConfig:
     crop_margin: float = 0.1
     crop_confidence: float = 0.25
     class_topk: int = 10  # classes kept per image: buckets, top-m soft assignment and fused scores use them
-    buckets: str = "auto"  # the policy chosen on the gallery at build time (pipeline/fusion.py)
+    buckets: str = "auto"  # the policy chosen on the gallery at build time (cache/autopolicy.py)
     k: int = 5
     device: str = "auto"
     runtime: str = "torch"  # or 'onnx': ONNX Runtime on the CPU where it matches torch (models/onnx_runtime.py)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.gallery import folder_label, list_images, read_label_map
+from pipeline.gallery import folder_label, list_images, read_label_map
 
 
 @dataclass(frozen=True)

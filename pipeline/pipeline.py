@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from cache.policies import parse_policy
 from cache.search import Searcher
 from models.classifier import Classifier
 from models.detector import Detector
@@ -14,7 +15,6 @@ from models.registry import resolve_spec
 from pipeline.config import PipelineConfig
 from pipeline.images import ImageLoadError, load_image
 from pipeline.items import Item
-from pipeline.policies import parse_policy
 from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage
 
 

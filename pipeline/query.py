@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from cache.policies import parse_policy, resolve_auto
 from cache.search import Searcher
 from cache.store import CacheData, CacheError, load_cache
 from pipeline.config import CACHE_FIELDS, PipelineConfig
 from pipeline.pipeline import Pipeline, build_pipeline
-from pipeline.policies import parse_policy, resolve_auto
 
 
 def query_config(data: CacheData, overrides: dict) -> PipelineConfig:

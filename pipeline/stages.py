@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
+from cache.policies import BucketPolicy
 from cache.search import FLAT, Searcher
 from models.classifier import Classifier
 from models.detector import Detector, choose_box, pad_box
 from models.embedders import Embedder
 from pipeline.items import Item, Result
-from pipeline.policies import BucketPolicy
 
 
 class Stage(ABC):

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 import cache.store
-from cache.builder import build_cache
+from cache.policies import parse_policy
 from cache.search import Searcher
 from cache.store import CacheError, load_cache
+from pipeline.build import build_cache
 from pipeline.pipeline import build_pipeline
-from pipeline.policies import parse_policy
 from pipeline.query import open_query_pipeline
 from tests.conftest import draw_shape
 

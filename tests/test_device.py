@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache.builder import build_cache
 from models.detector import Detector
 from models.registry import resolve_spec
+from pipeline.build import build_cache
 from pipeline.config import PipelineConfig
 from pipeline.query import open_query_pipeline
 
@@ -31,8 +31,9 @@ def test_cuda_cache_answers_like_the_cpu_cache(gallery, tiny_config, tmp_path):
 
 @pytest.mark.real
 def test_cuda_detector_finds_the_same_boxes(real_weights, assets):
-    from pipeline.datasets import load_labelled
     from PIL import Image
+
+    from pipeline.datasets import load_labelled
 
     data = load_labelled(assets / "data" / "caltech101-22.zip")
     photo = Image.open(data.root / data.paths[data.labels.index("dalmatian")]).convert("RGB")

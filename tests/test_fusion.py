@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cache.autopolicy import FLAT, Score, choose_policy, fit_weights, loo_scores, not_worse
+from cache.metrics import map_at_r, precision_at_k
+from cache.policies import parse_policy, resolve_auto
 from cache.search import Searcher
 from cache.store import CacheData, empty_columns
-from pipeline.fusion import FLAT, Score, choose_policy, fit_weights, loo_scores, not_worse
-from pipeline.metrics import map_at_r, precision_at_k
-from pipeline.policies import parse_policy, resolve_auto
 
 CLASSES = 20  # the classifier's classes; each image keeps its 10 most probable
 PROBS = np.array([0.83] + [0.17 / 9] * 9, np.float32)  # a nucleus of 0.8 is 1 class, 0.9 is 5, 0.95 is 8

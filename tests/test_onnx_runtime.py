@@ -9,11 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import cli
-from models import onnx_runtime, timm_net
+from models import onnx_runtime, runtime, timm_net
 from models.classifier import Classifier
 from models.embedders import create_embedder
 from models.registry import resolve_spec
-from models import runtime
 from models.runtime import outputs_match, seeded
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.builder import build_cache
 from models.detector import Detector
 from models.registry import resolve_spec
+from pipeline.build import build_cache
 from pipeline.config import PipelineConfig
 from pipeline.datasets import load_labelled, split_queries
 from pipeline.pipeline import build_pipeline

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cache.policies import BucketPolicy, parse_policy
 from cache.search import Searcher, class_agreement
 from cache.store import CacheData, empty_columns
-from pipeline.policies import BucketPolicy, parse_policy
 
 
 def unit(*values):

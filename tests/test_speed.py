@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 import cache.search as search
+from cache.policies import parse_policy
 from cache.search import FLAT, ExactIndex, IVFIndex, Searcher
 from cache.store import CacheData, load_cache
-from pipeline.policies import parse_policy
-from pipeline.speed import make_synthetic_cache, synthetic
+from pipeline.evaluation.speed import make_synthetic_cache, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("forward_images_per_s", "build_images_per_s", "naive_images_per_s", "build_vs_forward", "build_vs_naive",
@@ -120,7 +120,7 @@ def run_python(code: str) -> str:
 
 
 def test_query_without_crop_never_imports_ultralytics(gallery, tiny_config, tmp_path):
-    from cache.builder import build_cache
+    from pipeline.build import build_cache
 
     build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
     image = next(gallery.rglob("*.png"))

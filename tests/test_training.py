@@ -19,8 +19,7 @@ from models.registry import resolve_spec
 from pipeline.images import load_image
 from pipeline.training import loop
 from pipeline.training.config import TrainConfig
-from pipeline.training.loop import (CURVES_FILE, METRICS_FILE, STATE_FILE, decode, retrieval_metrics,
-                                    split_data, train)
+from pipeline.training.loop import CURVES_FILE, METRICS_FILE, STATE_FILE, decode, retrieval_metrics, split_data, train
 from pipeline.training.objective import Objective, balanced_counts
 
 RUN_FILES = ("config.json", "model.safetensors", STATE_FILE, METRICS_FILE, CURVES_FILE)

@@ -26,12 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.finetuned import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, EmbeddingNet, Preprocessing,
-                              build_net, describe_backbone, is_pretrained, read_run_config)
+from cache.metrics import METRICS, rank_by_score, relevance_matrix
+from models.finetuned import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    EmbeddingNet,
+    Preprocessing,
+    build_net,
+    describe_backbone,
+    is_pretrained,
+    read_run_config,
+)
 from models.runtime import resolve_device
 from pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
 from pipeline.images import ImageLoadError, load_image
-from pipeline.metrics import METRICS, rank_by_score, relevance_matrix
 from pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio
 from pipeline.training.objective import Objective
 

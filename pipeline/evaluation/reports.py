@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cache.policies import REFERENCE_POLICY  # noqa: E402
 from pipeline.sheets import Tile, contact_sheet  # noqa: E402
 
 TABLE_METRICS = ("P@1", "P@5", "MAP@R", "mAP@10", "R-precision", "recall@5", "mean_rank", "MRR",
@@ -24,7 +25,6 @@ def _number(value) -> str:
 
 def markdown_table(report: dict) -> str:
     """One row per cell, best MAP@R first; the reference policy (top1) is marked with *."""
-    from pipeline.benchmark import REFERENCE_POLICY
 
     head = ["classifier", "embedder", "buckets", "crop", *TABLE_METRICS, "query ms p50", "build img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

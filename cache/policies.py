@@ -1,7 +1,7 @@
 """Bucket policies: which part of the gallery a query searches, and how candidates are ranked.
 
 Grammar (as typed on the command line):
-  auto            the policy chosen for this gallery when the cache was built (pipeline/fusion.py)
+  auto            the policy chosen for this gallery when the cache was built (cache/autopolicy.py)
   flat            search everything (no classifier needed)
   top1            the bucket of the query's most probable class (the reference behaviour)
   topk:N          the union of the buckets of the query's N most probable classes
@@ -27,6 +27,7 @@ FORMS = "flat, top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft
 
 
 AUTO = "auto"
+REFERENCE_POLICY = "top1"  # the reference notebooks' behaviour: search the predicted class only
 
 
 def resolve_auto(text: str, manifest: dict) -> str:

@@ -14,11 +14,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.gallery import GalleryEntry, scan_gallery
-from cache.store import CacheData, CacheError, PendingChunks, concat_columns, empty_columns, load_cache, \
-    select_rows, write_generation
+from cache.autopolicy import choose_policy
+from cache.store import (
+    CacheData,
+    CacheError,
+    PendingChunks,
+    concat_columns,
+    empty_columns,
+    load_cache,
+    select_rows,
+    write_generation,
+)
 from pipeline.config import PipelineConfig
-from pipeline.fusion import choose_policy
+from pipeline.gallery import GalleryEntry, scan_gallery
 from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline

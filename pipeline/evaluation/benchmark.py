@@ -17,21 +17,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.builder import build_cache, fingerprint
+from cache.autopolicy import fit_weights
+from cache.metrics import cmc_curve, compute_metrics
+from cache.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
 from cache.search import Searcher
 from cache.store import load_cache
 from models.registry import NO_CLASSIFIER
 from models.weights import WeightsUnavailable
+from pipeline.build import build_cache, fingerprint
 from pipeline.config import PipelineConfig
 from pipeline.datasets import LabelledSet, load_labelled, split_queries
-from pipeline.environment import environment
-from pipeline.fusion import fit_weights
+from pipeline.evaluation import reports
+from pipeline.evaluation.environment import environment
 from pipeline.items import Item
-from pipeline.metrics import cmc_curve, compute_metrics
 from pipeline.pipeline import build_pipeline
-from pipeline.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
 
-REFERENCE_POLICY = "top1"  # the reference notebooks' behaviour: search the predicted class only
 CMC_DEPTH = 20
 
 
@@ -158,8 +158,6 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                   gallery_labels: str | None = None, query_labels: str | None = None, device: str = "auto",
                   latency_samples: int = 20, sheets: int = 6) -> dict:
     """Run every cell, write report.json, report.md and the pictures into `out`; return the report."""
-    from pipeline import reports
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.metrics import map_at_r, precision_at_k
-from pipeline.policies import BucketPolicy
+from cache.metrics import map_at_r, precision_at_k
+from cache.policies import BucketPolicy
 
 FLAT = BucketPolicy("flat")
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),

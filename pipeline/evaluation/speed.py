@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.environment import environment
+from pipeline.evaluation.environment import environment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC_DIM = 512
 SYNTHETIC_BUCKETS = 1000
 
@@ -194,7 +194,7 @@ def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int,
     chosen = [str(images[i % len(images)]) for i in range(queries)]
     # Warm queries run in a process of their own, as a user's query process: nothing left over from the build
     # (thread pools, the page cache of its writes) can slow them or be counted in them.
-    warm = _child(f"import json; from pathlib import Path; from pipeline.speed import warm_queries; "
+    warm = _child(f"import json; from pathlib import Path; from pipeline.evaluation.speed import warm_queries; "
                   f"print(json.dumps(warm_queries(Path({str(cache)!r}), {chosen!r}, {overrides!r})))")
     cold = []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -291,11 +291,11 @@ def _memory() -> dict:
 def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int = 50,
                      recall_queries: int = 100) -> dict:
     """Latency per query of top1, topk:3 and flat on a synthetic cache, memory, and IVF recall@5."""
+    import faiss  # noqa: F401  (its libraries are mapped before the baseline, as torch's are in a query process)
+
+    from cache.policies import parse_policy
     from cache.search import EXACT_MAX_ROWS, ExactIndex, Searcher
     from cache.store import load_cache
-    from pipeline.policies import parse_policy
-
-    import faiss  # noqa: F401  (its libraries are mapped before the baseline, as torch's are in a query process)
 
     before = _memory()
     data = load_cache(folder)
@@ -365,9 +365,9 @@ def search_sizes_benchmark(sizes: list[int], workdir: Path) -> dict:
     results = {}
     for count in sizes:
         folder = workdir / f"synthetic-{count}"
-        _child(f"from pathlib import Path; from pipeline.speed import make_synthetic_cache; "
+        _child(f"from pathlib import Path; from pipeline.evaluation.speed import make_synthetic_cache; "
                f"make_synthetic_cache(Path({str(folder)!r}), {count}); print('{{}}')")
-        results[str(count)] = _child(f"import json; from pathlib import Path; from pipeline.speed import "
+        results[str(count)] = _child(f"import json; from pathlib import Path; from pipeline.evaluation.speed import "
                                      f"search_benchmark; print(json.dumps(search_benchmark(Path({str(folder)!r}))))")
     return results
 
@@ -378,9 +378,9 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
               reference_queries: int = 5, search_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
               forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None) -> dict:
     """All the figures for one configuration; `echo` gets a line per finished step."""
-    from cache.builder import build_cache
-    from cache.gallery import scan_gallery
+    from pipeline.build import build_cache
     from pipeline.datasets import resolve_data
+    from pipeline.gallery import scan_gallery
     from pipeline.images import load_image
     from pipeline.pipeline import build_pipeline
 
@@ -408,7 +408,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         report["naive"] = {"images_per_s": 0.0}
         if sample:
             report["naive"] = _child(
-                f"import json; from pathlib import Path; from pipeline.speed import naive_build; print(json.dumps("
+                f"import json; from pathlib import Path; from pipeline.evaluation.speed import naive_build; print(json.dumps("
                 f"naive_build({config.to_dict()!r}, Path({str(root)!r}), {sample!r})))")
         echo(f"naive build: {report['naive']['images_per_s']:.1f} images/s")
         naive_run = naive_embedder(pipeline)  # eager fp32 copies: the agreement reference and the reference query
