@@ -3,18 +3,36 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
 
+from models.errors import UserError
+
 # Heavy imports (torch, timm, faiss, ultralytics) happen inside the commands: --help stays instant.
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+# Problems a user can fix: bad input, missing weights or files, a refused cache. Anything else is a bug.
+USER_ERRORS = (UserError, OSError)
+
+
+def _traceback_file() -> Path:
+    """Where an unexpected error's full traceback is written (the user cache directory, else the temp folder)."""
+    folder = Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike")) / "errors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    return folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
 
 
 def one_line_errors(command):
-    """Turn user errors into one line on stderr and exit 1; Ctrl-C into exit 130. Never a traceback."""
+    """User errors become one line on stderr and exit 1; Ctrl-C exit 130; any other exception one line naming
+    where its full traceback was written (or the traceback itself with --debug)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -26,6 +44,15 @@ def one_line_errors(command):
         except USER_ERRORS as err:
             message = " ".join(str(err).split()) or type(err).__name__
             click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except Exception as err:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            path = _traceback_file()
+            path.write_text(traceback.format_exc())
+            message = " ".join(str(err).split())[:300]
+            click.echo(f"error: unexpected {type(err).__name__}: {message} (a bug: the full traceback is in {path}; "
+                       "run with --debug to see it)", err=True)
             sys.exit(1)
 
     return wrapper
@@ -61,7 +88,8 @@ def pipeline_options(defaults: bool):
 
 
 @click.group()
-def cli():
+@click.option("--debug", is_flag=True, help="show the full traceback of an unexpected error")
+def cli(debug):
     """lookalike: find the five most similar images in a gallery."""
 
 
@@ -112,7 +140,7 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
     from pipeline.sheets import Tile, contact_sheet
 
     if k < 1:
-        raise ValueError(f"-k {k}: must be at least 1")
+        raise UserError(f"-k {k}: must be at least 1")
     overrides = dict(options, buckets=buckets, k=k)
     pipeline, config = open_query_pipeline(cache_dir, overrides)
     root = pipeline.stage("retrieve").searcher.data.gallery_root
@@ -244,7 +272,7 @@ def train(resume, **options):
         result = run_training(resume_dir=Path(options["out"]), overrides=given, echo=echo)
     else:
         if not options["loss"] or not options["data"]:
-            raise ValueError("--loss and --data are required (or --resume to continue a run)")
+            raise UserError("--loss and --data are required (or --resume to continue a run)")
         result = run_training(TrainConfig(**options), echo=echo)
     shown = "  ".join(f"{key[4:]} {value:.3f}" for key, value in result.best.items() if key.startswith("val_"))
     click.echo(f"{result.run_dir}: best epoch {result.best_epoch} of {result.epochs_done}: {shown}"

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cache.metrics import map_at_r, precision_at_k
-from cache.policies import BucketPolicy
+from cache.buckets import class_agreement
+from cache.metrics import leave_one_out, map_at_r, precision_at_k
+from cache.policies import FLAT, BucketPolicy
 
-FLAT = BucketPolicy("flat")
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
 # gallery soft buckets M (at most the classes stored per image) and fused weights W.
 AUTO_QUERY_SETS: tuple[tuple[int, float | None], ...] = ((3, None), (5, None), (10, None),
@@ -98,7 +98,8 @@ def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     embeddings = np.asarray(columns["embeddings"][gallery], np.float32)
     _, label_codes, label_counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True,
                                              return_counts=True)
-    class_ids, class_codes = np.unique(np.asarray(columns["classes"])[gallery], return_inverse=True)
+    classes = np.asarray(columns["classes"])[gallery]
+    class_ids, class_codes = np.unique(classes, return_inverse=True)
     class_codes = class_codes.reshape(len(gallery), -1)  # gallery x stored classes, compact class ids
     probs = np.asarray(columns["probs"], np.float32)[gallery]
     stored = class_codes.shape[1]
@@ -110,34 +111,27 @@ def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     step = max(1, CHUNK_ELEMENTS // max(len(gallery), len(class_ids)))
     for start in range(0, len(queries), step):
         chunk = queries[start:start + step]
-        own = (np.arange(len(chunk)), chunk)
         n_relevant = label_counts[label_codes[chunk]] - 1
         depth = int(n_relevant.max())
         cosine = embeddings[chunk] @ embeddings.T
-        # Per compact class id: its position among the query's classes (`stored` when absent), its probability.
+        # Per compact class id: its position among the query's classes (`stored` when absent).
         position = np.full((len(chunk), len(class_ids)), stored, np.int16)
-        dense = np.zeros((len(chunk), len(class_ids)), np.float32)
         for i in range(stored):
             position[np.arange(len(chunk)), class_codes[chunk, i]] = i
-            dense[np.arange(len(chunk)), class_codes[chunk, i]] = probs[chunk, i]
         # first[M][q, g]: the best position among query q's classes of a class in gallery row g's top M (g is a
-        # candidate when the query uses more classes than that); agreement: p_q . p_g over the stored classes of
-        # both sides, as class_agreement in cache/search.py.
-        first, agreement, lowest = {}, np.zeros_like(cosine), np.full(cosine.shape, stored, np.int16)
+        # candidate when the query uses more classes than that).
+        first, lowest = {}, np.full(cosine.shape, stored, np.int16)
         for j in range(stored):
             np.minimum(lowest, position[:, class_codes[:, j]], out=lowest)
             for m in buckets:
                 if min(m, stored) == j + 1:
                     first[m] = lowest.copy()
-            if weights[-1] > 0:
-                agreement += probs[:, j] * dense[:, class_codes[:, j]]
+        agreement = class_agreement(classes[chunk], probs[chunk], classes, probs) if weights[-1] > 0 else None
         used = {p: np.reshape(p.classes_used(probs[chunk]), (-1, 1)) for p in policies if p.uses_buckets}
 
         for weight in weights:
-            score = cosine + np.float32(weight) * agreement if weight else cosine.copy()
-            score[own] = -np.inf  # the query's own row sorts last and is dropped
-            order = np.argsort(-score, axis=1, kind="stable")[:, :-1]
-            relevant = label_codes[order] == label_codes[chunk][:, None]
+            score = cosine + np.float32(weight) * agreement if weight else cosine
+            order, relevant = leave_one_out(score, chunk, label_codes[chunk], label_codes)
             ranked_first = {m: np.take_along_axis(first[m], order, axis=1) for m in buckets}
             for policy in (p for p in policies if _weight(p) == weight):
                 candidate = ranked_first[policy.gallery_classes] < used[policy] if policy.uses_buckets else None

@@ -26,6 +26,17 @@ def relevance_matrix(ranked: np.ndarray, query_labels: np.ndarray, gallery_label
     return relevant & valid if valid is not None else relevant
 
 
+def leave_one_out(scores: np.ndarray, own: np.ndarray, query_labels: np.ndarray,
+                  gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, relevance), both [queries, gallery - 1]: gallery rows ranked by `scores` [queries, gallery] with each
+    query's own gallery row (`own`) left out. The one leave-one-out evaluator of `auto`, fitted weights and
+    training validation."""
+    scores = np.array(scores, dtype=np.float32)
+    scores[np.arange(len(own)), own] = -np.inf  # sorts last, then dropped
+    order = rank_by_score(scores)[:, :-1]
+    return order, relevance_matrix(order, query_labels, gallery_labels)
+
+
 def _mean(values: np.ndarray, n_relevant: np.ndarray) -> float:
     keep = np.asarray(n_relevant) > 0
     return float(np.mean(values[keep])) if keep.any() else float("nan")

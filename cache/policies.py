@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.errors import UserError
+
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[0-9.]+))?)?"
                       r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?$")
 FORMS = "flat, top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M"
@@ -30,9 +32,9 @@ AUTO = "auto"
 REFERENCE_POLICY = "top1"  # the reference notebooks' behaviour: search the predicted class only
 
 
-def resolve_auto(text: str, manifest: dict) -> str:
-    """`auto` -> the policy recorded in the cache (flat when none was chosen); other text unchanged."""
-    return (manifest.get("default_buckets") or "flat") if text == AUTO else text
+def resolve_auto(text: str, default_policy: str) -> str:
+    """`auto` -> the policy recorded in the cache (`default_policy`); other text unchanged."""
+    return default_policy if text == AUTO else text
 
 
 @dataclass(frozen=True)
@@ -70,27 +72,30 @@ class BucketPolicy:
         return text + (f"+soft:{self.gallery_classes}" if self.gallery_classes > 1 else "")
 
 
+FLAT = BucketPolicy("flat")
+
+
 def parse_policy(text: str) -> BucketPolicy:
     """Parse a policy string; ValueError naming the valid forms otherwise."""
     match = _PATTERN.match(text.strip())
     if not match:
-        raise ValueError(f"unknown bucket policy '{text}': use {FORMS}")
+        raise UserError(f"unknown bucket policy '{text}': use {FORMS}")
     kind, n, t, w, m = match["kind"], match["n"], match["t"], match["w"], match["m"]
     if kind == "flat":
         if n or w or m:
-            raise ValueError(f"bucket policy '{text}': flat takes no arguments")
+            raise UserError(f"bucket policy '{text}': flat takes no arguments")
         return BucketPolicy("flat")
     if kind == "top1" and n:
-        raise ValueError(f"bucket policy '{text}': write topk:{n} instead")
+        raise UserError(f"bucket policy '{text}': write topk:{n} instead")
     if w and kind != "fused":
-        raise ValueError(f"bucket policy '{text}': only fused takes a weight (@W)")
+        raise UserError(f"bucket policy '{text}': only fused takes a weight (@W)")
     query_classes = 1 if kind == "top1" else int(n or 3)
     gallery_classes = int(m or 1)
     if query_classes < 1 or gallery_classes < 1:
-        raise ValueError(f"bucket policy '{text}': N and M must be at least 1")
+        raise UserError(f"bucket policy '{text}': N and M must be at least 1")
     nucleus = _number(text, t, "T") if t else None
     if nucleus is not None and not 0 < nucleus <= 1:
-        raise ValueError(f"bucket policy '{text}': the nucleus T is a probability in (0, 1]")
+        raise UserError(f"bucket policy '{text}': the nucleus T is a probability in (0, 1]")
     return BucketPolicy("fused" if kind == "fused" else "topk", query_classes, gallery_classes,
                         _number(text, w, "W") if w else None, nucleus)
 
@@ -100,4 +105,4 @@ def _number(text: str, value: str, name: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"bucket policy '{text}': {name} must be a number, not '{value}'") from None
+        raise UserError(f"bucket policy '{text}': {name} must be a number, not '{value}'") from None

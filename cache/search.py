@@ -1,7 +1,6 @@
 """Searching a cache under a bucket policy: exact per-bucket search over memory-mapped rows, IVF above a measured size."""
 from __future__ import annotations
 
-import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -9,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from cache.policies import BucketPolicy
-from cache.store import CacheData
+from cache.store import CacheData, release_pages
+from models.errors import UserError
 
-FLAT = -1  # bucket key of the whole gallery
+WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Hits:
     rows: np.ndarray  # gallery rows, best first
     scores: np.ndarray
     candidates: int  # how many gallery items were compared
-    buckets: list[int]  # bucket keys searched (FLAT for the whole gallery)
+    buckets: list[int]  # bucket keys searched (WHOLE_GALLERY for the whole gallery)
     note: str | None = None
 
 
@@ -39,16 +40,6 @@ IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprob
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
 FUSED_IVF_POOL = 256  # rows a `fused` search takes from a bucket large enough for an IVF index
-RELEASE_ABOVE_BYTES = 256 << 20  # a smaller matrix stays mapped (re-mapping it per query costs ms)
-
-
-def release_pages(matrix: np.ndarray) -> None:
-    """Unmap the pages of a memory-mapped matrix after reading what was needed (they stay in the page
-    cache, shared and reclaimable): the kernel maps whole large folios on a read fault, so even a few
-    scattered rows would otherwise leave most of the file counted in this process's memory."""
-    handle = getattr(matrix, "_mmap", None)
-    if isinstance(matrix, np.memmap) and handle is not None and matrix.nbytes > RELEASE_ABOVE_BYTES:
-        handle.madvise(mmap.MADV_DONTNEED)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -126,26 +117,6 @@ def build_ivf(vectors: np.ndarray, rows: np.ndarray | None = None, seed: int = 0
     return index
 
 
-class BucketTable:
-    """Which gallery rows are in which bucket, for gallery soft assignment to M classes (CSR layout)."""
-
-    def __init__(self, bucket_columns: np.ndarray):
-        keys = np.asarray(bucket_columns, dtype=np.int64)
-        rows = np.repeat(np.arange(len(keys)), keys.shape[1])
-        flat = keys.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        self.keys, starts = np.unique(flat[order], return_index=True)
-        self.offsets = np.append(starts, len(flat))
-        self.rows = rows[order]
-
-    def rows_of(self, key: int) -> np.ndarray:
-        i = np.searchsorted(self.keys, key)
-        if i == len(self.keys) or self.keys[i] != key:
-            return np.zeros(0, dtype=np.int64)
-        return self.rows[self.offsets[i]:self.offsets[i + 1]]
-
-
-
 class Searcher:
     """Top-k search of one cache; indexes are built (or loaded) lazily and kept in a small LRU.
 
@@ -167,11 +138,8 @@ class Searcher:
     def table(self, gallery_classes: int) -> BucketTable:
         """Bucket membership: the folder label's class (`--bucket-by label`), else the top-M classes."""
         if gallery_classes not in self._tables:
-            if self.data.manifest.get("bucket_by") == "label":
-                columns = np.asarray(self.data.columns["label_classes"])[:, None]
-            else:
-                columns = np.asarray(self.data.columns["classes"][:, :gallery_classes])
-            self._tables[gallery_classes] = BucketTable(columns)
+            keys = bucket_keys(self.data.columns, self.data.manifest.bucket_by, gallery_classes)
+            self._tables[gallery_classes] = BucketTable(keys)
         return self._tables[gallery_classes]
 
     def _index_file(self, key: int, gallery_classes: int) -> Path | None:
@@ -179,7 +147,7 @@ class Searcher:
         filename = getattr(self.embeddings, "filename", None)
         if not isinstance(self.embeddings, np.memmap) or not filename:
             return None  # an in-memory cache (during a build): nothing to save next to
-        name = "flat" if key == FLAT else f"bucket-{key}-m{gallery_classes}"
+        name = "flat" if key == WHOLE_GALLERY else f"bucket-{key}-m{gallery_classes}"
         return Path(filename).parent / f"ivf-{name}.faiss"
 
     def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int) -> IVFIndex:
@@ -193,7 +161,7 @@ class Searcher:
                     return index
             except RuntimeError:
                 pass  # unreadable (cut short): build it again
-        index = IVFIndex(rows, build_ivf(self.embeddings, None if key == FLAT else rows), self.nprobe)
+        index = IVFIndex(rows, build_ivf(self.embeddings, None if key == WHOLE_GALLERY else rows), self.nprobe)
         release_pages(self.embeddings)
         index.nbytes = len(rows) * self.embeddings.shape[1] * 4
         if path is not None:
@@ -212,16 +180,17 @@ class Searcher:
         if cache_key in self._indexes:
             self._indexes.move_to_end(cache_key)
             return self._indexes[cache_key]
-        rows = np.arange(len(self.embeddings)) if key == FLAT else self.table(gallery_classes).rows_of(key)
+        rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
         if len(rows) > self.exact_max_rows:
             index = self._ivf(rows, key, gallery_classes)
-        elif key == FLAT:
+        elif key == WHOLE_GALLERY:
             vectors = self.embeddings
             if not isinstance(vectors, np.memmap) or vectors.dtype != np.float32:
                 vectors = np.asarray(vectors, np.float32)
             index = ExactIndex(rows, vectors)
-        else:
-            index = ExactIndex(rows, np.ascontiguousarray(self.embeddings[rows], dtype=np.float32))
+        else:  # a top-1 bucket of a grouped cache is one contiguous block: a sequential read
+            block = as_slice(rows)
+            index = ExactIndex(rows, np.array(self.embeddings[block if block else rows], dtype=np.float32))
             release_pages(self.embeddings)
         self._indexes[cache_key] = index
         while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
@@ -262,7 +231,7 @@ class Searcher:
         rows, first = np.unique(np.concatenate(found_rows), return_index=True)
         similarity = np.concatenate(found_scores)[first]
         columns = self.data.columns
-        scores = similarity + weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])
+        scores = similarity + weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
         best = _top_k(scores, k)
         return Hits(rows[best], scores[best], len(rows), keys)
 
@@ -272,28 +241,16 @@ class Searcher:
         if len(self.embeddings) == 0:
             return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, [])
         if not policy.uses_buckets:
-            return self._search_buckets(query, [FLAT], 1, k)
+            return self._search_buckets(query, [WHOLE_GALLERY], 1, k)
         if classes is None:
-            raise ValueError(f"bucket policy {policy} needs a classifier; use flat")
+            raise UserError(f"bucket policy {policy} needs a classifier; use flat")
         table = self.table(policy.gallery_classes)
         keys = [int(c) for c in classes[:policy.classes_used(probs)] if len(table.rows_of(int(c)))]
         if not keys:
-            hits = self._search_buckets(query, [FLAT], 1, k)
+            hits = self._search_buckets(query, [WHOLE_GALLERY], 1, k)
             hits.note = "the predicted classes' buckets are empty: searched the whole gallery"
             return hits
         if policy.kind == "fused":
-            stored = self.data.manifest.get("fused_weight")
-            weight = policy.weight if policy.weight is not None else (0.5 if stored is None else stored)
+            weight = self.data.manifest.weight_for(policy.weight)
             return self._fused(query, classes, probs, keys, policy.gallery_classes, weight, k)
         return self._search_buckets(query, keys, policy.gallery_classes, k)
-
-
-def class_agreement(query_classes: np.ndarray, query_probs: np.ndarray,
-                    gallery_classes: np.ndarray, gallery_probs: np.ndarray) -> np.ndarray:
-    """p_q . p_g over the stored top-k classes of each side (the rest of the mass is ignored)."""
-    order = np.argsort(query_classes)
-    known, known_probs = np.asarray(query_classes)[order], np.asarray(query_probs, np.float32)[order]
-    gallery_classes = np.asarray(gallery_classes)
-    at = np.minimum(np.searchsorted(known, gallery_classes), len(known) - 1)
-    query_side = np.where(known[at] == gallery_classes, known_probs[at], 0.0)
-    return (np.asarray(gallery_probs, np.float32) * query_side).sum(axis=1)

@@ -1,48 +1,76 @@
-"""The on-disk cache: generations written atomically, pending chunks for resume, memory-mapped reads.
+"""The on-disk cache: generations published atomically, pending chunks for resume, memory-mapped reads.
 
 Layout of a cache directory:
-  CURRENT              name of the live generation (replaced atomically, last step of a build)
-  gen-000N/            manifest.json + one .npy per column; embeddings.npy is memory-mapped
+  CURRENT              name of the live generation (replaced atomically, the last step of a publish)
+  gen-N/               manifest.json + one .npy per column, rows grouped by top-1 bucket; embeddings memory-mapped
   pending/             chunk-*.npz of an unfinished build (each written atomically) + fingerprint.json
-A crash at any point leaves CURRENT naming the last complete generation; a re-run resumes from
-the pending chunks.
+  .build.lock          held by the one build writing this cache (.build.holder says who)
+A crash at any point leaves CURRENT naming the last complete generation; the next publish removes any
+half-published generation, and a re-run resumes from the pending chunks. Readers retry when a publish
+removes the generation they were opening.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from cache.buckets import grouped_order
+from cache.manifest import CacheError, Manifest
+from models.files import atomic_write, fsync_dir, write_text_atomic
+
 # Per-image columns; every one has the image count as its first dimension.
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.
 COLUMNS = ("paths", "sizes", "mtimes", "labels", "label_classes", "classes", "probs", "boxes", "embeddings")
+KINDS = {"paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
+         "probs": "f", "boxes": "f", "embeddings": "f"}
+WRITE_ROWS = 65_536  # embeddings are written (and gathered from older generations) in slices this size
+RELEASE_ABOVE_BYTES = 256 << 20  # a smaller mapped matrix keeps its pages (re-mapping it per query costs ms)
+_GENERATION = re.compile(r"^gen-(\d+)$")
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used as asked; the message names the cache and the problem."""
+def release_pages(matrix: np.ndarray) -> None:
+    """Unmap the pages of a large memory-mapped matrix after reading what was needed (they stay in the page cache,
+    shared and reclaimable): the kernel maps whole large folios on a read fault, so even a few scattered rows would
+    otherwise leave most of the file counted in this process's memory."""
+    handle = getattr(matrix, "_mmap", None)
+    if isinstance(matrix, np.memmap) and handle is not None and matrix.nbytes > RELEASE_ABOVE_BYTES:
+        handle.madvise(mmap.MADV_DONTNEED)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class StackedRows:
+    """The rows of several matrices (memory-mapped generations, pending chunks) read as one, without copying them
+    into one: `take` gathers the rows asked for, so a build holds one slice at a time."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+        self.shape = (int(self.offsets[-1]), parts[0].shape[1] if parts else 0)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        part_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i, part in enumerate(self.parts):
+            chosen = np.flatnonzero(part_of == i)
+            if len(chosen):
+                out[chosen] = part[rows[chosen] - self.offsets[i]]
+                release_pages(part)
+        return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def take_rows(matrix: np.ndarray | StackedRows, rows: np.ndarray) -> np.ndarray:
+    return matrix.take(rows) if isinstance(matrix, StackedRows) else np.asarray(matrix[rows], np.float32)
 
 
 @dataclass
@@ -50,7 +78,7 @@ class CacheData:
     """A loaded generation: its manifest and columns (embeddings memory-mapped)."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     columns: dict[str, np.ndarray]
 
     def __len__(self) -> int:
@@ -58,76 +86,166 @@ class CacheData:
 
     @property
     def gallery_root(self) -> Path:
-        return Path(self.manifest["gallery_root"])
+        return self.manifest.root
+
+    @classmethod
+    def in_memory(cls, columns: dict[str, np.ndarray], root: Path = Path("."), **manifest_fields) -> CacheData:
+        """A cache held in memory over `columns` (tests, synthetic search measurements)."""
+        manifest = Manifest(fingerprint={}, config={}, gallery_root=str(root), count=len(columns["paths"]),
+                            dim=int(columns["embeddings"].shape[1]), **manifest_fields)
+        return cls(root, manifest, columns)
 
 
 def empty_columns(dim: int, topk: int) -> dict[str, np.ndarray]:
     return {
         "paths": np.array([], dtype=str), "sizes": np.zeros(0, np.int64), "mtimes": np.zeros(0, np.int64),
-        "labels": np.array([], dtype=str), "label_classes": np.zeros(0, np.int32), "classes": np.zeros((0, topk), np.int32),
-        "probs": np.zeros((0, topk), np.float32), "boxes": np.zeros((0, 4), np.float32),
-        "embeddings": np.zeros((0, dim), np.float32),
+        "labels": np.array([], dtype=str), "label_classes": np.zeros(0, np.int32),
+        "classes": np.zeros((0, topk), np.int32), "probs": np.zeros((0, topk), np.float32),
+        "boxes": np.zeros((0, 4), np.float32), "embeddings": np.zeros((0, dim), np.float32),
     }
-
-
-def concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
-
-
-def select_rows(columns: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: np.asarray(columns[name][rows]) for name in COLUMNS}
 
 
 def current_generation(root: Path) -> Path | None:
     pointer = root / "CURRENT"
     if not pointer.is_file():
         return None
-    return root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not _GENERATION.match(name):
+        raise CacheError(f"{root}: CURRENT names {name[:40]!r}, not a generation; rebuild with build-cache --rebuild")
+    return root / name
 
 
-def load_cache(root: str | Path, mmap: bool = True) -> CacheData:
-    """Open the live generation of a cache; CacheError when there is none or it is unreadable."""
-    root = Path(root)
-    generation = current_generation(root)
-    if generation is None:
-        raise CacheError(f"{root}: not a lookalike cache (no CURRENT file); run build-cache first")
-    try:
-        manifest = json.loads((generation / "manifest.json").read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{root}: cache format {manifest.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; rebuild it with build-cache --rebuild")
-        columns = {name: np.load(generation / f"{name}.npy", mmap_mode="r" if mmap else None,
-                                 allow_pickle=False) for name in COLUMNS}
-    except (OSError, ValueError, KeyError) as err:
-        if isinstance(err, CacheError):
-            raise
-        raise CacheError(f"{root}: cache generation {generation.name} is unreadable ({err})") from None
+def unsafe_paths(paths: np.ndarray) -> np.ndarray:
+    """Rows whose path is absolute or climbs out of the gallery root ('..' as a path component)."""
+    paths = np.asarray(paths, dtype=str)
+    wrapped = np.char.add(np.char.add("/", np.char.replace(paths, "\\", "/")), "/")
+    return np.flatnonzero(np.char.startswith(paths, "/") | np.char.startswith(paths, "\\")
+                          | (np.char.find(wrapped, "/../") >= 0) | (np.char.str_len(paths) == 0))
+
+
+def _check_columns(where: str, manifest: Manifest, columns: dict[str, np.ndarray]) -> None:
+    """Every column as long as the manifest's count and of the expected kind; no path outside the gallery."""
+    for name, column in columns.items():
+        if column.dtype.kind != KINDS[name]:
+            raise CacheError(f"{where}: column {name} has dtype {column.dtype}, not a {KINDS[name]!r} array")
+        if len(column) != manifest.count:
+            raise CacheError(f"{where}: column {name} has {len(column)} rows, the manifest says {manifest.count}")
+    if columns["embeddings"].ndim != 2 or columns["embeddings"].shape[1] != manifest.dim:
+        raise CacheError(f"{where}: embeddings are {columns['embeddings'].shape}, the manifest says dim {manifest.dim}")
+    bad = unsafe_paths(columns["paths"])
+    if len(bad):
+        raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
+                         "root; the cache is corrupt or was tampered with")
+
+
+def _load_generation(root: Path, generation: Path, mmap_mode: str | None) -> CacheData:
+    where = f"{root} ({generation.name})"
+    manifest = Manifest.from_json((generation / "manifest.json").read_text(), where)
+    columns = {}
+    for name in COLUMNS:
+        try:
+            columns[name] = np.load(generation / f"{name}.npy", mmap_mode=mmap_mode, allow_pickle=False)
+        except ValueError as err:  # object arrays (pickles) and malformed headers
+            raise CacheError(f"{where}: column {name} is unreadable ({err})") from None
+    _check_columns(where, manifest, columns)
     return CacheData(root, manifest, columns)
 
 
-def write_generation(root: Path, manifest: dict, columns: dict[str, np.ndarray]) -> Path:
-    """Write a complete new generation, then switch CURRENT to it and delete older ones."""
+def load_cache(root: str | Path, mmap: bool = True, attempts: int = 5) -> CacheData:
+    """Open the live generation of a cache; CacheError when there is none or it is unreadable.
+
+    A build may publish while this opens the cache and delete the generation it was reading: then CURRENT has
+    moved on, and the new generation is opened instead.
+    """
+    root = Path(root)
+    for _ in range(attempts):
+        generation = current_generation(root)
+        if generation is None:
+            raise CacheError(f"{root}: not a lookalike cache (no CURRENT file); run build-cache first")
+        try:
+            return _load_generation(root, generation, "r" if mmap else None)
+        except OSError as err:
+            if current_generation(root) == generation:
+                raise CacheError(f"{root}: cache generation {generation.name} is unreadable ({err})") from None
+    raise CacheError(f"{root}: the cache changed {attempts} times while opening it; try again")
+
+
+def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -> None:
+    """`array[order]` as a .npy file; a 2-D float matrix is gathered and written a slice at a time."""
+    with open(path, "wb") as handle:
+        if isinstance(array, StackedRows) or (array.ndim == 2 and array.dtype.kind == "f" and len(order) > WRITE_ROWS):
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (len(order), array.shape[1])}
+            np.lib.format.write_array_header_1_0(handle, header)
+            for start in range(0, len(order), WRITE_ROWS):
+                handle.write(np.ascontiguousarray(take_rows(array, order[start:start + WRITE_ROWS])).tobytes())
+        else:
+            np.save(handle, np.ascontiguousarray(np.asarray(array)[order]), allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _generation_numbers(root: Path) -> list[int]:
+    return [int(m[1]) for p in root.iterdir() if (m := re.match(r"^gen-(\d+)", p.name))]
+
+
+def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows]) -> Path:
+    """Write a complete new generation (rows grouped by top-1 bucket), switch CURRENT to it, delete the others.
+
+    Its number is above every generation on disk, so one left half-published by a crash never blocks the
+    publish, and is removed with the rest. The caller holds the build lock.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    previous = current_generation(root)
-    number = int(previous.name.split("-")[1]) + 1 if previous else 1
+    number = max(_generation_numbers(root), default=0) + 1
     generation = root / f"gen-{number:06d}"
     staging = root / f"{generation.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    order = grouped_order(columns, manifest.bucket_by)
     for name in COLUMNS:
-        with open(staging / f"{name}.npy", "wb") as handle:
-            np.save(handle, np.ascontiguousarray(columns[name]), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-    manifest = dict(manifest, format_version=FORMAT_VERSION, count=int(len(columns["paths"])))
-    write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=1))
+        _write_npy(staging / f"{name}.npy", columns[name], order)
+    write_text_atomic(staging / "manifest.json", manifest.to_json())
     os.replace(staging, generation)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_text_atomic(root / "CURRENT", generation.name)
-    for old in root.glob("gen-*"):
-        if old != generation:
+    for old in root.iterdir():
+        if re.match(r"^gen-\d+", old.name) and old != generation:
             shutil.rmtree(old, ignore_errors=True)
     return generation
+
+
+class BuildLock:
+    """One build at a time per cache directory: a second one is refused with a line naming the holder.
+
+    An OS file lock (filelock), so a build that dies releases it; `.build.holder` says who holds it.
+    """
+
+    def __init__(self, root: Path):
+        from filelock import FileLock
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.lock = FileLock(root / ".build.lock")
+        self.holder = root / ".build.holder"
+
+    def __enter__(self) -> BuildLock:
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                holder = self.holder.read_text().strip()
+            except OSError:
+                holder = "holder unknown"
+            raise CacheError(f"{self.root}: another build is writing this cache ({holder}); wait for it to "
+                             "finish, or use another --out") from None
+        write_text_atomic(self.holder, f"pid {os.getpid()} on {socket.gethostname()} since "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.holder.unlink(missing_ok=True)
+        self.lock.release()
 
 
 class PendingChunks:
@@ -151,17 +269,15 @@ class PendingChunks:
                 with np.load(path, allow_pickle=False) as data:
                     chunks.append({name: data[name] for name in COLUMNS})
             except (OSError, ValueError, KeyError):
-                path.unlink()  # a chunk cut short by a crash: its images are embedded again
+                path.unlink()  # unreadable: its images are embedded again
         return chunks
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
-        path = self.folder / f"chunk-{self.count:06d}.npz"
-        tmp = self.folder / f"partial-{self.count:06d}.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **columns)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **columns)
+
+        atomic_write(self.folder / f"chunk-{self.count:06d}.npz", write)
         self.count += 1
 
     def clear(self) -> None:

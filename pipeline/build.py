@@ -1,28 +1,34 @@
 """build-cache: embed a gallery into a cache, resuming an interrupted build and updating incrementally.
 
-An image is embedded again only when it is new or its (size, mtime) changed; rows of deleted
-images are dropped. Progress is saved in chunks, so an interrupted build loses at most one chunk.
+An image is embedded again only when it is new or its (size, mtime) changed; rows of deleted images are
+dropped. Embedded rows are saved in chunks (every CHUNK_ROWS images or CHUNK_SECONDS, and on Ctrl-C), so an
+interruption loses at most the batch in flight. The new generation is written by streaming the previous one
+and the pending chunks through memory-mapped reads: one copy of the embedding matrix is never held.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from cache.autopolicy import choose_policy
+from cache.buckets import bucket_keys
+from cache.manifest import CacheError, Manifest, refuse_other_pipeline
 from cache.store import (
+    COLUMNS,
+    BuildLock,
     CacheData,
-    CacheError,
     PendingChunks,
-    concat_columns,
+    StackedRows,
     empty_columns,
     load_cache,
-    select_rows,
     write_generation,
 )
 from pipeline.config import PipelineConfig
@@ -30,6 +36,33 @@ from pipeline.gallery import GalleryEntry, scan_gallery
 from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
+
+CHUNK_ROWS = 256  # embedded rows saved together (the most a crash can lose)
+CHUNK_SECONDS = 30.0  # ... or after this long, for slow models
+
+
+class Engine(Protocol):
+    """What embeds a build's images: the local Pipeline, or a distributed engine with the same contract."""
+
+    def describe(self) -> dict:
+        """The stages' description (the cache fingerprint's part that names models and preprocessing)."""
+
+    def run(self, paths: list[str], root: Path, on_batch: Callable[[list[Item]], None]) -> None:
+        """Deliver every path exactly once to `on_batch`, embedded or with `error` set."""
+
+
+class LocalEngine:
+    """The pipeline in this process, decoding in its loader threads."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+
+    def describe(self) -> dict:
+        return self.pipeline.describe()
+
+    def run(self, paths: list[str], root: Path, on_batch: Callable[[list[Item]], None]) -> None:
+        for _ in self.pipeline.run(paths, root=root, on_batch=on_batch):
+            pass
 
 
 @dataclass
@@ -53,163 +86,182 @@ class BuildSummary:
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
 
 
-def fingerprint(pipeline: Pipeline, bucket_by: str) -> dict:
+def fingerprint(description: dict, bucket_by: str) -> dict:
     """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored)."""
-    return json.loads(json.dumps({"stages": pipeline.describe(), "bucket_by": bucket_by, "decode_side": DECODE_SIDE}))
-
-
-def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Readable 'key: old -> new' lines for two nested fingerprints."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return lines
+    return json.loads(json.dumps({"stages": description, "bucket_by": bucket_by, "decode_side": DECODE_SIDE}))
 
 
 def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[str, os.stat_result],
-                 dim: int, topk: int) -> dict[str, np.ndarray]:
-    good = [item for item in items if item.error is None]
-    columns = empty_columns(dim, topk)
-    if not good:
-        return columns
+                 topk: int) -> dict[str, np.ndarray]:
+    columns = empty_columns(len(items[0].embedding), topk)
     columns.update(
-        paths=np.array([item.path for item in good]),
-        sizes=np.array([stats[item.path].st_size for item in good], np.int64),
-        mtimes=np.array([stats[item.path].st_mtime_ns for item in good], np.int64),
-        labels=np.array([labels[item.path] or "" for item in good]),
-        label_classes=np.full(len(good), -1, np.int32),
-        boxes=np.array([item.box or (np.nan,) * 4 for item in good], np.float32),
-        embeddings=np.stack([item.embedding for item in good]).astype(np.float32),
+        paths=np.array([item.path for item in items]),
+        sizes=np.array([stats[item.path].st_size for item in items], np.int64),
+        mtimes=np.array([stats[item.path].st_mtime_ns for item in items], np.int64),
+        labels=np.array([labels[item.path] or "" for item in items]),
+        label_classes=np.full(len(items), -1, np.int32),
+        boxes=np.array([item.box or (np.nan,) * 4 for item in items], np.float32),
+        embeddings=np.stack([item.embedding for item in items]).astype(np.float32),
     )
     if topk:
-        columns.update(classes=np.stack([item.classes for item in good]).astype(np.int32),
-                       probs=np.stack([item.probs for item in good]).astype(np.float32))
-    else:
-        columns.update(classes=np.zeros((len(good), 0), np.int32), probs=np.zeros((len(good), 0), np.float32))
+        columns.update(classes=np.stack([item.classes for item in items]).astype(np.int32),
+                       probs=np.stack([item.probs for item in items]).astype(np.float32))
     return columns
 
 
-def _label_classes(entries_labels: np.ndarray, pipeline: Pipeline, cache: Path) -> np.ndarray:
+def _label_classes(labels: np.ndarray, pipeline: Pipeline, cache: Path) -> np.ndarray:
     """Classifier class index of each folder label, for `--bucket-by label`."""
     stage = pipeline.stage("classify")
     if stage is None:
-        raise ValueError("--bucket-by label needs a classifier")
-    lookup = {label: stage.classifier.class_index(label) for label in set(entries_labels.tolist())}
+        raise CacheError(f"{cache}: --bucket-by label needs a classifier")
+    lookup = {label: stage.classifier.class_index(label) for label in set(labels.tolist())}
     unknown = sorted(label for label, index in lookup.items() if index is None)
     if unknown:
-        raise ValueError(f"{cache}: --bucket-by label needs labels that are the classifier's classes "
+        raise CacheError(f"{cache}: --bucket-by label needs labels that are the classifier's classes "
                          f"(synset ids or class names); unknown: {', '.join(unknown[:5])}"
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    return np.array([lookup[label] for label in entries_labels.tolist()], np.int32)
+    return np.array([lookup[label] for label in labels.tolist()], np.int32)
+
+
+class ChunkWriter:
+    """Collects embedded items and saves them as pending chunks by size or by time; flush() saves the rest."""
+
+    def __init__(self, pending: PendingChunks, labels: dict[str, str | None], stats: dict[str, os.stat_result],
+                 topk: int):
+        self.pending, self.labels, self.stats, self.topk = pending, labels, stats, topk
+        self.items: list[Item] = []
+        self.saved_at = time.monotonic()
+
+    def add(self, items: list[Item]) -> None:
+        self.items.extend(items)
+        if len(self.items) >= CHUNK_ROWS or time.monotonic() - self.saved_at >= CHUNK_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            self.pending.append(_row_columns(self.items, self.labels, self.stats, self.topk))
+            self.items = []
+        self.saved_at = time.monotonic()
+
+
+def _embed_missing(engine: Engine, todo: list[str], gallery: Path, writer: ChunkWriter, summary: BuildSummary,
+                   progress: bool) -> None:
+    """Embed `todo` into pending chunks; on any interruption the finished items are saved first."""
+    bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
+
+    def on_batch(items: list[Item]) -> None:
+        writer.add([item for item in items if item.error is None])
+        summary.skipped.extend({"path": item.path, "reason": item.error} for item in items if item.error)
+        bar.update(len(items))
+
+    try:
+        engine.run(todo, gallery, on_batch)
+    finally:
+        writer.flush()  # Ctrl-C included: what was embedded is kept for the next run
+        bar.close()
+
+
+def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
+           entries: list[GalleryEntry]) -> tuple[dict[str, np.ndarray | StackedRows], int]:
+    """Every current gallery image's newest row (pending chunks win over the previous generation), in gallery
+    order, without copying the embedding matrix: (columns with embeddings as StackedRows, rows kept)."""
+    parts = ([previous.columns] if previous else []) + chunks
+    if not parts:
+        return {}, 0
+    latest = {}
+    offset = 0
+    for part in parts:
+        for row, path in enumerate(part["paths"].tolist()):
+            latest[path] = offset + row
+        offset += len(part["paths"])
+    rows = np.array([latest[e.relpath] for e in entries if e.relpath in latest], np.int64)
+    columns: dict[str, np.ndarray | StackedRows] = {
+        name: np.concatenate([np.asarray(p[name]) for p in parts])[rows] for name in COLUMNS if name != "embeddings"}
+    stacked = StackedRows([p["embeddings"] for p in parts])
+    columns["embeddings"] = _Selected(stacked, rows)
+    return columns, len(rows)
+
+
+class _Selected(StackedRows):
+    """Some rows of a StackedRows, renumbered 0..n-1."""
+
+    def __init__(self, source: StackedRows, rows: np.ndarray):
+        self.source, self.rows = source, rows
+        self.shape = (len(rows), source.shape[1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.source.take(self.rows[rows])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.take(np.asarray(rows))
 
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
                 bucket_by: str = "classifier", rebuild: bool = False, progress: bool = True,
-                pipeline: Pipeline | None = None, chunk_rows: int = 256) -> BuildSummary:
-    """Create or update the cache at `out` for the images under `gallery`.
-
-    Progress is saved every `chunk_rows` embedded images (the most an interruption can lose).
-    """
+                pipeline: Pipeline | None = None, engine: Engine | None = None) -> BuildSummary:
+    """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time)."""
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
     if bucket_by not in ("classifier", "label"):
-        raise ValueError(f"--bucket-by {bucket_by}: use classifier or label")
-    entries = scan_gallery(gallery, labels_file)
+        raise CacheError(f"--bucket-by {bucket_by}: use classifier or label")
+    entries, skipped = scan_gallery(gallery, labels_file)
     pipeline = pipeline or build_pipeline(config)
-    wanted = fingerprint(pipeline, bucket_by)
+    engine = engine or LocalEngine(pipeline)
+    wanted = fingerprint(engine.describe(), bucket_by)
+    with BuildLock(out):
+        previous: CacheData | None = None
+        if (out / "CURRENT").is_file() and not rebuild:
+            previous = load_cache(out)
+            refuse_other_pipeline(previous.manifest, wanted, out)
+        pending = PendingChunks(out, wanted)
 
-    previous: CacheData | None = None
-    if (out / "CURRENT").is_file() and not rebuild:
-        previous = load_cache(out, mmap=False)
-        changed = differences(previous.manifest["fingerprint"], wanted)
-        if changed:
-            raise CacheError(f"{out}: this cache was built with another pipeline ({'; '.join(changed[:3])}); "
-                             "use another --out, or --rebuild to replace it")
-    pending = PendingChunks(out, wanted)
+        # Rows already embedded (by the previous generation or an interrupted build), keyed by path.
+        known: dict[str, tuple[int, int]] = {}
+        for part in ([previous.columns] if previous else []) + pending.load():
+            known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
+        stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
+        labels = {e.relpath: e.label for e in entries}
+        todo = [e.relpath for e in entries
+                if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
+        summary = BuildSummary(reused=len(entries) - len(todo), skipped=list(skipped))
+        summary.removed = len(set(known) - set(labels)) if previous else 0
 
-    # Rows already embedded (by the previous generation or an interrupted build), keyed by path.
-    parts = ([previous.columns] if previous else []) + pending.load()
-    known = concat_columns(parts) if parts else None
-    index = {}
-    if known is not None:
-        for row, path in enumerate(known["paths"].tolist()):
-            index[path] = row  # later parts (pending chunks) win
-    stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
-    labels = {e.relpath: e.label for e in entries}
+        topk = config.class_topk if config.uses_classifier else 0
+        embedding_started = time.perf_counter()
+        _embed_missing(engine, todo, gallery, ChunkWriter(pending, labels, stats, topk), summary, progress)
+        summary.phases["embed"] = time.perf_counter() - embedding_started
+        summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
 
-    def is_current(entry: GalleryEntry) -> bool:
-        row = index.get(entry.relpath)
-        return row is not None and known["sizes"][row] == stats[entry.relpath].st_size \
-            and known["mtimes"][row] == stats[entry.relpath].st_mtime_ns
-
-    todo = [e.relpath for e in entries if not is_current(e)]
-    summary = BuildSummary(reused=len(entries) - len(todo))
-    summary.removed = len(set(index) - set(labels)) if previous else 0
-
-    topk = config.class_topk if config.uses_classifier else 0
-    chunk: list[Item] = []
-    bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
-
-    def save(items: list[Item]) -> None:
-        dim = items[0].embedding.shape[0] if items else 0
-        pending.append(_row_columns(items, labels, stats, dim, topk))
-
-    def on_batch(items: list[Item]) -> None:
-        chunk.extend(item for item in items if item.error is None)
-        summary.skipped.extend({"path": item.path, "reason": item.error} for item in items if item.error)
-        bar.update(len(items))
-        if len(chunk) >= chunk_rows:
-            save(chunk)
-            chunk.clear()
-
-    embedding_started = time.perf_counter()
-    for _ in pipeline.run(todo, root=gallery, on_batch=on_batch):
-        pass
-    if chunk:
-        save(chunk)
-    bar.close()
-    summary.phases["embed"] = time.perf_counter() - embedding_started
-    summary.embedded = len(todo) - len(summary.skipped)
-
-    # Publish: every current gallery image's newest row, in gallery order.
-    parts = ([previous.columns] if previous else []) + pending.load()
-    merged = concat_columns(parts) if parts else None
-    latest = {path: row for row, path in enumerate(merged["paths"].tolist())} if merged is not None else {}
-    rows = np.array([latest[e.relpath] for e in entries if e.relpath in latest], np.int64)
-    if merged is None or len(rows) == 0:
-        raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
-    columns = select_rows(merged, rows)
-    columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
-    if bucket_by == "label":
-        columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
-    manifest = {
-        "fingerprint": wanted, "config": config.cache_part(), "gallery_root": str(gallery),
-        "labels_file": str(labels_file) if labels_file else None, "bucket_by": bucket_by,
-        "dim": int(columns["embeddings"].shape[1]), "skipped": summary.skipped,
-        "class_names": _class_names(columns, pipeline, bucket_by), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if topk and bucket_by == "classifier":
-        # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
-        choosing_started = time.perf_counter()
-        chosen = choose_policy(columns)
-        manifest["default_buckets"] = str(chosen) if chosen else "flat"
-        manifest["fused_weight"] = chosen.weight if chosen and chosen.kind == "fused" else None
-        summary.phases["choose_policy"] = time.perf_counter() - choosing_started
-    write_generation(out, manifest, columns)
-    pending.clear()
+        columns, count = _merge(previous, pending.load(), entries)
+        if count == 0:
+            raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
+        columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
+        if bucket_by == "label":
+            columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
+        default_policy, fused_weight = "flat", None
+        if topk and bucket_by == "classifier":
+            # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
+            choosing_started = time.perf_counter()
+            chosen = choose_policy(columns)
+            default_policy = str(chosen) if chosen else "flat"
+            fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
+            summary.phases["choose_policy"] = time.perf_counter() - choosing_started
+        manifest = Manifest(
+            fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
+            dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
+            class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
+            fused_weight=fused_weight, labels_file=str(labels_file) if labels_file else None,
+            skipped=summary.skipped, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_generation(out, manifest, columns)
+        pending.clear()
     summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
-    summary.images = len(rows)
-    summary.buckets = len(np.unique(columns["label_classes"] if bucket_by == "label" else columns["classes"][:, :1])) \
-        if topk else 0
+    summary.images = count
+    summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _class_names(columns: dict[str, np.ndarray], pipeline: Pipeline, bucket_by: str) -> dict[str, str]:
+def _class_names(columns: dict, pipeline: Pipeline, bucket_by: str) -> dict[str, str]:
     """Readable names of every class that can name a bucket in this cache."""
     stage = pipeline.stage("classify")
     if stage is None:

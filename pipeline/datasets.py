@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import UserError
 from pipeline.gallery import folder_label, list_images, read_label_map
 
 
@@ -48,7 +49,7 @@ def extract_zip(archive: Path) -> Path:
         with zipfile.ZipFile(archive) as zipped:
             zipped.extractall(staging)
     except zipfile.BadZipFile as err:
-        raise ValueError(f"{archive}: not a readable zip ({err})") from None
+        raise UserError(f"{archive}: not a readable zip ({err})") from None
     os.replace(staging, target)  # atomic: a crash mid-extraction leaves no half folder behind
     return target
 
@@ -78,14 +79,14 @@ def load_labelled(spec: str | Path, labels_file: str | Path | None = None) -> La
         pairs = [(p, folder_label(p)) for p in paths]
     pairs = [(p, label) for p, label in pairs if label is not None]
     if not pairs:
-        raise ValueError(f"{spec}: no labelled images (expected <label>/<image> folders or a label map)")
+        raise UserError(f"{spec}: no labelled images (expected <label>/<image> folders or a label map)")
     return LabelledSet(root, [p for p, _ in pairs], [label for _, label in pairs])
 
 
 def split_queries(data: LabelledSet, query_fraction: float, seed: int) -> tuple[LabelledSet, LabelledSet]:
     """(gallery, queries): a seeded per-label split; each label with 2+ images gives at least one query."""
     if not 0 < query_fraction < 1:
-        raise ValueError(f"--query-fraction {query_fraction}: must be between 0 and 1")
+        raise UserError(f"--query-fraction {query_fraction}: must be between 0 and 1")
     rng = np.random.default_rng(seed)
     labels = np.array(data.labels)
     query_rows = []
@@ -103,7 +104,7 @@ def split_labels(data: LabelledSet, holdout: int, seed: int) -> tuple[LabelledSe
     """(seen, held out): `holdout` labels chosen with `seed` never appear in the first set."""
     names = sorted(set(data.labels))
     if not 0 < holdout < len(names):
-        raise ValueError(f"--holdout-labels {holdout}: must be between 1 and {len(names) - 1}")
+        raise UserError(f"--holdout-labels {holdout}: must be between 1 and {len(names) - 1}")
     held = set(np.random.default_rng(seed).permutation(names)[:holdout].tolist())
     return (data.subset([i for i, label in enumerate(data.labels) if label not in held]),
             data.subset([i for i, label in enumerate(data.labels) if label in held]))

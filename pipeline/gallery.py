@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.errors import UserError
 from pipeline.images import IMAGE_EXTENSIONS
 
 
@@ -34,14 +35,15 @@ def read_label_map(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the label map ({err})") from None
+        raise UserError(f"{path}: cannot read the label map ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a label map must be a JSON object {{\"file.jpg\": \"label\"}}")
+        raise UserError(f"{path}: a label map must be a JSON object {{\"file.jpg\": \"label\"}}")
     return {str(key): str(value) for key, value in data.items()}
 
 
-def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> list[GalleryEntry]:
-    """Every image under `root` with its label (from `labels_file`, else its parent folder, else None)."""
+def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[GalleryEntry], list[dict]]:
+    """Every image under `root` with its label (from `labels_file`, else its parent folder, else None), and the
+    entries left out ({path, reason})."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: gallery folder does not exist")
@@ -49,8 +51,8 @@ def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> lis
     if labels_file is not None:
         mapping = read_label_map(Path(labels_file))
         # Keys may be paths relative to the root or bare file names.
-        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]
-    return [GalleryEntry(p, folder_label(p)) for p in paths]
+        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths], []
+    return [GalleryEntry(p, folder_label(p)) for p in paths], []
 
 
 def folder_label(relpath: str) -> str | None:

@@ -11,6 +11,7 @@ from cache.search import Searcher
 from models.classifier import Classifier
 from models.detector import Detector
 from models.embedders import create_embedder
+from models.errors import UserError
 from models.registry import resolve_spec
 from pipeline.config import PipelineConfig
 from pipeline.images import ImageLoadError, load_image
@@ -50,7 +51,9 @@ class Pipeline:
         return next((s for s in self.stages if s.name == name), None)
 
     def describe(self) -> dict:
-        return {stage.name: stage.describe() for stage in self.stages}
+        """What the stages that shape a stored row do (models, weights, preprocessing): the cache fingerprint's core.
+        The retrieve stage stores nothing and is left out."""
+        return {stage.name: stage.describe() for stage in self.stages if not isinstance(stage, RetrieveStage)}
 
     def _load(self, path: str, root: Path | None) -> Item:
         item = Item(path)
@@ -97,6 +100,9 @@ def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> 
 
     When the classifier and the embedder name the same model, one forward serves both.
     """
+    policy = parse_policy(config.buckets) if searcher is not None else None  # a bad policy fails before models load
+    if policy is not None and policy.uses_buckets and not config.uses_classifier:
+        raise UserError(f"bucket policy '{config.buckets}' needs a classifier; use --buckets flat")
     pool = loader_pool(config.workers)
     stages: list[Stage] = []
     if config.crop:
@@ -111,10 +117,7 @@ def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> 
     if classifier is None or classifier.spec != embed_spec:
         stages.append(EmbedStage(create_embedder(embed_spec, config.device, config.runtime), pool))
     if searcher is not None:
-        policy = parse_policy(config.buckets)
-        if policy.uses_buckets and classifier is None:
-            raise ValueError(f"bucket policy '{config.buckets}' needs a classifier; use --buckets flat")
-        names = searcher.data.manifest.get("class_names", {})
+        names = searcher.data.manifest.class_names
         stages.append(RetrieveStage(searcher, policy, config.k,
                                     lambda key: names.get(str(key), classifier.class_name(key)
                                                           if classifier else str(key))))

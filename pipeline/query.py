@@ -1,33 +1,45 @@
-"""Opening a cache for queries: the pipeline recorded in the cache, with query-time options on top."""
+"""Opening a cache for queries: the pipeline recorded in the cache, with query-time options on top.
+
+The pipeline that answers must be the one that built the cache (same models, weights and preprocessing): its
+fingerprint is checked against the manifest's, with the message build-cache gives.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from cache.policies import parse_policy, resolve_auto
+from cache.manifest import CacheError, refuse_other_pipeline
+from cache.policies import resolve_auto
 from cache.search import Searcher
-from cache.store import CacheData, CacheError, load_cache
+from cache.store import CacheData, load_cache
+from pipeline.build import fingerprint
 from pipeline.config import CACHE_FIELDS, PipelineConfig
 from pipeline.pipeline import Pipeline, build_pipeline
 
 
 def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     """The cache's pipeline plus `overrides`; an override that would change the cache is refused."""
-    recorded = data.manifest["config"]
+    recorded = data.manifest.config
     conflicts = [f"{name} {overrides[name]!r} (cache: {recorded.get(name)!r})" for name in CACHE_FIELDS
                  if overrides.get(name) is not None and overrides[name] != recorded.get(name)]
     if conflicts:
         raise CacheError(f"{data.root}: built with another pipeline; you asked for {', '.join(conflicts)}. "
                          "Drop those options or build a cache with them")
+    unknown = sorted(set(recorded) - set(CACHE_FIELDS))
+    if unknown or not recorded:
+        raise CacheError(f"{data.root}: the manifest's config {'has unknown fields ' + ', '.join(unknown) if unknown else 'is empty'}; "
+                         "rebuild the cache with build-cache --rebuild")
     config = PipelineConfig.from_dict(recorded)
     query_options = {k: v for k, v in overrides.items() if k not in CACHE_FIELDS and v is not None}
     config = replace(config, **query_options)
-    config.buckets = resolve_auto(config.buckets, data.manifest) if config.uses_classifier else "flat"
-    parse_policy(config.buckets)  # a bad policy fails before any model loads
+    config.buckets = resolve_auto(config.buckets, data.manifest.default_policy) if config.uses_classifier else "flat"
     return config
 
 
 def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
+    """The cache's pipeline with a retrieve stage, refused when its models are not the ones that built the cache."""
     data = load_cache(cache_dir)
     config = query_config(data, overrides or {})
-    return build_pipeline(config, Searcher(data)), config
+    pipeline = build_pipeline(config, Searcher(data))
+    refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), cache_dir)
+    return pipeline, config

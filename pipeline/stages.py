@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
+from cache.buckets import bucket_keys
 from cache.policies import BucketPolicy
-from cache.search import FLAT, Searcher
+from cache.search import WHOLE_GALLERY, Searcher
 from models.classifier import Classifier
 from models.detector import Detector, choose_box, pad_box
 from models.embedders import Embedder
@@ -75,14 +76,14 @@ class CropStage(Stage):
 class ClassifyStage(TensorStage):
     """Top-k ImageNet classes; with `embed=True` the same forward also gives the embedding."""
 
-    def __init__(self, classifier: Classifier, k: int, pool: ThreadPoolExecutor, embed: bool = False):
+    def __init__(self, classifier: Classifier, classes_kept: int, pool: ThreadPoolExecutor, embed: bool = False):
         super().__init__("classify", classifier.transform, pool)
         self.classifier = classifier
-        self.k = k
+        self.classes_kept = classes_kept
         self.embed = embed
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        prediction = self.classifier.predict(self.batch(items), self.k)
+        prediction = self.classifier.predict(self.batch(items), self.classes_kept)
         if self.embed:
             embeddings = torch.nn.functional.normalize(prediction.pooled, dim=-1).numpy()
         for i, item in enumerate(items):
@@ -93,7 +94,7 @@ class ClassifyStage(TensorStage):
         return items
 
     def describe(self) -> dict:
-        return {"classifier": self.classifier.describe(), "k": self.k, "embeds": self.embed}
+        return {"classifier": self.classifier.describe(), "k": self.classes_kept, "embeds": self.embed}
 
 
 class EmbedStage(TensorStage):
@@ -137,12 +138,10 @@ class RetrieveStage(Stage):
 
     def _bucket_of(self, row: int, searched: list[int]) -> str | None:
         """The searched bucket this gallery image was found in (its own top class for flat search)."""
-        columns = self.searcher.data.columns
-        if self.searcher.data.manifest.get("bucket_by") == "label":
-            own = [int(columns["label_classes"][row])]
-        else:
-            own = [int(c) for c in columns["classes"][row][:self.policy.gallery_classes]]
+        data = self.searcher.data
+        own = bucket_keys({name: data.columns[name][row:row + 1] for name in ("classes", "label_classes")},
+                          data.manifest.bucket_by, self.policy.gallery_classes)[0].tolist()
         if not own:
             return None
-        found = [key for key in own if key in searched] if FLAT not in searched else []
+        found = [key for key in own if key in searched] if WHOLE_GALLERY not in searched else []
         return self.bucket_name(found[0] if found else own[0])

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import cache.store
+import pipeline.build
 from cache.policies import parse_policy
 from cache.search import Searcher
-from cache.store import CacheError, load_cache
+from cache.store import CacheError, PendingChunks, load_cache
 from pipeline.build import build_cache
+from pipeline.items import Item
 from pipeline.pipeline import build_pipeline
 from pipeline.query import open_query_pipeline
 from tests.conftest import draw_shape
@@ -35,7 +38,7 @@ def test_bad_files_are_skipped_and_reported_not_fatal(gallery, tiny_config, tmp_
     summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
     assert summary.images == 18
     assert {s["path"] for s in summary.skipped} == {"red_circles/empty.jpg", "red_circles/notes.png"}
-    assert load_cache(tmp_path / "cache").manifest["skipped"] == summary.skipped
+    assert load_cache(tmp_path / "cache").manifest.skipped == summary.skipped
 
 
 def test_update_embeds_only_new_and_changed_and_drops_deleted(gallery, tiny_config, tmp_path):
@@ -53,30 +56,51 @@ def test_update_embeds_only_new_and_changed_and_drops_deleted(gallery, tiny_conf
     assert len(list(out.glob("gen-*"))) == 1  # the superseded generation is gone
 
 
-def test_interrupted_build_resumes_from_saved_chunks(gallery, tiny_config, tmp_path, monkeypatch):
-    out = tmp_path / "cache"
-    config = tiny_config  # batches of 4 images
-    pipeline = build_pipeline(config)
-    embed = pipeline.stages[-1]
-    calls = {"n": 0}
-    original = type(embed).__call__
+def pending_rows(out: Path) -> int:
+    return sum(len(np.load(path)["paths"]) for path in (out / "pending").glob("chunk-*.npz"))
 
-    def crash_on_third_batch(self, items):
+
+def crash_on_third_batch(monkeypatch, pipeline, error=KeyboardInterrupt):
+    """Make the pipeline's last stage raise on its third batch; returns the undo."""
+    embed = pipeline.stages[-1]
+    original, calls = type(embed).__call__, {"n": 0}
+
+    def crashing(self, items):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            raise error
         return original(self, items)
 
-    monkeypatch.setattr(type(embed), "__call__", crash_on_third_batch)
+    monkeypatch.setattr(type(embed), "__call__", crashing)
+    return lambda: monkeypatch.setattr(type(embed), "__call__", original)
+
+
+def test_ctrl_c_saves_the_finished_images_and_the_rerun_resumes(gallery, tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    pipeline = build_pipeline(tiny_config)  # batches of 4 images
+    undo = crash_on_third_batch(monkeypatch, pipeline)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(gallery, out, config, progress=False, pipeline=pipeline, chunk_rows=4)
+        build_cache(gallery, out, tiny_config, progress=False, pipeline=pipeline)
     assert not (out / "CURRENT").exists()
-    saved = len(list((out / "pending").glob("chunk-*.npz")))
-    assert saved == 2
-    monkeypatch.setattr(type(embed), "__call__", original)
-    summary = build_cache(gallery, out, config, progress=False, pipeline=pipeline, chunk_rows=4)
+    assert pending_rows(out) == 8  # two finished batches, saved although far from a full chunk
+    undo()
+    summary = build_cache(gallery, out, tiny_config, progress=False, pipeline=pipeline)
     assert summary.reused == 8 and summary.embedded == 10 and summary.images == 18
     assert not (out / "pending").exists()
+
+
+def test_slow_builds_save_chunks_by_time(gallery, tmp_path, monkeypatch):
+    """A few images embedded over more than CHUNK_SECONDS are saved then, not when CHUNK_ROWS are reached."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(pipeline.build.time, "monotonic", lambda: clock["now"])
+    paths = sorted(p.relative_to(gallery).as_posix() for p in gallery.rglob("*.png"))[:3]
+    stats = {p: (gallery / p).stat() for p in paths}
+    writer = pipeline.build.ChunkWriter(PendingChunks(tmp_path / "cache", {}), dict.fromkeys(paths), stats, topk=0)
+    writer.add([Item(paths[0], embedding=np.ones(4, np.float32))])
+    assert pending_rows(tmp_path / "cache") == 0  # neither full nor old
+    clock["now"] = pipeline.build.CHUNK_SECONDS + 1
+    writer.add([Item(p, embedding=np.ones(4, np.float32)) for p in paths[1:]])
+    assert pending_rows(tmp_path / "cache") == 3
 
 
 def test_crash_while_publishing_keeps_the_last_good_cache(gallery, tiny_config, tmp_path, monkeypatch):
@@ -121,7 +145,7 @@ def test_bucket_by_label_uses_the_folder_class(tmp_path, tiny_config):
     build_cache(root, tmp_path / "cache", tiny_config, bucket_by="label", progress=False)
     data = load_cache(tmp_path / "cache")
     assert sorted(set(data.columns["label_classes"].tolist())) == [288, 404]
-    assert data.manifest["class_names"]["404"] == "airliner"
+    assert data.manifest.class_names["404"] == "airliner"
     searcher = Searcher(data)
     hits = searcher.search(data.columns["embeddings"][0], parse_policy("top1"), 5, np.array([404]), np.ones(1))
     assert set(data.columns["labels"][hits.rows].tolist()) == {"n02690373"}
@@ -168,3 +192,5 @@ def test_new_weights_in_the_same_file_are_detected(gallery, tiny_config, tmp_pat
     save(2)  # same path, other weights
     with pytest.raises(CacheError, match="weights: 'sha256:"):
         build_cache(gallery, tmp_path / "cache", config, progress=False)
+    with pytest.raises(CacheError, match="weights: 'sha256:"):  # a query refuses it with the same message
+        open_query_pipeline(tmp_path / "cache", {})

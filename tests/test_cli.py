@@ -44,7 +44,7 @@ def test_default_policy_is_the_one_the_cache_chose(built, gallery):
 
     result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built), "--json"])
     assert result.exit_code == 0, result.output
-    chosen = load_cache(built).manifest["default_buckets"]
+    chosen = load_cache(built).manifest.default_policy
     assert json.loads(result.stdout)[0]["buckets"] == chosen != "auto"
 
 

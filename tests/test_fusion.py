@@ -1,10 +1,13 @@
 """`auto` and the fused weight are chosen on the gallery: buckets are used only where they lose nothing."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from cache.autopolicy import FLAT, Score, choose_policy, fit_weights, loo_scores, not_worse
+from cache.manifest import Manifest
 from cache.metrics import map_at_r, precision_at_k
 from cache.policies import parse_policy, resolve_auto
 from cache.search import Searcher
@@ -50,11 +53,14 @@ def test_unlabelled_gallery_has_no_choice():
     assert choose_policy(columns) is None and fit_weights(columns, [parse_policy("fused:3")]) == {}
 
 
-def test_fitted_weights_are_from_the_grid_and_keep_the_rest_of_the_policy():
+def test_fitted_weight_ranks_at_least_as_well_as_the_unfitted_ones_and_keeps_the_policy():
+    columns = gallery_columns(informative_classes=True)
     policy = parse_policy("fused:10~0.8+soft:3")
-    fitted = fit_weights(gallery_columns(informative_classes=True), [policy])[policy]
-    assert fitted.weight in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0) and fitted == parse_policy(str(fitted))
+    fitted = fit_weights(columns, [policy])[policy]
     assert (fitted.query_classes, fitted.nucleus, fitted.gallery_classes) == (10, 0.8, 3)
+    others = [parse_policy(f"fused:10~0.8@{w}+soft:3") for w in (0, 0.5)]
+    scores = loo_scores(columns, [fitted, *others])
+    assert all(scores[fitted].map_at_r >= scores[other].map_at_r for other in others)
 
 
 @pytest.mark.parametrize("text", ["flat", "fused:10~0.8@0.5+soft:3", "fused:5@0+soft:7", "fused:10~0.95@0.25+soft:10"])
@@ -63,7 +69,7 @@ def test_leave_one_out_scores_match_searching_query_by_query(tmp_path, text):
     columns = gallery_columns(informative_classes=True, per_label=15)
     policy = parse_policy(text)
     score = loo_scores(columns, [policy])[policy]
-    searcher = Searcher(CacheData(tmp_path, {}, columns))
+    searcher = Searcher(CacheData.in_memory(columns, tmp_path))
     labels, count = columns["labels"], len(columns["labels"])
     relevance, candidates = np.zeros((count, count - 1), bool), 0
     for row in range(count):
@@ -100,8 +106,11 @@ def test_paired_sign_count_decides_eligibility(losses, wins, map_gain, eligible)
     assert not_worse(*sign_case(losses, wins, map_gain)) is eligible
 
 
-@pytest.mark.parametrize("text, manifest, expected", [
-    ("auto", {"default_buckets": "fused:10~0.8@0+soft:7"}, "fused:10~0.8@0+soft:7"),
-    ("auto", {}, "flat"), ("topk:3", {"default_buckets": "flat"}, "topk:3")])
-def test_auto_resolves_to_the_caches_choice(text, manifest, expected):
-    assert resolve_auto(text, manifest) == expected
+def test_a_format_1_manifest_reads_its_auto_choice():
+    """Caches built before format 2 recorded the choice as `default_buckets`; `auto` still means it."""
+    old = {"format_version": 1, "fingerprint": {}, "config": {"classifier": "mobilenetv2"}, "gallery_root": "/g",
+           "count": 0, "dim": 4, "default_buckets": "fused:10~0.8@0+soft:7", "fused_weight": 0}
+    manifest = Manifest.from_json(json.dumps(old), "old cache")
+    assert resolve_auto("auto", manifest.default_policy) == "fused:10~0.8@0+soft:7"
+    assert manifest.weight_for(None) == 0  # a fitted weight of 0 stays 0
+    assert resolve_auto("topk:3", manifest.default_policy) == "topk:3"

@@ -24,7 +24,7 @@ REQUIRED = ("forward_images_per_s", "build_images_per_s", "naive_images_per_s", 
 def synthetic_data(tmp_path, count: int) -> CacheData:
     vectors, classes, _ = synthetic(count)
     columns = {"embeddings": vectors, "classes": classes, "paths": np.arange(count).astype(str)}
-    return CacheData(tmp_path, {"bucket_by": "classifier"}, columns)
+    return CacheData.in_memory(columns, tmp_path)
 
 
 def recall_at_5(searcher: Searcher, truth: Searcher, queries: np.ndarray) -> float:

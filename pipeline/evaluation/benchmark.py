@@ -22,6 +22,7 @@ from cache.metrics import cmc_curve, compute_metrics
 from cache.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
 from cache.search import Searcher
 from cache.store import load_cache
+from models.errors import UserError
 from models.registry import NO_CLASSIFIER
 from models.weights import WeightsUnavailable
 from pipeline.build import build_cache, fingerprint
@@ -55,7 +56,7 @@ def make_grid(classifiers: list[str], embedders: list[str], buckets: list[str], 
     """Every combination; without a classifier only flat search makes sense."""
     for crop in crops:
         if crop not in ("off", "on"):
-            raise ValueError(f"--crop {crop}: use off, on or off,on")
+            raise UserError(f"--crop {crop}: use off, on or off,on")
     for policy in buckets:
         if policy != AUTO:
             parse_policy(policy)
@@ -69,7 +70,7 @@ def read_grid_file(path: str | Path) -> dict[str, list[str]]:
 
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a grid file maps classifier/embedder/buckets/crop to lists")
+        raise UserError(f"{path}: a grid file maps classifier/embedder/buckets/crop to lists")
     def text(value) -> str:  # YAML reads off/on as booleans
         return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
@@ -105,7 +106,7 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
     config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
     pipeline = build_pipeline(config)
     # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
-    key = hashlib.sha1(json.dumps(fingerprint(pipeline, "classifier"), sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
     cache_dir = out / "caches" / key
     summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline)
     data = load_cache(cache_dir)
@@ -115,7 +116,7 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
     batch_seconds = time.perf_counter() - started
     failed = [item for item in items if item.error]
     if failed:
-        raise ValueError(f"{len(failed)} query images unreadable, e.g. {failed[0].path}: {failed[0].error}")
+        raise UserError(f"{len(failed)} query images unreadable, e.g. {failed[0].path}: {failed[0].error}")
     single = []
     for path in paths[:latency_samples]:  # one image at a time, as a user's query runs
         started = time.perf_counter()
@@ -165,7 +166,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
     elif gallery and queries:
         gallery_set, query_set = load_labelled(gallery, gallery_labels), load_labelled(queries, query_labels)
     else:
-        raise ValueError("give --data DIR|ZIP, or both --gallery and --queries")
+        raise UserError("give --data DIR|ZIP, or both --gallery and --queries")
     gallery_dir = link_tree(gallery_set, out / "gallery")
     base = PipelineConfig(device=device)
     report = {"data": {"source": data or {"gallery": gallery, "queries": queries}, "gallery": len(gallery_set),
@@ -190,7 +191,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
             continue
         reports.group_pictures(run, group_cells[0], out)
         # Fused cells without @W get their weight fitted on the gallery (without labels: the cache's weight).
-        policies = [parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest)) for cell in group_cells]
+        policies = [parse_policy(resolve_auto(cell.buckets, run.searcher.data.manifest.default_policy)) for cell in group_cells]
         fitted = fit_weights(run.searcher.data.columns,
                              [p for p in dict.fromkeys(policies) if p.kind == "fused" and p.weight is None], seed)
         for cell, policy in zip(group_cells, policies):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import UserError
 from pipeline.evaluation.environment import environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +181,7 @@ def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
         items = list(pipeline.run([path]))
         warm.append((time.perf_counter() - started) * 1000)
         if items[0].error or not items[0].results:
-            raise RuntimeError(f"speed: query {path} failed: {items[0].error}")
+            raise UserError(f"speed: query {path} failed: {items[0].error}")
     return warm
 
 
@@ -264,6 +265,7 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
 
 def make_synthetic_cache(folder: Path, count: int) -> None:
     """A real cache generation (written by cache.store) holding `count` synthetic rows."""
+    from cache.manifest import Manifest
     from cache.store import write_generation
 
     vectors, classes, _ = synthetic(count)
@@ -274,8 +276,8 @@ def make_synthetic_cache(folder: Path, count: int) -> None:
         "probs": np.tile(np.array([0.8, 0.15, 0.05], np.float32), (count, 1)),
         "boxes": np.full((count, 4), np.nan, np.float32), "embeddings": vectors,
     }
-    write_generation(folder, {"fingerprint": {}, "config": {}, "gallery_root": str(folder), "bucket_by": "classifier",
-                              "dim": SYNTHETIC_DIM}, columns)
+    write_generation(folder, Manifest(fingerprint={}, config={}, gallery_root=str(folder), count=count,
+                                      dim=SYNTHETIC_DIM), columns)
 
 
 def _memory() -> dict:
@@ -386,9 +388,9 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
 
     echo = echo or (lambda line: None)
     root = resolve_data(gallery)
-    entries = scan_gallery(root)
+    entries, _ = scan_gallery(root)
     if not entries:
-        raise ValueError(f"{gallery}: no images")
+        raise UserError(f"{gallery}: no images")
     report = {"environment": environment(config.device), "config": config.to_dict(), "gallery": str(root), "images": len(entries)}
     started = time.perf_counter()
     pipeline = build_pipeline(config)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.errors import UserError
+
 LOSSES = ("contrastive", "triplet")
 MINERS = ("batch-hard", "semi-hard", "all")
 AUGMENTS = ("off", "trivial")
@@ -42,14 +44,14 @@ class TrainConfig:
         choices = {"loss": LOSSES, "miner": MINERS, "augment": AUGMENTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)}: use one of {', '.join(allowed)}")
+                raise UserError(f"--{name} {getattr(self, name)}: use one of {', '.join(allowed)}")
         if self.holdout_labels is not None and self.holdout_images is not None:
-            raise ValueError("--holdout-labels and --holdout-images: choose one way to split validation")
+            raise UserError("--holdout-labels and --holdout-images: choose one way to split validation")
         positive = {"embedding_size": 0, "classes_per_batch": 2, "images_per_class": 2, "epochs": 0,
                     "patience": 1}
         for name, least in positive.items():
             if getattr(self, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
         if self.margin is None:
             self.margin = DEFAULT_MARGIN[self.loss]
         if self.image_size is not None:
@@ -62,9 +64,9 @@ def parse_ratio(text: str) -> tuple[int, int]:
     try:
         pos, neg = (int(part) for part in text.split(":"))
     except ValueError:
-        raise ValueError(f"--pair-ratio {text}: use POSITIVE:NEGATIVE, e.g. 1:1 or 1:3") from None
+        raise UserError(f"--pair-ratio {text}: use POSITIVE:NEGATIVE, e.g. 1:1 or 1:3") from None
     if pos < 1 or neg < 1:
-        raise ValueError(f"--pair-ratio {text}: both parts must be at least 1")
+        raise UserError(f"--pair-ratio {text}: both parts must be at least 1")
     return pos, neg
 
 
@@ -77,5 +79,5 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or min(parts) < 8:
-        raise ValueError(f"--image-size {text}: use SIZE or HEIGHTxWIDTH, at least 8 pixels")
+        raise UserError(f"--image-size {text}: use SIZE or HEIGHTxWIDTH, at least 8 pixels")
     return (parts[0], parts[-1])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -26,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.metrics import METRICS, rank_by_score, relevance_matrix
+from cache.metrics import METRICS, leave_one_out
+from models.errors import UserError
+from models.files import atomic_write
 from models.finetuned import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -77,11 +78,11 @@ def split_data(config: TrainConfig) -> tuple[LabelledSet, LabelledSet]:
             other = load_labelled(config.val_data)
             val = other.subset([i for i, label in enumerate(other.labels) if label in held])
             if not len(val):
-                raise ValueError(f"--val-data {config.val_data}: no images of the held-out labels")
+                raise UserError(f"--val-data {config.val_data}: no images of the held-out labels")
         return train, val
     if config.val_data:
         if config.holdout_images is not None:
-            raise ValueError("--val-data and --holdout-images: choose one validation set")
+            raise UserError("--val-data and --holdout-images: choose one validation set")
         return data, load_labelled(config.val_data)
     return split_queries(data, config.holdout_images if config.holdout_images is not None else 0.2, config.seed)
 
@@ -100,7 +101,7 @@ def decode(data: LabelledSet, preprocessing: Preprocessing, what: str, echo: Ech
     names = sorted(set(labels))
     codes = {name: i for i, name in enumerate(names)}
     if not pixels:
-        raise ValueError(f"no readable {what} images")
+        raise UserError(f"no readable {what} images")
     return Decoded(torch.stack(pixels), torch.tensor([codes[label] for label in labels]), names)
 
 
@@ -112,7 +113,7 @@ def trainable(data: LabelledSet, echo: Echo) -> LabelledSet:
         echo(f"excluded from training (a single image each): {', '.join(single)}")
     kept = data.subset([i for i, label in enumerate(data.labels) if counts[label] >= 2])
     if len(set(kept.labels)) < 2:
-        raise ValueError(f"training needs at least two labels with two or more images each; "
+        raise UserError(f"training needs at least two labels with two or more images each; "
                          f"{len(set(kept.labels))} found in {len(data)} images")
     return kept
 
@@ -132,10 +133,8 @@ def embed_all(net: nn.Module, data: Decoded, preprocessing: Preprocessing, devic
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Leave-one-out retrieval: each image ranks all the others by cosine similarity."""
-    scores = embeddings @ embeddings.T
-    np.fill_diagonal(scores, -np.inf)
-    ranked = rank_by_score(scores)[:, :-1]  # the query itself sorts last: drop it
-    relevance = relevance_matrix(ranked, labels, labels)
+    rows = np.arange(len(labels))
+    _, relevance = leave_one_out(embeddings @ embeddings.T, rows, labels, labels)
     n_relevant = np.bincount(labels)[labels] - 1
     return {name: METRICS[name](relevance, n_relevant, len(labels) - 1) for name in VAL_METRICS}
 
@@ -214,13 +213,6 @@ class RunState:
     history: list[dict] | None = None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary sibling then rename: a crash never leaves a half-written file."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 def _rng_state() -> dict:
     """torch, numpy (MPerClassSampler) and python RNG states, as tensors and plain types (weights_only-safe)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -245,7 +237,7 @@ def save_state(run_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer |
     payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
                "run": asdict(state),
                "rng": _rng_state()}
-    _atomic_write(run_dir / STATE_FILE, lambda path: torch.save(payload, path))
+    atomic_write(run_dir / STATE_FILE, lambda path: torch.save(payload, path))
 
 
 def restore_state(run_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -263,7 +255,7 @@ def save_weights(run_dir: Path, net: nn.Module) -> None:
     from safetensors.torch import save_file
 
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in net.state_dict().items()}
-    _atomic_write(run_dir / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    atomic_write(run_dir / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -276,8 +268,8 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(history)
 
-    _atomic_write(run_dir / METRICS_FILE, write_csv)
-    _atomic_write(run_dir / CURVES_FILE, lambda path: plot_curves(history, path))
+    atomic_write(run_dir / METRICS_FILE, write_csv)
+    atomic_write(run_dir / CURVES_FILE, lambda path: plot_curves(history, path))
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -306,7 +298,7 @@ def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer
     parameters = [p for p in net.parameters() if p.requires_grad]
     if not parameters:
         if config.epochs:
-            raise ValueError(f"--backbone {config.backbone} with --embedding-size 0 has nothing to train: "
+            raise UserError(f"--backbone {config.backbone} with --embedding-size 0 has nothing to train: "
                              "add a projection (--embedding-size 128) or evaluate it with --epochs 0")
         return None
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -320,7 +312,7 @@ def _resumed_config(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict]:
         if value is None or value == getattr(config, name):
             continue
         if name not in RESUME_OVERRIDES:
-            raise ValueError(f"--{name.replace('_', '-')}: a resumed run keeps its options; "
+            raise UserError(f"--{name.replace('_', '-')}: a resumed run keeps its options; "
                              f"only {', '.join(RESUME_OVERRIDES)} may change")
         setattr(config, name, value)
     return config, stored["model"]
@@ -347,7 +339,7 @@ def train(config: TrainConfig | None = None, *, resume_dir: Path | None = None, 
         assert config is not None
         run_dir = Path(config.out)
         if (run_dir / STATE_FILE).exists():
-            raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
+            raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
         model = describe_backbone(config.backbone, config.image_size)
         if config.lr is None:
             config.lr = DEFAULT_LR["pretrained" if is_pretrained(model) else "scratch"]
@@ -368,7 +360,7 @@ def train(config: TrainConfig | None = None, *, resume_dir: Path | None = None, 
     else:
         state = RunState(history=[])
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / CONFIG_FILE, lambda path: path.write_text(json.dumps(
+        atomic_write(run_dir / CONFIG_FILE, lambda path: path.write_text(json.dumps(
             {"format": FORMAT_VERSION, "model": model, "embedding_size": config.embedding_size,
              "training": asdict(config)}, indent=1)))
     objective = Objective(config.loss, config.miner, config.margin, parse_ratio(config.pair_ratio))
