@@ -1,0 +1,181 @@
+"""A cache survives crashes at every step of a publish, concurrent builds and readers, and tampered files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cache.store
+from cache.manifest import Manifest
+from cache.store import BuildLock, CacheError, empty_columns, load_cache, write_generation
+from pipeline.build import build_cache
+from tests.conftest import draw_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Crash(BaseException):
+    """An injected process death: nothing after it runs, no except clause of ours catches it."""
+
+
+def crash_at(monkeypatch, point: str) -> None:
+    """Die at one step of a publish: while writing the new generation, before its rename, before CURRENT
+    switches to it, or after that, while old generations and pending chunks are removed."""
+    def die(*args, **kwargs):
+        raise Crash(point)
+
+    if point == "staging":
+        real_write = cache.store._write_npy
+        monkeypatch.setattr(cache.store, "_write_npy",
+                            lambda path, *a: die() if path.name == "embeddings.npy" else real_write(path, *a))
+    elif point == "rename":
+        real_replace = cache.store.os.replace
+        monkeypatch.setattr(cache.store.os, "replace", lambda src, dst: die() if Path(src).is_dir()
+                            else real_replace(src, dst))
+    elif point == "current":
+        real_text = cache.store.write_text_atomic
+        monkeypatch.setattr(cache.store, "write_text_atomic",
+                            lambda path, text: die() if path.name == "CURRENT" else real_text(path, text))
+    elif point == "cleanup":
+        real_rmtree = cache.store.shutil.rmtree
+        monkeypatch.setattr(cache.store.shutil, "rmtree", lambda path, *a, **k: die()
+                            if Path(path).name.startswith(("gen-", "pending")) else real_rmtree(path, *a, **k))
+
+
+@pytest.mark.parametrize("point", ["staging", "rename", "current", "cleanup"])
+@pytest.mark.parametrize("first_build", [True, False])
+def test_a_crash_at_any_publish_step_is_recovered_by_the_next_build(gallery, tiny_config, tmp_path, monkeypatch,
+                                                                    point, first_build):
+    out = tmp_path / "cache"
+    if not first_build:
+        build_cache(gallery, out, tiny_config, progress=False)
+        draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=7)
+    with monkeypatch.context() as patch:
+        crash_at(patch, point)
+        with pytest.raises(Crash):
+            build_cache(gallery, out, tiny_config, progress=False)
+    if not first_build or point == "cleanup":
+        assert len(load_cache(out)) in (18, 19)  # the last good generation (or the new one) answers
+    summary = build_cache(gallery, out, tiny_config, progress=False)
+    assert summary.embedded == 0  # nothing embedded again: the work was in pending/ or published
+    assert len(load_cache(out)) == 19 - first_build
+    assert sorted(p.name for p in out.glob("gen-*")) == [(out / "CURRENT").read_text()]  # no leftovers
+    if point == "rename":  # the crash that used to block every later build, --rebuild included
+        assert build_cache(gallery, out, tiny_config, progress=False, rebuild=True).embedded == 19 - first_build
+
+
+def test_a_second_build_into_the_same_cache_is_refused_naming_the_holder(gallery, tiny_config, tmp_path):
+    out = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from cache.store import BuildLock\n"
+        f"with BuildLock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CacheError, match=rf"another build is writing this cache \(pid {holder.pid} on "):
+            build_cache(gallery, out, tiny_config, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build_cache(gallery, out, tiny_config, progress=False).images == 18  # a dead holder frees the lock
+
+
+def small_columns(count: int, seed: int) -> dict[str, np.ndarray]:
+    columns = empty_columns(8, 3)
+    rng = np.random.default_rng(seed)
+    columns.update(paths=np.array([f"{i}.png" for i in range(count)]), sizes=np.zeros(count, np.int64),
+                   mtimes=np.zeros(count, np.int64), labels=np.array(["a"] * count),
+                   label_classes=np.full(count, -1, np.int32), classes=rng.integers(0, 5, (count, 3)).astype(np.int32),
+                   probs=np.full((count, 3), 0.3, np.float32), boxes=np.zeros((count, 4), np.float32),
+                   embeddings=rng.normal(size=(count, 8)).astype(np.float32))
+    return columns
+
+
+def test_queries_never_fail_while_builds_publish(tmp_path):
+    out = tmp_path / "cache"
+    write_generation(out, Manifest({}, {}, str(tmp_path), 50, 8), small_columns(50, 0))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "from pathlib import Path; from cache.manifest import Manifest; from cache.store import write_generation\n"
+        "from tests.test_cache_hardening import small_columns\n"
+        f"for seed in range(1, 150):\n"
+        f"    write_generation(Path({str(out)!r}), Manifest({{}}, {{}}, {str(tmp_path)!r}, 50, 8), "
+        "small_columns(50, seed))")], cwd=ROOT)
+    opened, failures = 0, []
+    while writer.poll() is None:
+        try:
+            data = load_cache(out)
+            np.asarray(data.columns["embeddings"]).sum()  # every column of the opened generation is readable
+            opened += 1
+        except CacheError as err:
+            failures.append(str(err))
+    assert writer.returncode == 0
+    assert opened > 100 and failures == []
+
+
+@pytest.fixture
+def built(gallery, tiny_config, tmp_path) -> Path:
+    out = tmp_path / "cache"
+    build_cache(gallery, out, tiny_config, progress=False)
+    return out / (out / "CURRENT").read_text()
+
+
+def rewrite_column(generation: Path, name: str, values: np.ndarray, allow_pickle: bool = False) -> None:
+    np.save(generation / f"{name}.npy", values, allow_pickle=allow_pickle)
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "red_circles/../../../x.png"])
+def test_paths_outside_the_gallery_are_refused_as_corrupt(built, path):
+    paths = np.load(built / "paths.npy")
+    paths[3] = path
+    rewrite_column(built, "paths", paths)
+    with pytest.raises(CacheError, match="outside the gallery root"):
+        load_cache(built.parent)
+
+
+def test_a_short_column_an_object_column_and_a_manifest_without_config_are_refused(built):
+    labels = np.load(built / "labels.npy")
+    rewrite_column(built, "labels", labels[:-1])
+    with pytest.raises(CacheError, match="column labels has 17 rows, the manifest says 18"):
+        load_cache(built.parent)
+    rewrite_column(built, "labels", labels.astype(object), allow_pickle=True)
+    with pytest.raises(CacheError, match="column labels is unreadable"):
+        load_cache(built.parent)
+    rewrite_column(built, "labels", labels)
+    manifest = json.loads((built / "manifest.json").read_text())
+    del manifest["config"]
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="lacks config"):
+        load_cache(built.parent)
+    (built.parent / "CURRENT").write_text("../../etc")
+    with pytest.raises(CacheError, match="not a generation"):
+        load_cache(built.parent)
+
+
+def test_rows_are_stored_grouped_by_top1_bucket(built):
+    classes = load_cache(built.parent).columns["classes"][:, 0]
+    changes = int(np.count_nonzero(np.diff(classes)))
+    assert changes == len(np.unique(classes)) - 1  # each bucket one contiguous block
+
+
+def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypatch):
+    """The previous generation is streamed into the new one: gathered a WRITE_ROWS slice at a time."""
+    monkeypatch.setattr(cache.store, "WRITE_ROWS", 64)
+    out = tmp_path / "cache"
+    write_generation(out, Manifest({}, {}, str(tmp_path), 500, 8), small_columns(500, 0))
+    previous = load_cache(out)
+    gathered = []
+    real_take = cache.store.StackedRows.take
+    monkeypatch.setattr(cache.store.StackedRows, "take",
+                        lambda self, rows: gathered.append(len(rows)) or real_take(self, rows))
+    columns = {name: np.asarray(values) for name, values in previous.columns.items()}
+    columns["embeddings"] = cache.store.StackedRows([previous.columns["embeddings"]])
+    write_generation(out, previous.manifest, columns)
+    assert max(gathered) == 64 and sum(gathered) == 500
+    again = load_cache(out)
+    order = np.argsort(previous.columns["paths"])
+    assert np.array_equal(np.asarray(again.columns["embeddings"])[np.argsort(again.columns["paths"])],
+                          np.asarray(previous.columns["embeddings"])[order])
