@@ -11,7 +11,8 @@ from PIL import Image
 
 from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
-from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from models.runtime import (GpuPrecision, has_conv, l2_normalize, prepare_for_inference, resolve_device, seeded,
+                            to_model_input)
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity
 
@@ -26,10 +27,6 @@ class Embedder(Protocol):
     def embed(self, batch: torch.Tensor) -> np.ndarray: ...
 
     def describe(self) -> dict: ...
-
-
-def l2_normalize(features: torch.Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(features.float(), dim=-1).numpy()
 
 
 class TimmEmbedder:

@@ -19,10 +19,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.embedders import l2_normalize
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec, resolve_spec
-from models.runtime import resolve_device
+from models.runtime import l2_normalize, resolve_device
 from models.weights import file_sha256
 
 CONFIG_FILE = "config.json"

@@ -4,9 +4,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
+
+
+def l2_normalize(features: torch.Tensor) -> np.ndarray:
+    """Unit-length float32 rows on the CPU: the one normalisation every embedding goes through."""
+    return torch.nn.functional.normalize(features.detach().float().cpu(), dim=-1).numpy()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

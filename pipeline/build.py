@@ -106,6 +106,8 @@ def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[s
     if topk:
         columns.update(classes=np.stack([item.classes for item in items]).astype(np.int32),
                        probs=np.stack([item.probs for item in items]).astype(np.float32))
+    else:
+        columns.update(classes=np.zeros((len(items), 0), np.int32), probs=np.zeros((len(items), 0), np.float32))
     return columns
 
 

@@ -19,8 +19,11 @@ SHAPES = {"red_circles": ((220, 30, 30), "ellipse"), "blue_squares": ((30, 60, 2
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):
-    """Never reach a hub; keep lookalike's and ultralytics' config out of the home folder."""
+    """Never reach a hub, and see no weights a hub cached on this machine (so "no CLIP weights" holds on a machine
+    that has them too); keep lookalike's and ultralytics' config out of the home folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for variable in ("HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(variable, str(tmp_path_factory.getbasetemp() / "empty-hub-cache" / variable))
     monkeypatch.setenv("LOOKALIKE_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "config"))
     monkeypatch.setenv("LOOKALIKE_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "datasets"))
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lookalike-cache"))

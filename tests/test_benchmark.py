@@ -21,12 +21,13 @@ def test_benchmark_writes_reports_and_pictures(gallery, tmp_path):
     ok = [c for c in report["cells"] if c["status"] == "ok"]
     skipped = [c for c in report["cells"] if c["status"] == "skipped"]
     assert len(ok) == 5  # none+flat, tiny classifier x 4 policies, with the tiny embedder
-    assert len(skipped) == 5 and all("clip" in c["error"] for c in skipped)  # no CLIP weights offline
+    assert len(skipped) == 5 and all("clip" in c["error"] for c in skipped)  # no CLIP weights: the offline fixture hides any hub cache
     maps = [c["metrics"]["MAP@R"] for c in ok]
     assert maps == sorted(maps, reverse=True)
     flat = next(c for c in ok if c["config"]["buckets"] == "flat")
     assert flat["metrics"]["candidate_fraction"] == 1.0 and flat["metrics"]["bucket_hit_rate"] == 1.0
-    assert all(0 <= c["metrics"]["P@1"] <= 1 and c["cost"]["query_ms_p50"] > 0 for c in ok)
+    # three colours of drawn shapes: every query's first result has its colour, under every policy
+    assert all(c["metrics"]["P@1"] == 1.0 and c["cost"]["query_ms_p50"] > 0 for c in ok)
     for name in ("report.md", "cmc.png", "confusion.png", "sheets.png"):
         assert (out / name).stat().st_size > 0, name
     assert len(list(out.glob("*-pr_roc.png"))) == 2 and len(list(out.glob("*-tsne.png"))) == 2

@@ -11,7 +11,7 @@ import pytest
 
 import cache.store
 from cache.manifest import Manifest
-from cache.store import BuildLock, CacheError, empty_columns, load_cache, write_generation
+from cache.store import CacheError, empty_columns, load_cache, write_generation
 from pipeline.build import build_cache
 from tests.conftest import draw_shape
 

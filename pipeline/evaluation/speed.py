@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ def naive_embedder(pipeline):
     """One image at a time, as the reference notebooks: fresh fp32 NCHW copies of the models, no_grad."""
     import torch
 
+    from models.runtime import l2_normalize
     from pipeline.images import load_image
     from pipeline.stages import ClassifyStage, EmbedStage
 
@@ -131,7 +133,7 @@ def naive_embedder(pipeline):
                 features, top = forward(transform(image)[None])
                 top1 = top if top is not None else top1
                 if features is not None:
-                    vector = torch.nn.functional.normalize(features.float().cpu(), dim=-1)[0].numpy()
+                    vector = l2_normalize(features)[0]
         return vector, top1
 
     return run
@@ -354,6 +356,33 @@ def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int 
     return out
 
 
+def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
+    """Peak memory of an incremental build adding `added` rows to the synthetic cache in `folder`: the same merge,
+    `auto` choice and publish as build-cache (the new rows arrive as a pending chunk, as embedded images do)."""
+    from cache.store import load_cache
+    from pipeline.build import _merge
+    from pipeline.gallery import GalleryEntry
+
+    before = _memory()
+    previous = load_cache(folder)
+    count, dim = len(previous), previous.manifest.dim
+    vectors, classes, _ = synthetic(added, seed=1)
+    chunk = {name: np.asarray(previous.columns[name][:added]).copy() for name in previous.columns}
+    chunk.update(paths=np.char.add("new", np.arange(added).astype(str)), embeddings=vectors, classes=classes)
+    entries = [GalleryEntry(p, None) for p in previous.columns["paths"].tolist() + chunk["paths"].tolist()]
+    started = time.perf_counter()
+    columns, rows = _merge(previous, [chunk], entries)
+    from cache.autopolicy import choose_policy
+    from cache.store import write_generation
+
+    choose_policy(columns)
+    write_generation(folder, replace(previous.manifest, count=rows), columns)
+    matrix_mib = count * dim * 4 / 2**20
+    peak = _memory()["VmHWM"] - before["VmRSS"]
+    return {"rows": count, "added": added, "seconds": time.perf_counter() - started, "matrix_mib": matrix_mib,
+            "peak_rss_above_start_mib": peak, "peak_vs_matrix": peak / matrix_mib}
+
+
 def _child(code: str, timeout: float = 1800) -> dict | list:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -371,6 +400,9 @@ def search_sizes_benchmark(sizes: list[int], workdir: Path) -> dict:
                f"make_synthetic_cache(Path({str(folder)!r}), {count}); print('{{}}')")
         results[str(count)] = _child(f"import json; from pathlib import Path; from pipeline.evaluation.speed import "
                                      f"search_benchmark; print(json.dumps(search_benchmark(Path({str(folder)!r}))))")
+        results[str(count)]["incremental_publish"] = _child(
+            f"import json; from pathlib import Path; from pipeline.evaluation.speed import incremental_publish_benchmark;"
+            f" print(json.dumps(incremental_publish_benchmark(Path({str(folder)!r}))))")
     return results
 
 
@@ -490,6 +522,11 @@ def format_report(report: dict, command: str) -> str:
                 f"{s['topk:3']['rss_anon_mib']:.0f} / {s['topk:3']['rss_file_mib']:.0f} | "
                 f"{s['flat']['rss_anon_mib']:.0f} / {s['flat']['rss_file_mib']:.0f} | {s['peak_rss_mib']:.0f} | "
                 f"{s['flat_first_query_s']:.1f} |")
+        lines += ["", "Incremental build adding 100 rows (merge, `auto` choice, publish; fresh process): peak resident "
+                      "memory above the process's start, against one copy of the embedding matrix:", ""]
+        lines += [f"- {int(count):,} rows: peak {s['incremental_publish']['peak_rss_above_start_mib']:.0f} MiB = "
+                  f"{s['incremental_publish']['peak_vs_matrix']:.2f} x the {s['matrix_mib']:.0f} MiB matrix, "
+                  f"{s['incremental_publish']['seconds']:.1f} s" for count, s in report["search"].items()]
         sweeps = {count: s["ivf"]["sweep"] for count, s in report["search"].items() if s.get("ivf")}
         for count, sweep in sweeps.items():
             lines.append("")

@@ -39,7 +39,7 @@ from models.finetuned import (
     is_pretrained,
     read_run_config,
 )
-from models.runtime import resolve_device
+from models.runtime import l2_normalize, resolve_device
 from pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
 from pipeline.images import ImageLoadError, load_image
 from pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio
@@ -128,7 +128,7 @@ def embed_all(net: nn.Module, data: Decoded, preprocessing: Preprocessing, devic
     net.eval()
     chunks = [net(preprocessing.normalize(data.pixels[i:i + batch_size]).to(device)).float().cpu()
               for i in range(0, len(data), batch_size)]
-    return nn.functional.normalize(torch.cat(chunks), dim=-1).numpy()
+    return l2_normalize(torch.cat(chunks))
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
