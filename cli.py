@@ -91,9 +91,13 @@ def _print_table(item, gallery_root: Path, buckets: str) -> None:
     click.echo(f"  buckets {buckets}: {item.candidates} gallery images compared")
     if item.note:
         click.echo(f"  note: {item.note}")
-    click.echo(f"  {'rank':>4}  {'score':>6}  {'label':<16} {'bucket':<18} path (under {gallery_root})")
+    ranked = any(r.rank_score is not None for r in item.results)  # fused: ranked by more than the cosine
+    click.echo(f"  {'rank':>4}  {'cosine':>6}" + (f"  {'ranked by':>9}" if ranked else "")
+               + f"  {'label':<16} {'bucket':<18} path (under {gallery_root})")
     for r in item.results:
-        click.echo(f"  {r.rank:>4}  {r.score:6.3f}  {(r.label or '-')[:16]:<16} {(r.bucket or '-')[:18]:<18} {r.path}")
+        rank_score = f"  {r.rank_score:9.3f}" if ranked else ""
+        click.echo(f"  {r.rank:>4}  {r.score:6.3f}{rank_score}  {(r.label or '-')[:16]:<16} "
+                   f"{(r.bucket or '-')[:18]:<18} {r.path}")
 
 
 @cli.command()
@@ -108,7 +112,7 @@ def _print_table(item, gallery_root: Path, buckets: str) -> None:
 @one_line_errors
 def query(images, cache_dir, buckets, k, as_json, sheet, **options):
     """Find the k most similar gallery images for each query image."""
-    from pipeline.query import open_query_pipeline
+    from pipeline.query import answer_json, open_query_pipeline
     from pipeline.sheets import Tile, contact_sheet
 
     if k < 1:
@@ -122,11 +126,7 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
         click.echo(f"error: {item.path}: {item.error}", err=True)
     done = [item for item in items if not item.error]
     if as_json:
-        click.echo(json.dumps([{
-            "query": item.path, "predicted": item.predicted(), "buckets": config.buckets,
-            "candidates": item.candidates, "note": item.note,
-            "results": [dict(r.to_dict(), path=str(root / r.path)) for r in item.results],
-        } for item in done], indent=1))
+        click.echo(json.dumps([answer_json(item, root, config.buckets) for item in done], indent=1))
     else:
         for item in done:
             _print_table(item, root, config.buckets)

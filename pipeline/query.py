@@ -7,6 +7,7 @@ from pathlib import Path
 from cache.search import Searcher
 from cache.store import CacheData, CacheError, load_cache
 from pipeline.config import CACHE_FIELDS, PipelineConfig
+from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
 from pipeline.policies import parse_policy, resolve_auto
 
@@ -31,3 +32,10 @@ def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) ->
     data = load_cache(cache_dir)
     config = query_config(data, overrides or {})
     return build_pipeline(config, Searcher(data)), config
+
+
+def answer_json(item: Item, gallery_root: Path, buckets: str) -> dict:
+    """One query's answer as `query --json` prints it (and the serve API returns it)."""
+    return {"query": item.path, "predicted": item.predicted(), "buckets": buckets, "candidates": item.candidates,
+            "note": item.note,
+            "results": [dict(r.to_dict(), path=str(gallery_root / r.path)) for r in item.results]}
