@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
+from models.registry import RANDOM, ModelSpec
 from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity
@@ -56,9 +56,7 @@ def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image],
     # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
     tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
     preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
-    options = dict(image_mean=preprocessing.get("mean"), image_std=preprocessing.get("std"),
-                   image_interpolation=preprocessing.get("interpolation"),
-                   image_resize_mode=preprocessing.get("resize_mode"))
+    options = {f"image_{key}": preprocessing.get(key) for key in ("mean", "std", "interpolation", "resize_mode")}
 
     def create(pretrained: str | None):
         return open_clip.create_model_and_transforms(spec.model_id, pretrained=pretrained, **options)

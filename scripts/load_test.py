@@ -49,7 +49,8 @@ def start_server(cache: str, runtime: str | None, port: int, log: Path) -> subpr
     command = [sys.executable, "cli.py", "serve", "--cache", cache, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--runtime", runtime] if runtime else []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as output:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and server.poll() is None:
         try:

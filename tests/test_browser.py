@@ -24,7 +24,7 @@ pytestmark = pytest.mark.real
 
 
 def chromium() -> str:
-    found = os.environ.get("LOOKALIKE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    found = shutil.which(os.environ.get("LOOKALIKE_CHROMIUM", "chromium")) or shutil.which("chromium-browser")
     if not found:
         pytest.skip("no chromium found (apt-get install -y chromium, or set LOOKALIKE_CHROMIUM); "
                     "Playwright's own browser download cannot work offline")
@@ -63,9 +63,9 @@ def served(tmp_path_factory):
                     str(root / "cache"), "--classifier", "mobilenetv2", "--embedder", "mobilenetv2", "--device", "cpu"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
-    log = open(root / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "cli.py", "serve", "--cache", str(root / "cache"), "--port", str(port),
-                               "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "serve.log", "w") as log:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, "cli.py", "serve", "--cache", str(root / "cache"), "--port",
+                                   str(port), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -83,7 +83,6 @@ def served(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
 
 
 def rendered(page) -> list[str]:

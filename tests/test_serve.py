@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from cache.builder import build_cache  # noqa: E402
-from cli import cli  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.serve.app import create_app  # noqa: E402
-from tests.conftest import SHAPES, TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape  # noqa: E402
+from cache.builder import build_cache
+from cli import cli
+from pipeline.config import PipelineConfig
+from pipeline.serve.app import create_app
+from tests.conftest import SHAPES, TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
 
 UPLOAD_LIMIT = 64 << 10
 SMALL_CLIP = "clip:ViT-S-32-alt@random"  # an open_clip model with both towers, 43 M parameters

@@ -172,7 +172,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             path = await run_in_threadpool(thumbnails.file, int(row))
         except IndexError as err:
             raise ApiError(404, str(err)) from None
-        except (PermissionError, ImageLoadError) as err:
+        except (OSError, ImageLoadError) as err:  # outside the gallery, unreadable, or the cache was rebuilt
             raise ApiError(404, f"row {row}: no thumbnail ({err})") from None
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 

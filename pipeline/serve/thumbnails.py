@@ -32,6 +32,6 @@ class Thumbnails:
             raise PermissionError(f"row {row}: its path leads outside the gallery root")
         image = load_image(self.root / relative, decode_side=self.side)
         image.thumbnail((self.side, self.side))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(exist_ok=True)  # never its parents: a generation deleted by a rebuild stays deleted
         atomic_write(target, lambda tmp: image.save(tmp, format="JPEG", quality=85))
         return target
