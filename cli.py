@@ -119,13 +119,18 @@ def _print_table(item, gallery_root: Path, buckets: str) -> None:
     click.echo(f"  buckets {buckets}: {item.candidates} gallery images compared")
     if item.note:
         click.echo(f"  note: {item.note}")
-    click.echo(f"  {'rank':>4}  {'score':>6}  {'label':<16} {'bucket':<18} path (under {gallery_root})")
+    ranked = any(r.rank_score is not None for r in item.results)  # fused: ranked by more than the cosine
+    click.echo(f"  {'rank':>4}  {'cosine':>6}" + (f"  {'ranked by':>9}" if ranked else "")
+               + f"  {'label':<16} {'bucket':<18} path (under {gallery_root})")
     for r in item.results:
-        click.echo(f"  {r.rank:>4}  {r.score:6.3f}  {(r.label or '-')[:16]:<16} {(r.bucket or '-')[:18]:<18} {r.path}")
+        rank_score = f"  {r.rank_score:9.3f}" if ranked else ""
+        click.echo(f"  {r.rank:>4}  {r.score:6.3f}{rank_score}  {(r.label or '-')[:16]:<16} "
+                   f"{(r.bucket or '-')[:18]:<18} {r.path}")
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--text", "texts", multiple=True, help="a text query (CLIP caches only); repeat for more")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--buckets", default=None,
               help="auto (the cache's choice), flat, top1, topk:N, fused[:N][@W], optionally +soft:M")
@@ -134,30 +139,37 @@ def _print_table(item, gallery_root: Path, buckets: str) -> None:
 @click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG")
 @pipeline_options(defaults=False)
 @one_line_errors
-def query(images, cache_dir, buckets, k, as_json, sheet, **options):
-    """Find the k most similar gallery images for each query image."""
-    from pipeline.query import open_query_pipeline
+def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
+    """Find the k most similar gallery images for each query image (or text, with a CLIP cache)."""
+    from pipeline.query import answer_json, open_query_pipeline
     from pipeline.sheets import Tile, contact_sheet
 
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
+    if bool(images) == bool(texts):
+        raise UserError("give query images or --text, not both and not neither")
+    if texts and sheet:
+        raise UserError("--sheet shows query images; it cannot be used with --text")
     overrides = dict(options, buckets=buckets, k=k)
-    pipeline, config = open_query_pipeline(cache_dir, overrides)
-    root = pipeline.stage("retrieve").searcher.data.gallery_root
-    items = list(pipeline.run(list(images)))
+    if texts:
+        from pipeline.session import QuerySession
+
+        session = QuerySession(cache_dir, overrides)
+        items, used = session.texts(list(texts), k)
+        root = session.gallery_root
+    else:
+        pipeline, config = open_query_pipeline(cache_dir, overrides)
+        root, used = pipeline.stage("retrieve").searcher.data.gallery_root, config.buckets
+        items = list(pipeline.run(list(images)))
     failed = [item for item in items if item.error]
     for item in failed:
         click.echo(f"error: {item.path}: {item.error}", err=True)
     done = [item for item in items if not item.error]
     if as_json:
-        click.echo(json.dumps([{
-            "query": item.path, "predicted": item.predicted(), "buckets": config.buckets,
-            "candidates": item.candidates, "note": item.note,
-            "results": [dict(r.to_dict(), path=str(root / r.path)) for r in item.results],
-        } for item in done], indent=1))
+        click.echo(json.dumps([answer_json(item, root, used) for item in done], indent=1))
     else:
         for item in done:
-            _print_table(item, root, config.buckets)
+            _print_table(item, root, used)
     if sheet and done:
         rows = [[Tile(item.path, "query\n" + (item.class_names[0] if item.class_names else ""))]
                 + [Tile(root / r.path, f"{r.rank}. {r.score:.3f}\n{r.label or r.bucket or ''}") for r in item.results]
@@ -165,6 +177,28 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
         click.echo(f"contact sheet: {contact_sheet(rows, sheet)}", err=True)
     if failed:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 lets other machines in")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default=None,
+              help="onnx: ONNX Runtime on the CPU, used where it matches torch [default: torch]")
+@one_line_errors
+def serve(cache_dir, host, port, device, runtime):
+    """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""
+    try:
+        import uvicorn
+
+        from pipeline.serve.app import create_app
+    except ImportError as err:
+        raise ValueError(f"serve needs the 'serve' extra ({err.name} is missing): "
+                         "pip install -e '.[serve]'") from None
+    app = create_app(cache_dir, {"device": device, "runtime": runtime})
+    click.echo(f"lookalike: {len(app.state.session)} gallery images; open http://{host}:{port}/", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def _split(text: str | None) -> list[str] | None:

@@ -19,10 +19,11 @@ WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat sea
 @dataclass
 class Hits:
     rows: np.ndarray  # gallery rows, best first
-    scores: np.ndarray
+    scores: np.ndarray  # cosine similarity of each row to the query
     candidates: int  # how many gallery items were compared
     buckets: list[int]  # bucket keys searched (WHOLE_GALLERY for the whole gallery)
     note: str | None = None
+    rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
 
 
 def _faiss():
@@ -233,7 +234,7 @@ class Searcher:
         columns = self.data.columns
         scores = similarity + weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
         best = _top_k(scores, k)
-        return Hits(rows[best], scores[best], len(rows), keys)
+        return Hits(rows[best], similarity[best], len(rows), keys, rank_scores=scores[best])
 
     def search(self, query: np.ndarray, policy: BucketPolicy, k: int,
                classes: np.ndarray | None = None, probs: np.ndarray | None = None) -> Hits:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
+from models.registry import RANDOM, ModelSpec
 from models.runtime import (GpuPrecision, has_conv, l2_normalize, prepare_for_inference, resolve_device, seeded,
                             to_model_input)
 from models.timm_net import load_timm_net
@@ -45,31 +45,34 @@ class TimmEmbedder:
         return self.net.describe()
 
 
+def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], dict]:
+    """An open_clip model (both towers), its image transform and the tag's preprocessing settings.
+    The one place a CLIP spec becomes a model: the image embedder and the text encoder both use it."""
+    import open_clip
+
+    # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
+    tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
+    preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
+    options = {f"image_{key}": preprocessing.get(key) for key in ("mean", "std", "interpolation", "resize_mode")}
+
+    def create(pretrained: str | None):
+        return open_clip.create_model_and_transforms(spec.model_id, pretrained=pretrained, **options)
+
+    if spec.weights == RANDOM:
+        model, _, transform = seeded(lambda: create(None))
+    else:
+        model, _, transform = load_with_fallback(spec, lambda path: create(str(path)), lambda: create(spec.tag))
+    return model, transform, preprocessing
+
+
 class ClipEmbedder:
     """The image tower of an open_clip model with its pretrained tag's preprocessing."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
-        import open_clip
-
         self.spec = spec
         self.device = resolve_device(device)
         check_runtime(runtime, self.device)
-        # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
-        tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
-        self.preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode")
-                              if key in tag_cfg}
-        options = dict(image_mean=self.preprocessing.get("mean"), image_std=self.preprocessing.get("std"),
-                       image_interpolation=self.preprocessing.get("interpolation"),
-                       image_resize_mode=self.preprocessing.get("resize_mode"))
-
-        def create(pretrained: str | None):
-            return open_clip.create_model_and_transforms(spec.model_id, pretrained=pretrained, **options)
-
-        if spec.weights == RANDOM:
-            model, _, transform = seeded(lambda: create(None))
-        else:
-            model, _, transform = load_with_fallback(spec, lambda path: create(str(path)),
-                                                     lambda: create(spec.tag))
+        model, transform, self.preprocessing = load_clip(spec)
         self.transform = transform
         self.visual = prepare_for_inference(model.visual, self.device)
         self.channels_last = has_conv(self.visual)

@@ -27,6 +27,10 @@ class ImageLoadError(ValueError):
         self.reason = reason
 
 
+class NotAnImage(ImageLoadError):
+    """A file Pillow cannot identify as any image format (the serve API answers it with 415)."""
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white, 16-bit is rescaled."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -40,17 +44,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
-    """Open, orient (EXIF) and convert one image to RGB, or raise ImageLoadError saying why not."""
+def load_image(path: str | Path, decode_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, orient (EXIF) and convert one image to RGB, or raise ImageLoadError saying why not.
+    Images over `max_pixels` are refused from their header, before any pixel is decoded."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
         with _pillow_open(path) as image:
             width, height = image.size
-            if width * height > MAX_PIXELS:
+            if width * height > max_pixels:
                 raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
-                                           f" the limit is {MAX_PIXELS / 1e6:.0f} MP)")
+                                           f" the limit is {max_pixels / 1e6:.0f} MP)")
             if image.format == "JPEG" and max(width, height) > 2 * decode_side:
                 image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
             image.load()
@@ -58,7 +63,7 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image (Pillow cannot identify the format)") from None
+        raise NotAnImage(path, "not an image (Pillow cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(path, f"cannot decode ({str(err) or type(err).__name__})") from None
 

@@ -10,15 +10,21 @@ from PIL import Image
 
 @dataclass
 class Result:
+    """One gallery image found for a query. `score` is always its cosine similarity to the query;
+    `rank_score` is what a policy ranked by when that is something else (fused: cosine + W * agreement)."""
+
     rank: int
     score: float
     path: str
     label: str | None
     bucket: str | None
+    row: int
+    rank_score: float | None = None
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path,
-                "label": self.label, "bucket": self.bucket}
+        return {"rank": self.rank, "score": round(self.score, 6),
+                "rank_score": None if self.rank_score is None else round(self.rank_score, 6),
+                "row": self.row, "path": self.path, "label": self.label, "bucket": self.bucket}
 
 
 @dataclass

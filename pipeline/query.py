@@ -14,6 +14,7 @@ from cache.search import Searcher
 from cache.store import CacheData, load_cache
 from pipeline.build import fingerprint
 from pipeline.config import CACHE_FIELDS, PipelineConfig
+from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
 
 
@@ -43,3 +44,10 @@ def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) ->
     pipeline = build_pipeline(config, Searcher(data))
     refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), cache_dir)
     return pipeline, config
+
+
+def answer_json(item: Item, gallery_root: Path, buckets: str) -> dict:
+    """One query's answer as `query --json` prints it (and the serve API returns it)."""
+    return {"query": item.path, "predicted": item.predicted(), "buckets": buckets, "candidates": item.candidates,
+            "note": item.note,
+            "results": [dict(r.to_dict(), path=str(gallery_root / r.path)) for r in item.results]}

@@ -131,10 +131,12 @@ class RetrieveStage(Stage):
             hits = self.searcher.search(item.embedding, self.policy, self.k, item.classes, item.probs)
             item.candidates, item.note = hits.candidates, hits.note
             item.results = []
-            for rank, (row, score) in enumerate(zip(hits.rows, hits.scores), start=1):
+            ranked_by = [None] * len(hits.rows) if hits.rank_scores is None else hits.rank_scores.tolist()
+            for rank, (row, score, rank_score) in enumerate(zip(hits.rows, hits.scores, ranked_by), start=1):
                 label = str(columns["labels"][row]) or None
                 bucket = self._bucket_of(int(row), hits.buckets)
-                item.results.append(Result(rank, float(score), str(columns["paths"][row]), label, bucket))
+                item.results.append(Result(rank, float(score), str(columns["paths"][row]), label, bucket, int(row),
+                                           rank_score))
         return items
 
     def _bucket_of(self, row: int, searched: list[int]) -> str | None:

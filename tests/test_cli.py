@@ -35,7 +35,8 @@ def test_query_json_lists_ranked_results(built, gallery, tmp_path):
     assert answer["query"] == query and len(answer["predicted"]) == 5
     assert [r["rank"] for r in answer["results"]] == [1, 2, 3, 4, 5]
     assert answer["results"][0]["path"] == str(gallery / "green_triangles" / "3.png")
-    assert set(answer["results"][0]) == {"rank", "score", "path", "label", "bucket"}
+    assert set(answer["results"][0]) == {"rank", "score", "rank_score", "row", "path", "label", "bucket"}
+    assert answer["results"][0]["rank_score"] is None  # flat search ranks by the cosine itself
     assert sheet.stat().st_size > 0
 
 
@@ -94,3 +95,16 @@ def test_help_imports_no_heavy_library():
            "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'open_clip') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert output.strip().endswith("[]")
+
+
+def test_fused_score_is_the_cosine_and_the_ranking_score_is_apart(built, gallery):
+    query = str(gallery / "blue_squares" / "2.png")
+    result = CliRunner().invoke(cli, ["query", query, "--cache", str(built), "--json", "--buckets", "fused:3@2"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)[0]["results"]
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)  # the query itself: cosine 1, not 1 + agreement
+    assert all(-1 <= r["score"] <= 1 and r["rank_score"] >= r["score"] for r in results)
+    ranked = [r["rank_score"] for r in results]
+    assert ranked == sorted(ranked, reverse=True)
+    table = CliRunner().invoke(cli, ["query", query, "--cache", str(built), "--buckets", "fused:3@2"])
+    assert "cosine" in table.output and "ranked by" in table.output

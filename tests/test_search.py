@@ -58,7 +58,9 @@ def test_fused_adds_class_agreement(searcher):
     fused = searcher.search(QUERY, parse_policy("fused:2@2"), 5, CLASSES, PROBS)
     assert plain.rows[0] == 4 and fused.rows[0] == 0  # row 0 agrees with the query's classes more
     expected = float(np.dot(QUERY, unit(1, 0.2)) + 2 * (0.6 * 0.9 + 0.4 * 0.1))
-    assert fused.scores[0] == pytest.approx(expected, rel=1e-5)
+    assert fused.rank_scores[0] == pytest.approx(expected, rel=1e-5)
+    assert fused.scores[0] == pytest.approx(float(np.dot(QUERY, unit(1, 0.2))), rel=1e-5)  # cosine stays cosine
+    assert plain.rank_scores is None
 
 
 @pytest.mark.parametrize("text, probs, buckets, rows", [

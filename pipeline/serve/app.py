@@ -1,0 +1,208 @@
+"""The HTTP app over one cache: the page, `POST /api/query` (answers as `query --json` gives them, plus a
+thumbnail URL per result), `GET /api/info`, `GET /healthz` and row thumbnails.
+
+Every error is a JSON body `{"error": "..."}` with a 4xx status saying whose fault it is; an unexpected
+one is a 500 with a one-line message (the traceback goes to the server log, not to the client).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from cache.store import current_generation
+from pipeline.images import ImageLoadError, NotAnImage, load_image
+from pipeline.items import Item
+from pipeline.query import answer_json
+from pipeline.serve.limits import BodyLimit
+from pipeline.serve.thumbnails import Thumbnails
+from pipeline.session import QuerySession
+
+MAX_UPLOAD_BYTES = 20 << 20  # a phone photo is 2-8 MB
+MAX_UPLOAD_PIXELS = 50_000_000  # checked from the header: a small file that decodes to gigabytes is refused
+MAX_K = 100
+PAGE = Path(__file__).with_name("page.html")
+POLICIES = ("flat", "top1", "topk:3", "fused:10+soft:3")  # offered by the page besides the cache's own choice
+log = logging.getLogger("lookalike.serve")
+
+
+class ApiError(Exception):
+    """A request the client can fix; answered with `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status)
+
+
+def _thumbnail_folder(cache_root: Path) -> Path:
+    """Beside the cache generation (rows are per generation, and go with it); a temporary folder when the
+    cache is read-only."""
+    folder = current_generation(cache_root) / "thumbnails"
+    try:
+        folder.mkdir(exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="lookalike-thumbnails-"))
+
+
+def _k(value) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"k {value!r}: give a whole number from 1 to {MAX_K}") from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(400, f"k {k}: give a whole number from 1 to {MAX_K}")
+    return k
+
+
+def _buckets(value) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "buckets: give a policy name such as flat or topk:3")
+    return value
+
+
+def create_app(cache_dir: str | Path, overrides: dict | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """An app answering queries on `cache_dir`; the pipeline is loaded here, once."""
+    session = QuerySession(cache_dir, overrides)
+    thumbnails = Thumbnails(session.gallery_root, session.data.columns["paths"],
+                            _thumbnail_folder(session.data.root))
+    page = PAGE.read_text()
+    app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.session = session
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return _error(err.status, err.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error(400, "; ".join(str(e.get("msg")) for e in err.errors()) or "bad request")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return _error(500, f"internal error ({type(err).__name__}); the server log has the details")
+
+    def answer(item: Item, used: str) -> dict:
+        result = answer_json(item, session.gallery_root, used)
+        for r in result["results"]:
+            r["thumbnail"] = f"/api/thumbnails/{r['row']}"
+        return result
+
+    def run(query, *args) -> dict:
+        """A session call in a worker thread's terms: user errors become 400s, unknown rows 404s."""
+        try:
+            return query(*args)
+        except IndexError as err:
+            raise ApiError(404, str(err)) from None
+        except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
+            raise ApiError(400, str(err)) from None
+
+    def upload_query(data: bytes, name: str, buckets: str | None, k: int | None) -> dict:
+        with tempfile.NamedTemporaryFile(prefix="lookalike-upload-") as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                image = load_image(handle.name, max_pixels=MAX_UPLOAD_PIXELS)
+            except NotAnImage as err:
+                raise ApiError(415, f"{name}: {err.reason}") from None
+            except ImageLoadError as err:
+                raise ApiError(400, f"{name}: {err.reason}") from None
+        items, used = session.images([Item(name, image=image)], buckets, k)
+        return answer(items[0], used)
+
+    def row_query(row: int, buckets: str | None, k: int | None) -> dict:
+        item, used = session.row(row, buckets, k)
+        return answer(item, used)
+
+    def text_query(text: str, k: int | None) -> dict:
+        items, used = session.texts([text], k)
+        return answer(items[0], used)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True, "gallery_images": len(session)}
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        manifest, config = session.data.manifest, session.config
+        return {"gallery_images": len(session), "gallery_root": str(session.gallery_root),
+                "pipeline": {"classifier": config.classifier, "embedder": config.embedder, "crop": config.crop,
+                             "runtime": config.runtime},
+                "policy": config.buckets, "policies": list(POLICIES) if config.uses_classifier else ["flat"],
+                "k": config.k, "max_k": MAX_K, "text_queries": session.text is not None,
+                "max_upload_bytes": max_upload_bytes, "built": manifest.built,
+                "fingerprint": manifest.fingerprint}
+
+    @app.get("/api/thumbnails/{row}")
+    async def thumbnail(row: str) -> FileResponse:
+        if not row.isdigit():
+            raise ApiError(404, f"row {row!r}: rows are numbers")
+        try:
+            path = await run_in_threadpool(thumbnails.file, int(row))
+        except IndexError as err:
+            raise ApiError(404, str(err)) from None
+        except (OSError, ImageLoadError) as err:  # outside the gallery, unreadable, or the cache was rebuilt
+            raise ApiError(404, f"row {row}: no thumbnail ({err})") from None
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/api/query")
+    async def query(request: Request) -> dict:
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "a multipart query needs the image in a field named 'file'")
+            data = await upload.read()
+            return await run_in_threadpool(run, upload_query, data, upload.filename or "upload",
+                                           _buckets(form.get("buckets")), _k(form.get("k")))
+        if kind.startswith("application/json"):
+            try:
+                body = json.loads(await request.body())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ApiError(400, f"the body is not valid JSON ({err})") from None
+            if not isinstance(body, dict) or ("row" in body) == ("text" in body):
+                raise ApiError(400, 'a JSON query is {"row": N} or {"text": "..."}, with optional k and buckets')
+            k = _k(body.get("k"))
+            if "text" in body:
+                if not isinstance(body["text"], str):
+                    raise ApiError(400, "text: give a string")
+                return await run_in_threadpool(run, text_query, body["text"], k)
+            if not isinstance(body["row"], int) or isinstance(body["row"], bool):
+                raise ApiError(400, f"row {body['row']!r}: give a gallery row number")
+            return await run_in_threadpool(run, row_query, body["row"], _buckets(body.get("buckets")), k)
+        raise ApiError(415, "send the image as multipart/form-data (field 'file'), or JSON "
+                            '{"row": N} or {"text": "..."}')
+
+    return app

@@ -1,0 +1,85 @@
+"""QuerySession: a cache opened once for many queries (the serve app, `query --text`).
+
+It answers decoded images, gallery rows ("more like this", from the stored embedding and classes) and,
+when the cache's embedder is CLIP, texts; each query may pick its own k and bucket policy. Queries from
+several threads are safe: one at a time goes through the models and the searcher (whose index LRU is
+not thread-safe).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from cache.policies import parse_policy
+from models.clip_text import ClipTextEncoder, has_text_tower, require_text_tower
+from models.errors import UserError
+from models.registry import resolve_spec
+from pipeline.items import Item
+from pipeline.query import open_query_pipeline, query_config
+from pipeline.stages import RetrieveStage
+
+# Texts search the whole gallery: choosing buckets for a text (e.g. zero-shot over the class names) would
+# need real CLIP weights to benchmark, and none are available here (README, "Search from a web page").
+TEXT_BUCKETS = "flat"
+
+
+class QuerySession:
+    def __init__(self, cache_dir: str | Path, overrides: dict | None = None):
+        self.pipeline, self.config = open_query_pipeline(cache_dir, overrides)
+        self.retrieve: RetrieveStage = self.pipeline.stage("retrieve")
+        self.data = self.retrieve.searcher.data
+        self.embedder_spec = resolve_spec(self.config.embedder, "embedder")
+        self.text = ClipTextEncoder(self.embedder_spec, self.config.device) \
+            if has_text_tower(self.embedder_spec) else None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def gallery_root(self) -> Path:
+        return self.data.gallery_root
+
+    def retriever(self, buckets: str | None, k: int | None) -> tuple[RetrieveStage, str]:
+        """A retrieve stage for this query's policy and k (the cache's `auto` choice when None)."""
+        if k is not None and k < 1:
+            raise UserError(f"k {k}: must be at least 1")
+        config = query_config(self.data, {"buckets": buckets, "k": k})
+        stage = RetrieveStage(self.retrieve.searcher, parse_policy(config.buckets), config.k,
+                              self.retrieve.bucket_name)
+        return stage, config.buckets
+
+    def images(self, items: list[Item], buckets: str | None = None, k: int | None = None) -> tuple[list[Item], str]:
+        """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
+        retrieve, used = self.retriever(buckets, k)
+        with self._lock:
+            for stage in self.pipeline.stages:
+                items = (retrieve if stage is self.retrieve else stage)(items)
+        return items, used
+
+    def row(self, row: int, buckets: str | None = None, k: int | None = None) -> tuple[Item, str]:
+        """Gallery image `row` as a query, from its stored embedding and classes (no model runs)."""
+        if not 0 <= row < len(self.data):
+            raise IndexError(f"row {row}: the gallery has rows 0 to {len(self.data) - 1}")
+        columns = self.data.columns
+        item = Item(str(self.gallery_root / str(columns["paths"][row])),
+                    embedding=np.asarray(columns["embeddings"][row], np.float32))
+        if self.config.uses_classifier:
+            item.classes, item.probs = np.asarray(columns["classes"][row]), np.asarray(columns["probs"][row])
+            item.class_names = [self.retrieve.bucket_name(int(c)) for c in item.classes[:5]]
+        retrieve, used = self.retriever(buckets, k)
+        with self._lock:
+            [item] = retrieve([item])
+        return item, used
+
+    def texts(self, texts: list[str], k: int | None = None) -> tuple[list[Item], str]:
+        """Texts embedded by the CLIP text tower and searched flat; UserError for a non-CLIP cache."""
+        if self.text is None:
+            require_text_tower(self.embedder_spec)
+        retrieve, used = self.retriever(TEXT_BUCKETS, k)
+        with self._lock:
+            vectors = self.text.embed(texts)
+            items = retrieve([Item(text, embedding=vector) for text, vector in zip(texts, vectors)])
+        return items, used

@@ -1,0 +1,127 @@
+"""The page in a real browser: `serve` runs as its own process on a free port, Debian's chromium (driven by
+Playwright) uploads a real photo, the rendered top-5 must be the API's, and clicking a result searches by it."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -e '.[test]'")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("Leopards", "airplanes", "dalmatian", "pizza", "llama", "flamingo")
+PER_CLASS = 12
+pytestmark = pytest.mark.real
+
+
+def chromium() -> str:
+    found = shutil.which(os.environ.get("LOOKALIKE_CHROMIUM", "chromium")) or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("no chromium found (apt-get install -y chromium, or set LOOKALIKE_CHROMIUM); "
+                    "Playwright's own browser download cannot work offline")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small real gallery (6 caltech101-22 classes x 12 photos, mobilenetv2), served on loopback;
+    yields (base URL, held-out query photo)."""
+    from tests.conftest import ASSETS
+
+    archive = ASSETS / "data" / "caltech101-22.zip"
+    if not archive.is_file() or not (ASSETS / "weights").is_dir():
+        pytest.skip(f"real assets not found at {ASSETS} (set LOOKALIKE_ASSETS)")
+    browser = chromium()
+    root = tmp_path_factory.mktemp("browser")
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        for label in CLASSES:
+            photos = [n for n in names if n.split("/")[-2] == label][:PER_CLASS + 1]
+            for name in photos[1:]:
+                (root / "gallery" / label).mkdir(parents=True, exist_ok=True)
+                (root / "gallery" / label / Path(name).name).write_bytes(z.read(name))
+            if label == "Leopards":
+                query = root / "leopard-query.jpg"
+                query.write_bytes(z.read(photos[0]))
+    env = dict(os.environ, LOOKALIKE_WEIGHTS=str(ASSETS / "weights"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "cli.py", "build-cache", "--gallery", str(root / "gallery"), "--out",
+                    str(root / "cache"), "--classifier", "mobilenetv2", "--embedder", "mobilenetv2", "--device", "cpu"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    port = free_port()
+    with open(root / "serve.log", "w") as log:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, "cli.py", "serve", "--cache", str(root / "cache"), "--port",
+                                   str(port), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"serve did not start: {(root / 'serve.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    try:
+        yield base, query, browser
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def rendered(page) -> list[str]:
+    return page.locator("#results .card .label").all_inner_texts()
+
+
+def test_upload_through_the_page_then_click_a_result(served, tmp_path):
+    base, photo, browser_path = served
+    expected = httpx.post(f"{base}/api/query", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+                          timeout=60).json()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(base)
+        size = len(CLASSES) * PER_CLASS
+        page.wait_for_function(f"document.querySelector('#info').textContent.includes('{size} gallery images')")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
+        assert page.inner_text("#query-name") == photo.name
+        assert rendered(page) == [r["label"] for r in expected["results"]]
+        assert rendered(page)[0] == "Leopards"
+        scores = page.locator("#results .card .score").all_inner_texts()
+        assert scores == [f"similarity {r['score']:.3f}" for r in expected["results"]]
+        assert expected["buckets"] in page.inner_text("#chips")
+        assert expected["predicted"][0]["name"] in page.inner_text("#predicted")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        clicked = expected["results"][2]
+        page.locator("#results .card").nth(2).click()
+        page.wait_for_function(f"document.querySelector('#query-name').textContent === {clicked['path']!r}")
+        page.wait_for_function("document.querySelector('#status').textContent === ''")
+        again = httpx.post(f"{base}/api/query", json={"row": clicked["row"]}, timeout=60).json()
+        assert rendered(page) == [r["label"] for r in again["results"]]
+        first = page.locator("#results .card img").first.get_attribute("src")
+        assert first == f"/api/thumbnails/{again['results'][0]['row']}"
+        assert page.evaluate("(src) => fetch(src).then(r => r.headers.get('content-type'))", first) == "image/jpeg"
+
+        page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}])
+        page.wait_for_selector("#error.show")
+        assert "notes.jpg: not an image" in page.inner_text("#error")
+        assert rendered(page) == [r["label"] for r in again["results"]]  # the last good answer stays
+        browser.close()

@@ -1,0 +1,203 @@
+"""The serve API through an ASGI test client: answers equal `query --json`'s, every bad input gets its status
+and a JSON message, text queries need CLIP, concurrent requests are safe."""
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+from fastapi.testclient import TestClient
+
+from cli import cli
+from pipeline.build import build_cache
+from pipeline.config import PipelineConfig
+from pipeline.serve.app import create_app
+from tests.conftest import SHAPES, TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
+
+UPLOAD_LIMIT = 64 << 10
+SMALL_CLIP = "clip:ViT-S-32-alt@random"  # an open_clip model with both towers, 43 M parameters
+
+
+def draw_gallery(root: Path) -> Path:
+    for index, (label, (colour, shape)) in enumerate(SHAPES.items()):
+        for i in range(6):
+            draw_shape(root / label / f"{i}.png", colour, shape, seed=100 * index + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    config = PipelineConfig(classifier=TINY_CLASSIFIER, embedder=TINY_EMBEDDER, device="cpu", batch_size=4)
+    build_cache(draw_gallery(root / "gallery"), root / "cache", config)
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def client(cache) -> TestClient:
+    return TestClient(create_app(cache, {"device": "cpu"}, max_upload_bytes=UPLOAD_LIMIT))
+
+
+def cli_json(*arguments: str) -> list[dict]:
+    result = CliRunner().invoke(cli, ["query", *arguments, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def top(answer: dict) -> list[tuple[str, float]]:
+    return [(r["path"], round(r["score"], 4)) for r in answer["results"]]
+
+
+@pytest.mark.parametrize("buckets", [None, "flat", "fused:3@2"])
+def test_upload_answers_as_query_json(client, cache, buckets):
+    photo = cache.parent / "gallery" / "blue_squares" / "4.png"
+    extra = ["--buckets", buckets] if buckets else []
+    [expected] = cli_json(str(photo), "--cache", str(cache), *extra)
+    form = {"k": "5"} | ({"buckets": buckets} if buckets else {})
+    response = client.post("/api/query", files={"file": ("4.png", photo.read_bytes(), "image/png")}, data=form)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["query"] == "4.png" and answer["buckets"] == expected["buckets"]
+    assert answer["predicted"] == expected["predicted"] and answer["candidates"] == expected["candidates"]
+    assert top(answer) == top(expected) and len(answer["results"]) == 5
+    assert [r["thumbnail"] for r in answer["results"]] == [f"/api/thumbnails/{r['row']}" for r in expected["results"]]
+
+
+def test_row_query_answers_as_query_json_on_that_gallery_image(client, cache):
+    photo = cache.parent / "gallery" / "green_triangles" / "1.png"
+    [expected] = cli_json(str(photo), "--cache", str(cache), "-k", "4")
+    row = expected["results"][0]["row"]
+    assert expected["results"][0]["path"] == str(photo)
+    answer = client.post("/api/query", json={"row": row, "k": 4}).json()
+    assert answer["query"] == str(photo) and answer["buckets"] == expected["buckets"]
+    assert [p["class"] for p in answer["predicted"]] == [p["class"] for p in expected["predicted"]]
+    assert top(answer) == top(expected)
+
+
+def test_info_health_page_and_thumbnails(client, cache):
+    info = client.get("/api/info").json()
+    assert info["gallery_images"] == 18 and info["text_queries"] is False and info["policy"] != "auto"
+    assert info["pipeline"]["embedder"] == TINY_EMBEDDER and info["fingerprint"]["stages"]
+    assert client.get("/healthz").json()["ok"] is True
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>lookalike</title>" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    first = client.get("/api/thumbnails/3")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(first.content)).size == (96, 96)  # the drawn image, never enlarged
+    made = list(cache.glob("gen-*/thumbnails/3.jpg"))
+    assert len(made) == 1
+    stamp = made[0].stat().st_mtime_ns
+    assert client.get("/api/thumbnails/3").content == first.content and made[0].stat().st_mtime_ns == stamp
+
+
+def png_bytes(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, name: str = "q.png"):
+    return client.post("/api/query", files={"file": (name, data, "image/png")})
+
+
+@pytest.mark.parametrize("send, status, message", [
+    (lambda c: upload(c, b"just some text"), 415, "q.png: not an image"),
+    (lambda c: upload(c, png_bytes((64, 64))[:60]), 400, "q.png: cannot decode"),
+    (lambda c: upload(c, b""), 400, "empty file"),
+    (lambda c: upload(c, png_bytes((10_000, 10_000), "1")), 400, "too large (10000x10000 = 100 MP; the limit is 50 MP)"),
+    (lambda c: upload(c, b"\0" * (UPLOAD_LIMIT + 1)), 413, "upload too large: the limit is 0.0625 MiB"),
+    (lambda c: c.post("/api/query", content=(b"\0" * 4096 for _ in range(20)),  # chunked: no length given
+                      headers={"content-type": "multipart/form-data; boundary=x"}), 413, "upload too large"),
+    (lambda c: c.post("/api/query", data={"k": "3"}, files={"other": ("a", b"a")}), 400, "field named 'file'"),
+    (lambda c: c.post("/api/query", json={"row": 18}), 404, "row 18: the gallery has rows 0 to 17"),
+    (lambda c: c.post("/api/query", json={"row": -1}), 404, "row -1"),
+    (lambda c: c.post("/api/query", json={"row": "3"}), 400, "give a gallery row number"),
+    (lambda c: c.post("/api/query", json={"row": 1, "k": 0}), 400, "k 0: give a whole number from 1 to 100"),
+    (lambda c: c.post("/api/query", json={"row": 1, "k": "many"}), 400, "k 'many'"),
+    (lambda c: c.post("/api/query", json={"row": 1, "buckets": "nearest"}), 400, "unknown bucket policy 'nearest'"),
+    (lambda c: c.post("/api/query", json={"row": 1, "text": "x"}), 400, 'a JSON query is {"row": N} or {"text"'),
+    (lambda c: c.post("/api/query", content=b"{row", headers={"content-type": "application/json"}), 400,
+     "not valid JSON"),
+    (lambda c: c.post("/api/query", content=b"row=1", headers={"content-type": "text/plain"}), 415, "multipart"),
+    (lambda c: c.post("/api/query", json={"text": "a red circle"}), 400, "text queries need a CLIP embedder"),
+    (lambda c: c.get("/api/thumbnails/18"), 404, "row 18"),
+    (lambda c: c.get("/api/thumbnails/..%2F..%2Fetc%2Fpasswd"), 404, ""),
+    (lambda c: c.get("/api/nothing"), 404, "Not Found"),
+    (lambda c: c.put("/api/query"), 405, "Method Not Allowed"),
+])
+def test_bad_input_gets_its_status_and_a_json_message(client, send, status, message):
+    response = send(client)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert "Traceback" not in response.text
+
+
+def test_thumbnail_of_a_path_outside_the_gallery_is_refused(cache):
+    from pipeline.serve.thumbnails import Thumbnails
+
+    thumbnails = Thumbnails(cache.parent / "gallery", np.array(["red_circles/0.png", "../cache/CURRENT"]),
+                            cache.parent / "thumbs-escape")
+    assert thumbnails.file(0).is_file()
+    with pytest.raises(PermissionError, match="leads outside the gallery root"):
+        thumbnails.file(1)
+
+
+def test_concurrent_requests_get_the_answers_they_would_get_alone(client, cache):
+    photos = sorted((cache.parent / "gallery").glob("*/*.png"))[::3]
+    alone = [client.post("/api/query", files={"file": (p.name, p.read_bytes())}).json() for p in photos]
+    rows = [client.post("/api/query", json={"row": r, "buckets": "flat"}).json() for r in range(6)]
+
+    def ask(i: int) -> dict:
+        if i % 2:
+            return client.post("/api/query", json={"row": i // 2 % 6, "buckets": "flat"}).json()
+        photo = photos[i // 2 % len(photos)]
+        return client.post("/api/query", files={"file": (photo.name, photo.read_bytes())}).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(32)))
+    for i, answer in enumerate(answers):
+        expected = rows[i // 2 % 6] if i % 2 else alone[i // 2 % len(photos)]
+        assert top(answer) == top(expected)
+
+
+@pytest.fixture(scope="module")
+def clip_cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve-clip")
+    config = PipelineConfig(classifier="none", embedder=SMALL_CLIP, device="cpu", batch_size=6)
+    build_cache(draw_gallery(root / "gallery"), root / "cache", config)
+    return root / "cache"
+
+
+def test_text_query_with_a_clip_cache(clip_cache):
+    """Random CLIP weights: the answer is the gallery ranked by cosine to the text tower's vector."""
+    from cache.store import load_cache
+
+    client = TestClient(create_app(clip_cache, {"device": "cpu"}))
+    assert client.get("/api/info").json()["text_queries"] is True
+    answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
+    assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
+    vector = client.app.state.session.text.embed(["a red circle"])[0]
+    assert np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
+    data = load_cache(clip_cache)
+    cosine = np.asarray(data.columns["embeddings"]) @ vector
+    best = np.argsort(-cosine, kind="stable")[:3]
+    assert [r["row"] for r in answer["results"]] == best.tolist()
+    assert [r["score"] for r in answer["results"]] == pytest.approx(cosine[best].tolist(), abs=1e-5)
+    assert client.post("/api/query", json={"text": " "}).status_code == 400
+    [from_cli] = cli_json("--text", "a red circle", "--cache", str(clip_cache), "-k", "3", "--device", "cpu")
+    assert top(from_cli) == top(answer)  # a second load of the text tower: the same seeded weights
+
+
+def test_text_on_the_command_line_needs_clip(cache):
+    result = CliRunner().invoke(cli, ["query", "--text", "a red car", "--cache", str(cache)])
+    assert result.exit_code == 1 and "text queries need a CLIP embedder" in result.stderr
+    result = CliRunner().invoke(cli, ["query", "--cache", str(cache)])
+    assert result.exit_code == 1 and "give query images or --text" in result.stderr
