@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A problem the user can fix; str() is one line naming the file or option and the problem."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
