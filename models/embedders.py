@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.errors import UserError
 from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
@@ -28,8 +29,16 @@ class Embedder(Protocol):
     def describe(self) -> dict: ...
 
 
-def l2_normalize(features: torch.Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(features.float(), dim=-1).numpy()
+def l2_normalize(features: torch.Tensor, model: str) -> np.ndarray:
+    """Unit-length rows of `features`; UserError when `model` gave a zero or non-finite vector, which no
+    normalisation can turn into a meaningful embedding (stored, it would match nothing or everything)."""
+    features = features.float()
+    norms = features.norm(dim=-1)
+    broken = int((~torch.isfinite(norms) | (norms == 0)).sum())
+    if broken:
+        raise UserError(f"{model}: gave a zero or non-finite embedding for {broken} of {len(features)} images; "
+                        "its weights or runtime are broken (try --runtime torch or other weights)")
+    return (features / norms[:, None]).numpy()
 
 
 class TimmEmbedder:
@@ -42,7 +51,7 @@ class TimmEmbedder:
         self.dim = self.net.num_features
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        return l2_normalize(self.net.forward(batch)[0])
+        return l2_normalize(self.net.forward(batch)[0], self.spec.name)
 
     def describe(self) -> dict:
         return self.net.describe()
@@ -84,10 +93,10 @@ class ClipEmbedder:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0])
+            return l2_normalize(self.onnx(batch)[0], self.spec.name)
         with torch.inference_mode():
             (features,) = self.precision.run(self.visual, to_model_input(batch, self.device, self.channels_last))
-        return l2_normalize(features.cpu())
+        return l2_normalize(features.cpu(), self.spec.name)
 
     def describe(self) -> dict:
         return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "preprocessing": self.preprocessing,

@@ -227,9 +227,9 @@ class CheckpointEmbedder:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0])
+            return l2_normalize(self.onnx(batch)[0], self.spec.name)
         with torch.inference_mode():
-            return l2_normalize(self.net(batch.to(self.device)).cpu())
+            return l2_normalize(self.net(batch.to(self.device)).cpu(), self.spec.name)
 
     def describe(self) -> dict:
         """What changes an embedding: the network, its preprocessing and the weights' hash (not the path)."""

@@ -60,10 +60,16 @@ class OnnxForward:
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: int) -> None:
-    """Export with a dynamic batch axis; written to a temporary name, then renamed (atomic)."""
+    """Export with a dynamic batch axis; written to a temporary name, then renamed (atomic).
+
+    The exporter switches the module to eval and afterwards calls `train(<the top module's old mode>)`, which
+    is recursive: a wrapper left in training mode put every BatchNorm of the wrapped net into training mode,
+    and the eager model then returned zero vectors. Each submodule's own mode is restored here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     names = [f"out{i}" for i in range(outputs)]
+    modes = {submodule: submodule.training for submodule in module.modules()}
     try:
         torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=names,
                           dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
@@ -71,6 +77,8 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        for submodule, training in modes.items():
+            submodule.training = training
 
 
 def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: dict,

@@ -11,7 +11,7 @@ from PIL import Image
 from cache.search import FLAT, Searcher
 from models.classifier import Classifier
 from models.detector import Detector, choose_box, pad_box
-from models.embedders import Embedder
+from models.embedders import Embedder, l2_normalize
 from pipeline.items import Item, Result
 from pipeline.policies import BucketPolicy
 
@@ -84,7 +84,7 @@ class ClassifyStage(TensorStage):
     def __call__(self, items: list[Item]) -> list[Item]:
         prediction = self.classifier.predict(self.batch(items), self.k)
         if self.embed:
-            embeddings = torch.nn.functional.normalize(prediction.pooled, dim=-1).numpy()
+            embeddings = l2_normalize(prediction.pooled, self.classifier.spec.name)
         for i, item in enumerate(items):
             item.classes, item.probs = prediction.classes[i], prediction.probs[i]
             item.class_names = [self.classifier.class_name(c) for c in item.classes[:5]]

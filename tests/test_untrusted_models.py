@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -75,3 +76,47 @@ def test_genuine_yolo_checkpoint_still_loads(real_weights):
 
     detector = Detector(resolve_spec("yolov8n", "detector"), "cpu")
     assert detector.detect([Image.new("RGB", (64, 64), "grey")])[0].shape[1] == 4
+
+
+def test_onnx_export_leaves_the_eager_model_unchanged(tmp_path, monkeypatch):
+    from models.runtime import seeded
+    from models.timm_net import TimmNet
+
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "fresh"))  # no export yet: this process makes it
+    spec = resolve_spec(TINY_CLASSIFIER, "classifier")
+    exported = TimmNet(spec, torch.device("cpu"), "onnx")
+    assert exported.onnx is not None
+    fresh = TimmNet(spec, torch.device("cpu"), "torch")
+    batch = seeded(lambda: torch.randn(3, *exported.data_config["input_size"]))
+    with torch.inference_mode():
+        for after_export, reference in zip(exported.features_and_logits(batch), fresh.features_and_logits(batch)):
+            torch.testing.assert_close(after_export, reference)
+
+
+def test_a_model_giving_non_finite_embeddings_is_refused_not_stored(gallery, tmp_path, monkeypatch):
+    from models.timm_net import TimmNet
+
+    forward = TimmNet.forward
+
+    def broken(self, batch):
+        pooled, logits = forward(self, batch)
+        pooled = pooled.clone()
+        pooled[0] = float("nan")
+        return pooled, logits
+
+    monkeypatch.setattr(TimmNet, "forward", broken)
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(out), "--classifier",
+                                      TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu"])
+    assert result.exit_code == 1
+    [error] = [line for line in result.stderr.split("\n") if "error" in line]  # the rest is the progress bar
+    assert "zero or non-finite embedding" in error
+    assert not (out / "CURRENT").exists()
+
+
+def test_zero_vectors_are_refused_at_the_embedder_level():
+    from models.embedders import l2_normalize
+
+    with pytest.raises(UserError, match="m: gave a zero or non-finite embedding for 1 of 2 images"):
+        l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), "m")
+    np.testing.assert_allclose(l2_normalize(torch.tensor([[3.0, 4.0]]), "m"), [[0.6, 0.8]])
