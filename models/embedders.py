@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from models.errors import UserError
-from models.registry import RANDOM, ModelSpec
 from models.onnx_runtime import check_runtime, onnx_forward
+from models.registry import RANDOM, ModelSpec
 from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models import runtime as _runtime
+from models.files import user_cache_dir
 
 RUNTIMES = ("torch", "onnx")
 
@@ -35,7 +36,7 @@ def check_runtime(runtime: str, device: torch.device) -> None:
 
 
 def export_dir() -> Path:
-    return Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike")) / "onnx"
+    return user_cache_dir() / "onnx"
 
 
 class OnnxForward:
