@@ -89,7 +89,8 @@ class ClipEmbedder:
         self.image_size = model.visual.image_size
         self.precision = GpuPrecision(self.device, logits=(False,))  # half precision only where it matches fp32
         size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
-        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe(), logits=(False,))
+        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe(), logits=(False,),
+                                 name=spec.name)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

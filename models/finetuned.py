@@ -223,7 +223,7 @@ class CheckpointEmbedder:
         self.dim = self.net.dim
         check_runtime(runtime, self.device)
         self.onnx = onnx_forward(runtime, self.net, (self.preprocessing.channels, *self.preprocessing.size),
-                                 self.describe(), logits=(False,))
+                                 self.describe(), logits=(False,), name=self.spec.name)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

@@ -53,7 +53,7 @@ def _model_calls(pipeline) -> list[tuple]:
 
 def _runs_as(model) -> str:
     """'onnxruntime', or torch with the autocast precision it chose ('torch bfloat16'), or 'torch float32'."""
-    if getattr(model, "onnx", None) is not None:
+    if getattr(getattr(model, "onnx", None), "in_use", False):
         return "onnxruntime"
     return f"torch {getattr(model, 'precision', 'float32')}"
 

@@ -49,9 +49,9 @@ def test_a_model_that_does_not_match_runs_in_torch_and_says_why(monkeypatch, cap
     monkeypatch.setattr(runtime, "MATCH_COSINE", 1.5)  # nothing can match: the check must refuse it
     timm_net._load.cache_clear()  # a fresh load, not the process-wide net an earlier test made
     classifier = Classifier(resolve_spec("timm:test_efficientnet@random", "classifier"), "cpu", "onnx")
-    assert classifier.net.onnx is None
-    assert "--runtime onnx not used for timm:test_efficientnet" in capsys.readouterr().err
     assert classifier.predict(seeded(lambda: torch.randn(2, 3, 64, 64)), 3).classes.shape == (2, 3)
+    assert not classifier.net.onnx.in_use
+    assert "--runtime onnx not used for timm:test_efficientnet" in capsys.readouterr().err
 
 
 def test_outputs_match_names_the_difference():

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import cli
+from models import runtime
 from models.detector import Detector
 from models.errors import UserError
 from models.registry import resolve_spec
@@ -120,3 +121,77 @@ def test_zero_vectors_are_refused_at_the_embedder_level():
     with pytest.raises(UserError, match="m: gave a zero or non-finite embedding for 1 of 2 images"):
         l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), "m")
     np.testing.assert_allclose(l2_normalize(torch.tensor([[3.0, 4.0]]), "m"), [[0.6, 0.8]])
+
+
+class AgreesOnNoiseOnly(torch.nn.Module):
+    """`net`'s outputs on noise (mean near 0), negated on photos: a planted export no noise probe can catch."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        sign = 1 - 2 * (x.mean(dim=(1, 2, 3)).abs() > 0.3).float()[:, None]
+        return tuple(out * sign for out in self.net(x))
+
+
+@pytest.fixture
+def onnx_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache" / "onnx"
+
+
+def onnx_and_torch(tmp_path):
+    """A tiny classifier under ONNX Runtime and in torch, and photo-like drawn images for both."""
+    from models.timm_net import TimmNet
+    from tests.test_onnx_runtime import drawn_batch
+
+    spec = resolve_spec(TINY_CLASSIFIER, "classifier")
+    fast, eager = TimmNet(spec, torch.device("cpu"), "onnx"), TimmNet(spec, torch.device("cpu"), "torch")
+    return fast, eager, drawn_batch(eager.transform, tmp_path)
+
+
+def assert_same_answers(fast, eager, batch):
+    for _ in range(2):  # the first batch is checked, later ones run in ONNX Runtime
+        (pooled_fast, logits_fast), (pooled, logits) = fast.forward(batch), eager.forward(batch)
+        assert torch.nn.functional.cosine_similarity(pooled_fast, pooled).min() >= 0.999
+        assert torch.equal(logits_fast.argmax(-1), logits.argmax(-1))
+
+
+def test_an_export_is_written_with_its_hash_beside_it(onnx_dir, tmp_path):
+    from models.files import sha256_of
+
+    onnx_and_torch(tmp_path)
+    [export] = onnx_dir.glob("*.onnx")
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [export.name, export.name + ".sha256"]  # no leftovers
+    assert (onnx_dir / (export.name + ".sha256")).read_text() == sha256_of(export)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "drop hash"])
+def test_a_damaged_export_is_exported_again_not_abandoned(onnx_dir, tmp_path, damage, capsys):
+    onnx_and_torch(tmp_path)
+    [export] = onnx_dir.glob("*.onnx")
+    if damage == "truncate":
+        export.write_bytes(export.read_bytes()[:1000])
+    elif damage == "garble":
+        export.write_bytes(export.read_bytes()[:-64] + b"\0" * 64)
+    else:
+        (onnx_dir / (export.name + ".sha256")).unlink()
+    fast, eager, batch = onnx_and_torch(tmp_path)
+    assert_same_answers(fast, eager, batch)
+    assert fast.onnx.in_use and "not used" not in capsys.readouterr().err
+
+
+def test_a_planted_export_that_agrees_on_noise_only_is_caught(onnx_dir, tmp_path):
+    from models import onnx_runtime
+
+    first, _, _ = onnx_and_torch(tmp_path)
+    [export] = onnx_dir.glob("*.onnx")
+    onnx_runtime._export(AgreesOnNoiseOnly(first.features_and_logits), first.onnx.example, export, 2)  # hash too
+    planted = onnx_runtime.OnnxSession(export, 1)
+    fast, eager, batch = onnx_and_torch(tmp_path)
+    probe = runtime.probe_batch(eager.data_config["input_size"])
+    assert runtime.outputs_match(planted(probe), eager.forward(probe), (False, True)) is None
+    assert runtime.outputs_match(planted(batch), eager.forward(batch), (False, True)) is not None
+    assert_same_answers(fast, eager, batch)
+    assert fast.onnx.in_use  # exported again from the model, checked on the photos, then used
