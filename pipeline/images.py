@@ -6,7 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.errors import first_line
+
 MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
+# Beyond this a file is skipped: resizing the short side to a model's input blows the long side up (a 375-byte
+# 100000x1 PNG became a 22,400,000x224 image, ~20 GB). Panoramas stay well inside it.
+MAX_ASPECT = 20
 DECODE_SIDE = 1024  # JPEGs are decoded at reduced size when they are much larger than this
 
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
@@ -51,6 +56,8 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
             if width * height > MAX_PIXELS:
                 raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
                                            f" the limit is {MAX_PIXELS / 1e6:.0f} MP)")
+            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                raise ImageLoadError(path, f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT}:1)")
             if image.format == "JPEG" and max(width, height) > 2 * decode_side:
                 image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
             image.load()
@@ -59,8 +66,8 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (Pillow cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(path, f"cannot decode ({str(err) or type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - a hostile file may make any decoder raise anything; skip it, never abort
+        raise ImageLoadError(path, f"cannot decode ({type(err).__name__}: {first_line(err)})") from None
 
 
 # Pillow's own bomb guard is replaced by MAX_PIXELS above, which names the file and the size.

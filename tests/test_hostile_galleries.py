@@ -1,0 +1,67 @@
+"""Galleries made by careless or hostile hands: every odd file is skipped with its reason, the build finishes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cache.builder import build_cache
+from pipeline import images
+from pipeline.images import ImageLoadError, load_image
+from pipeline.pipeline import build_pipeline
+
+
+def skipped(summary) -> dict[str, str]:
+    return {entry["path"]: entry["reason"] for entry in summary.skipped}
+
+
+@pytest.mark.parametrize("size", [(100_000, 1), (2, 20_000), (2100, 100)])
+def test_extreme_aspect_ratios_are_refused_before_any_resize(tmp_path, size):
+    path = tmp_path / "sliver.png"
+    Image.new("L", size, 128).save(path)  # a few hundred bytes that a short-side resize makes gigabytes
+    with pytest.raises(ImageLoadError, match=r"extreme aspect ratio .* the limit is 20:1"):
+        load_image(path)
+
+
+def test_a_wide_panorama_is_still_used(tmp_path):
+    path = tmp_path / "panorama.jpg"
+    Image.new("RGB", (1600, 200), "skyblue").save(path)
+    assert load_image(path).size == (1600, 200)
+
+
+def test_a_sliver_in_a_gallery_is_skipped_and_the_build_finishes(gallery, tiny_config, tmp_path):
+    Image.new("L", (100_000, 1), 128).save(gallery / "red_circles" / "sliver.png")
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 18 and "extreme aspect ratio" in skipped(summary)["red_circles/sliver.png"]
+
+
+def test_any_decoder_error_skips_that_image(gallery, tiny_config, tmp_path, monkeypatch):
+    pillow_open = images._pillow_open
+
+    def fragile_open(path, *args, **kwargs):
+        if Path(path).name == "3.png":
+            raise IndexError("a plugin bug that a crafted file triggers")
+        return pillow_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "_pillow_open", fragile_open)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 15
+    assert all("cannot decode (IndexError: a plugin bug" in reason for reason in skipped(summary).values())
+
+
+def test_any_preprocessing_error_skips_that_image(gallery, tiny_config, tmp_path):
+    Image.new("RGB", (50, 70), "white").save(gallery / "blue_squares" / "odd.png")
+    pipeline = build_pipeline(tiny_config)
+    stage = pipeline.stages[0]
+    transform = stage.transform
+
+    def fragile(image):
+        if image.size == (50, 70):
+            raise RuntimeError("cannot broadcast this one")
+        return transform(image)
+
+    stage.transform = fragile
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
+    assert summary.images == 18
+    assert skipped(summary) == {"blue_squares/odd.png": "cannot preprocess (RuntimeError: cannot broadcast this one)"}
