@@ -110,7 +110,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     gallery, out = Path(gallery).resolve(), Path(out)
     if bucket_by not in ("classifier", "label"):
         raise ValueError(f"--bucket-by {bucket_by}: use classifier or label")
-    entries = scan_gallery(gallery, labels_file)
+    entries, unlisted = scan_gallery(gallery, labels_file)
     pipeline = pipeline or build_pipeline(config)
     wanted = fingerprint(pipeline, bucket_by)
 
@@ -166,6 +166,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     bar.close()
     summary.phases["embed"] = time.perf_counter() - embedding_started
     summary.embedded = len(todo) - len(summary.skipped)
+    summary.skipped = unlisted + summary.skipped  # left out by the scan, then by decoding
 
     # Publish: every current gallery image's newest row, in gallery order.
     parts = ([previous.columns] if previous else []) + pending.load()

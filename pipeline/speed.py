@@ -386,7 +386,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
 
     echo = echo or (lambda line: None)
     root = resolve_data(gallery)
-    entries = scan_gallery(root)
+    entries, _ = scan_gallery(root)
     if not entries:
         raise ValueError(f"{gallery}: no images")
     report = {"environment": environment(config.device), "config": config.to_dict(), "gallery": str(root), "images": len(entries)}

@@ -65,3 +65,44 @@ def test_any_preprocessing_error_skips_that_image(gallery, tiny_config, tmp_path
     summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
     assert summary.images == 18
     assert skipped(summary) == {"blue_squares/odd.png": "cannot preprocess (RuntimeError: cannot broadcast this one)"}
+
+
+def test_broken_and_looping_symlinks_are_skipped_and_reported(gallery, tiny_config, tmp_path):
+    folder = gallery / "red_circles"
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "ping.png").symlink_to(folder / "pong.png")
+    (folder / "pong.png").symlink_to(folder / "ping.png")
+    (folder / "again").symlink_to(gallery)  # a folder loop: red_circles/again/red_circles/again/...
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    reasons = skipped(summary)
+    assert summary.images == 18 and len(reasons) == len(summary.skipped) == 4
+    assert {"red_circles/gone.png", "red_circles/ping.png", "red_circles/pong.png"} < set(reasons)
+    assert "broken link" in reasons["red_circles/gone.png"] and "same folder as ." in reasons["red_circles/again"]
+
+
+def test_each_real_file_is_indexed_once(gallery, tmp_path):
+    from cache.gallery import list_images
+
+    (gallery / "blue_squares" / "also-0.png").symlink_to(gallery / "blue_squares" / "0.png")
+    (gallery / "green").symlink_to(gallery / "green_triangles", target_is_directory=True)
+    paths, left_out = list_images(gallery)
+    assert len(paths) == len(set(paths)) == 18
+    assert {entry["path"] for entry in left_out} == {"blue_squares/also-0.png", "green_triangles"}
+
+
+def test_an_unreadable_folder_is_reported(gallery, tiny_config, tmp_path, monkeypatch):
+    import os
+
+    scandir = os.scandir
+    locked = gallery / "blue_squares"
+
+    def scandir_as_another_user(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_as_another_user)  # chmod 000 does not stop root
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 12
+    assert skipped(summary) == {"blue_squares": "unreadable folder (Permission denied)"}
+
