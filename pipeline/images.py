@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.errors import first_line
@@ -14,8 +15,13 @@ MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
 MAX_ASPECT = 20
 DECODE_SIDE = 1024  # JPEGs are decoded at reduced size when they are much larger than this
 
+pillow_heif.register_heif_opener()  # .heic/.heif (phone photos)
+
+# The only formats Pillow may try: raster images. Pillow would otherwise hand PostScript content under any name
+# (evil.jpg) to Ghostscript when it is installed, and identify dozens of scientific and vector formats.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "JPEG2000", "HEIF", "AVIF", "QOI")
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                             if fmt in Image.OPEN) | {".pgm", ".ppm", ".pbm"}
+                             if fmt in RASTER_FORMATS) | {".pgm", ".ppm", ".pbm"}
 
 
 # ultralytics replaces Image.open on import with a version that needs pi_heif for unknown files;
@@ -51,7 +57,7 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
-        with _pillow_open(path) as image:
+        with _pillow_open(path, formats=RASTER_FORMATS) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"

@@ -106,3 +106,23 @@ def test_an_unreadable_folder_is_reported(gallery, tiny_config, tmp_path, monkey
     assert summary.images == 12
     assert skipped(summary) == {"blue_squares": "unreadable folder (Permission denied)"}
 
+
+def test_heic_and_heif_photos_are_indexed(gallery, tiny_config, tmp_path):
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(gallery / "red_circles" / "phone.heic")
+    Image.new("RGB", (64, 48), (30, 60, 220)).save(gallery / "blue_squares" / "phone.HEIF", format="HEIF")
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    assert summary.images == 20 and summary.skipped == []
+
+
+def test_postscript_under_an_image_name_never_reaches_ghostscript(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if Ghostscript were installed
+    path = tmp_path / "innocent.jpg"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+                    "newpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(path)
+    assert calls == []
