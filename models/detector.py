@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.errors import UserError, first_line
+from models.errors import UserError, one_line
 from models.registry import ModelSpec
 from models.runtime import resolve_device
 from models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
@@ -76,7 +76,7 @@ class Detector:
         except Exception as err:
             if path is not None:
                 raise UserError(f"{path}: not a plain YOLO checkpoint; lookalike loads weights only, never code "
-                                f"({type(err).__name__}: {first_line(err)})") from err
+                                f"({one_line(err)})") from err
             raise WeightsUnavailable(
                 f"cannot load detector '{spec.name}': tried {'; '.join(places_tried(spec))} -> "
                 f"{type(err).__name__}. To fix: put {spec.weight_file} in $LOOKALIKE_WEIGHTS or pass a .pt path"

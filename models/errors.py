@@ -10,7 +10,7 @@ class UserError(ValueError):
     """A problem the user can fix; str() is one line naming the file or option and the problem."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+def one_line(err: BaseException) -> str:
+    """'Type: first line of the message' ('Type' alone when there is none), for one-line errors and skip reasons."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models import runtime as _runtime
-from models.errors import first_line
+from models.errors import one_line
 from models.files import atomic_write, user_cache_dir, write_text_atomic
 from models.weights import file_sha256
 
@@ -115,7 +115,7 @@ class OnnxForward:
         try:
             self._open(fresh=not _intact(self.path))
         except Exception as err:  # any export or session failure: the model still runs, in torch
-            self._give_up(f"{type(err).__name__}: {first_line(err)}")
+            self._give_up(one_line(err))
 
     @property
     def in_use(self) -> bool:
@@ -155,7 +155,7 @@ class OnnxForward:
         try:
             mismatch = self._check(batch, eager)
         except Exception as err:  # a file that loads but does not run, or a failed re-export
-            mismatch = f"{type(err).__name__}: {first_line(err)}"
+            mismatch = one_line(err)
         if mismatch:
             self._give_up(mismatch)
         return eager

@@ -7,7 +7,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import first_line
+from models.errors import one_line
 
 MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
 # Beyond this a file is skipped: resizing the short side to a model's input blows the long side up (a 375-byte
@@ -73,7 +73,7 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (Pillow cannot identify the format)") from None
     except Exception as err:  # noqa: BLE001 - a hostile file may make any decoder raise anything; skip it, never abort
-        raise ImageLoadError(path, f"cannot decode ({type(err).__name__}: {first_line(err)})") from None
+        raise ImageLoadError(path, f"cannot decode ({one_line(err)})") from None
 
 
 # Pillow's own bomb guard is replaced by MAX_PIXELS above, which names the file and the size.

@@ -10,7 +10,7 @@ from cache.search import Searcher
 from models.classifier import Classifier
 from models.detector import Detector
 from models.embedders import create_embedder
-from models.errors import first_line
+from models.errors import one_line
 from models.registry import resolve_spec
 from pipeline.config import PipelineConfig
 from pipeline.images import ImageLoadError, load_image
@@ -63,7 +63,7 @@ class Pipeline:
         except ImageLoadError as err:
             item.error = err.reason
         except Exception as err:  # noqa: BLE001 - whatever preprocessing one odd image raises, skip that image
-            item.error = f"cannot preprocess ({type(err).__name__}: {first_line(err)})"
+            item.error = f"cannot preprocess ({one_line(err)})"
         return item
 
     def run(self, paths: Iterable[str], root: Path | None = None, prefetch: int = 2,
