@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from models.embedders import l2_normalize
+from models.errors import UserError, one_line
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec, resolve_spec
 from models.runtime import resolve_device
@@ -190,7 +191,39 @@ def read_run_config(run_dir: Path) -> dict:
         raise ValueError(f"{run_dir}: {CONFIG_FILE} lacks {', '.join(sorted(missing))}")
     if config["format"] != FORMAT_VERSION:
         raise ValueError(f"{run_dir}: run format {config['format']} is not {FORMAT_VERSION}; retrain or upgrade")
+    _refuse_unknown_keys(path, config)
     return config
+
+
+RUN_KEYS = {"format", "model", "embedding_size", "training"}
+MODEL_KEYS = {"timm": {"kind", "spec", "image_size", "preprocessing"}, SMALL_CNN: {"kind", "preprocessing"},
+              PIXELS: {"kind", "preprocessing"}}
+
+
+def _refuse_unknown_keys(path: Path, config: dict) -> None:
+    """UserError naming the first key this version does not know: a config is read strictly, never guessed at."""
+    model = config["model"]
+    if not isinstance(model, dict) or model.get("kind") not in MODEL_KEYS:
+        kind = model.get("kind") if isinstance(model, dict) else model
+        raise UserError(f"{path}: model kind {kind!r} is not one of {', '.join(MODEL_KEYS)}")
+    spec_keys = set(ModelSpec.__dataclass_fields__)
+    for where, data, known in [("", config, RUN_KEYS), ("model.", model, MODEL_KEYS[model["kind"]]),
+                               ("model.spec.", model.get("spec") or {}, spec_keys)]:
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: {where.rstrip('.') or 'the file'} is not a JSON object")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{path}: unknown key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+
+
+def rebuild_net(run_dir: Path, config: dict) -> tuple[EmbeddingNet, Preprocessing]:
+    """The network a run's config describes, without its starting weights; UserError when it cannot be built
+    (a bad `act_layer` or size: timm and torch report these with KeyError, TypeError, AssertionError...)."""
+    try:
+        return build_net(config["model"], config["embedding_size"], pretrained=False)
+    except (KeyError, TypeError, ValueError, AssertionError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{run_dir / CONFIG_FILE}: cannot build the network it describes "
+                        f"({one_line(err)})") from None
 
 
 def load_weights(net: nn.Module, path: Path) -> None:
@@ -213,7 +246,7 @@ class CheckpointEmbedder:
         run_dir = Path(run_dir).expanduser()
         config = read_run_config(run_dir)
         self.weights_path = run_dir / WEIGHTS_FILE
-        self.net, self.preprocessing = build_net(config["model"], config["embedding_size"], pretrained=False)
+        self.net, self.preprocessing = rebuild_net(run_dir, config)
         load_weights(self.net, self.weights_path)
         self.device = resolve_device(device)
         self.net = self.net.eval().to(self.device)
