@@ -12,7 +12,7 @@ from cache.builder import build_cache
 from cache.store import load_cache
 from tests.conftest import SHAPES, draw_shape
 
-FORMATS = {"jpg": dict(format="JPEG", quality=85), "png": dict(format="PNG"), "webp": dict(format="WEBP")}
+FORMATS = {"jpg": {"format": "JPEG", "quality": 85}, "png": {"format": "PNG"}, "webp": {"format": "WEBP"}}
 HEADERS = {"jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
            "webp": b"RIFF\x00\x10\x00\x00WEBPVP8 "}
 
