@@ -1,8 +1,10 @@
 """lookalike command line: parse, build a pipeline, print. No model logic lives here."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -78,7 +80,7 @@ def pipeline_options(defaults: bool):
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda"),
             click.option("--runtime", type=click.Choice(["torch", "onnx"]), default=default("runtime"),
                          help="onnx: ONNX Runtime on the CPU, used where it matches torch [default: torch]"),
-            click.option("--batch-size", default=base.batch_size, show_default=True, type=int),
+            click.option("--batch-size", default=base.batch_size, show_default=True, type=click.IntRange(min=1)),
         ]
         for option in reversed(options):
             command = option(command)
@@ -87,10 +89,50 @@ def pipeline_options(defaults: bool):
     return decorate
 
 
-@click.group()
+class UsageLine(click.UsageError):
+    """A usage error shown as one line naming the command, like every other lookalike error (exit 2)."""
+
+    def show(self, file=None) -> None:
+        where = f"{self.ctx.command_path}: " if self.ctx else ""
+        click.echo(f"error: {where}{self.format_message()} (see --help)", err=True)
+
+
+@contextlib.contextmanager
+def usage_in_one_line():
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # the help text itself, not an error
+    except click.UsageError as err:
+        raise UsageLine(err.format_message(), err.ctx) from None
+
+
+class OneLineGroup(click.Group):
+    """Click's usage errors (three lines: usage, hint, error) become one line, in the group and its commands."""
+
+    def make_context(self, *args, **kwargs):
+        with usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with usage_in_one_line():
+            return super().invoke(ctx)
+
+
+class DropErrorRecords(logging.Filter):
+    """Libraries (open_clip) log an error and then raise it: the raised one is reported, once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@click.group(cls=OneLineGroup)
 @click.option("--debug", is_flag=True, help="show the full traceback of an unexpected error")
 def cli(debug):
     """lookalike: find the five most similar images in a gallery."""
+    logging.basicConfig(format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DropErrorRecords())
 
 
 @cli.command("build-cache")

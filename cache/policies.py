@@ -66,36 +66,41 @@ class BucketPolicy:
         text = {"topk": "top1" if top1 else f"topk:{self.query_classes}",
                 "fused": f"fused:{self.query_classes}"}[self.kind]
         if self.nucleus is not None:
-            text += f"~{self.nucleus:g}"
+            text += f"~{_decimal(self.nucleus)}"
         if self.weight is not None:
-            text += f"@{self.weight:g}"
+            text += f"@{_decimal(self.weight)}"
         return text + (f"+soft:{self.gallery_classes}" if self.gallery_classes > 1 else "")
 
 
 FLAT = BucketPolicy("flat")
 
 
+def _decimal(value: float) -> str:
+    """The shortest digits that read back as `value`, never in exponent form (1e-05), which the grammar lacks."""
+    return np.format_float_positional(value, trim="-")
+
+
 def parse_policy(text: str) -> BucketPolicy:
     """Parse a policy string; ValueError naming the valid forms otherwise."""
     match = _PATTERN.match(text.strip())
     if not match:
-        raise UserError(f"unknown bucket policy '{text}': use {FORMS}")
+        raise UserError(f"unknown bucket policy {text!r}: use {FORMS}")
     kind, n, t, w, m = match["kind"], match["n"], match["t"], match["w"], match["m"]
     if kind == "flat":
         if n or w or m:
-            raise UserError(f"bucket policy '{text}': flat takes no arguments")
+            raise UserError(f"bucket policy {text!r}: flat takes no arguments")
         return BucketPolicy("flat")
     if kind == "top1" and n:
-        raise UserError(f"bucket policy '{text}': write topk:{n} instead")
+        raise UserError(f"bucket policy {text!r}: write topk:{n} instead")
     if w and kind != "fused":
-        raise UserError(f"bucket policy '{text}': only fused takes a weight (@W)")
+        raise UserError(f"bucket policy {text!r}: only fused takes a weight (@W)")
     query_classes = 1 if kind == "top1" else int(n or 3)
     gallery_classes = int(m or 1)
     if query_classes < 1 or gallery_classes < 1:
-        raise UserError(f"bucket policy '{text}': N and M must be at least 1")
+        raise UserError(f"bucket policy {text!r}: N and M must be at least 1")
     nucleus = _number(text, t, "T") if t else None
     if nucleus is not None and not 0 < nucleus <= 1:
-        raise UserError(f"bucket policy '{text}': the nucleus T is a probability in (0, 1]")
+        raise UserError(f"bucket policy {text!r}: the nucleus T is a probability in (0, 1]")
     return BucketPolicy("fused" if kind == "fused" else "topk", query_classes, gallery_classes,
                         _number(text, w, "W") if w else None, nucleus)
 
@@ -105,4 +110,4 @@ def _number(text: str, value: str, name: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise UserError(f"bucket policy '{text}': {name} must be a number, not '{value}'") from None
+        raise UserError(f"bucket policy {text!r}: {name} must be a number, not '{value}'") from None

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.embedders import l2_normalize, load_clip
+from models.embedders import load_clip
 from models.errors import UserError
 from models.registry import ModelSpec
-from models.runtime import resolve_device
+from models.runtime import l2_normalize, resolve_device
 
 MAX_TEXT_CHARS = 1000  # a longer text is refused; the tokenizer keeps its first 77 tokens anyway
 
@@ -48,4 +48,4 @@ class ClipTextEncoder:
                 raise UserError(f"text query {text[:40]!r}: give 1 to {MAX_TEXT_CHARS} characters")
         with torch.inference_mode():
             features = self.model.encode_text(self.tokenizer(texts).to(self.device))
-        return l2_normalize(features.cpu())
+        return l2_normalize(features, f"{self.spec.name} (text tower)")

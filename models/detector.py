@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.errors import UserError, one_line
 from models.registry import ModelSpec
 from models.runtime import resolve_device
 from models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
@@ -20,12 +21,20 @@ def config_dir() -> Path:
 
 
 def _import_ultralytics():
-    # Offline, and settings kept inside lookalike's config folder, before ultralytics reads them.
+    """ultralytics, offline, with its settings inside lookalike's config folder and checkpoints loaded as data.
+
+    A .pt file may come from a cache's manifest, so it must never run code: ultralytics' safe loading
+    (`torch.load(weights_only=True)` with an allow-list of model classes, layer configs read without `eval`)
+    is forced on, also when ultralytics was imported before this set its environment variable.
+    """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir() / "ultralytics"))
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
     import ultralytics
+    import ultralytics.nn.tasks
 
+    ultralytics.nn.tasks.SAFE_LOAD = True
     return ultralytics
 
 
@@ -65,6 +74,9 @@ class Detector:
             # YOLO('yolov8n.pt') with no local file would try a download: offline, that fails.
             self.model = ultralytics.YOLO(str(path) if path else spec.model_id)
         except Exception as err:
+            if path is not None:
+                raise UserError(f"{path}: not a plain YOLO checkpoint; lookalike loads weights only, never code "
+                                f"({one_line(err)})") from err
             raise WeightsUnavailable(
                 f"cannot load detector '{spec.name}': tried {'; '.join(places_tried(spec))} -> "
                 f"{type(err).__name__}. To fix: put {spec.weight_file} in $LOOKALIKE_WEIGHTS or pass a .pt path"

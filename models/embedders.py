@@ -9,10 +9,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.errors import UserError
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec
-from models.runtime import (GpuPrecision, has_conv, l2_normalize, prepare_for_inference, resolve_device, seeded,
-                            to_model_input)
+from models.runtime import (
+    GpuPrecision,
+    has_conv,
+    l2_normalize,
+    prepare_for_inference,
+    resolve_device,
+    seeded,
+    to_model_input,
+)
 from models.timm_net import load_timm_net
 from models.weights import load_with_fallback, weights_identity
 
@@ -39,7 +47,7 @@ class TimmEmbedder:
         self.dim = self.net.num_features
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        return l2_normalize(self.net.forward(batch)[0])
+        return l2_normalize(self.net.forward(batch)[0], self.spec.name)
 
     def describe(self) -> dict:
         return self.net.describe()
@@ -80,14 +88,15 @@ class ClipEmbedder:
         self.image_size = model.visual.image_size
         self.precision = GpuPrecision(self.device, logits=(False,))  # half precision only where it matches fp32
         size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
-        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe(), logits=(False,))
+        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe, logits=(False,),
+                                 name=spec.name)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0])
+            return l2_normalize(self.onnx(batch)[0], self.spec.name)
         with torch.inference_mode():
             (features,) = self.precision.run(self.visual, to_model_input(batch, self.device, self.channels_last))
-        return l2_normalize(features.cpu())
+        return l2_normalize(features.cpu(), self.spec.name)
 
     def describe(self) -> dict:
         return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "preprocessing": self.preprocessing,
@@ -104,4 +113,4 @@ def create_embedder(spec: ModelSpec, device: str = "auto", runtime: str = "torch
         from models.finetuned import CheckpointEmbedder
 
         return CheckpointEmbedder(Path(spec.model_id), device, runtime)
-    raise ValueError(f"{spec.name}: no embedder for library {spec.library}")
+    raise UserError(f"{spec.name}: no embedder for library {spec.library}")

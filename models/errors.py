@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A problem the user can fix; str() is one line naming the file or option and the problem."""
+
+
+def one_line(err: BaseException) -> str:
+    """'Type: first line of the message' ('Type' alone when there is none), for one-line errors and skip reasons."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

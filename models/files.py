@@ -12,6 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def user_cache_dir() -> Path:
+    """lookalike's per-user cache ($LOOKALIKE_CACHE_DIR, default ~/.cache/lookalike): ONNX exports, file hashes."""
+    return Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike"))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)

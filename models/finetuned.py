@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from models.errors import UserError, one_line
 from models.onnx_runtime import check_runtime, onnx_forward
 from models.registry import RANDOM, ModelSpec, resolve_spec
 from models.runtime import l2_normalize, resolve_device
@@ -142,10 +143,10 @@ def describe_backbone(backbone: str, image_size: tuple[int, int] | None) -> dict
     try:
         spec = resolve_spec(backbone, "embedder")
     except ValueError:
-        raise ValueError(f"--backbone {backbone}: use {SMALL_CNN}, {PIXELS}, a timm preset (mobilenetv2) "
+        raise UserError(f"--backbone {backbone}: use {SMALL_CNN}, {PIXELS}, a timm preset (mobilenetv2) "
                          f"or timm:<name>[@weights.safetensors|@random]") from None
     if spec.library != "timm":
-        raise ValueError(f"--backbone {backbone}: only timm models can be fine-tuned (got {spec.library})")
+        raise UserError(f"--backbone {backbone}: only timm models can be fine-tuned (got {spec.library})")
     return {"kind": "timm", "spec": spec.describe(), "image_size": list(image_size) if image_size else None}
 
 
@@ -184,12 +185,44 @@ def read_run_config(run_dir: Path) -> dict:
         config = json.loads(path.read_text())
         missing = {"format", "model", "embedding_size"} - set(config)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{run_dir}: {CONFIG_FILE} is not valid JSON ({err})") from None
+        raise UserError(f"{run_dir}: {CONFIG_FILE} is not valid JSON ({err})") from None
     if missing:
-        raise ValueError(f"{run_dir}: {CONFIG_FILE} lacks {', '.join(sorted(missing))}")
+        raise UserError(f"{run_dir}: {CONFIG_FILE} lacks {', '.join(sorted(missing))}")
     if config["format"] != FORMAT_VERSION:
-        raise ValueError(f"{run_dir}: run format {config['format']} is not {FORMAT_VERSION}; retrain or upgrade")
+        raise UserError(f"{run_dir}: run format {config['format']} is not {FORMAT_VERSION}; retrain or upgrade")
+    _refuse_unknown_keys(path, config)
     return config
+
+
+RUN_KEYS = {"format", "model", "embedding_size", "training"}
+MODEL_KEYS = {"timm": {"kind", "spec", "image_size", "preprocessing"}, SMALL_CNN: {"kind", "preprocessing"},
+              PIXELS: {"kind", "preprocessing"}}
+
+
+def _refuse_unknown_keys(path: Path, config: dict) -> None:
+    """UserError naming the first key this version does not know: a config is read strictly, never guessed at."""
+    model = config["model"]
+    if not isinstance(model, dict) or model.get("kind") not in MODEL_KEYS:
+        kind = model.get("kind") if isinstance(model, dict) else model
+        raise UserError(f"{path}: model kind {kind!r} is not one of {', '.join(MODEL_KEYS)}")
+    spec_keys = set(ModelSpec.__dataclass_fields__)
+    for where, data, known in [("", config, RUN_KEYS), ("model.", model, MODEL_KEYS[model["kind"]]),
+                               ("model.spec.", model.get("spec") or {}, spec_keys)]:
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: {where.rstrip('.') or 'the file'} is not a JSON object")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{path}: unknown key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+
+
+def rebuild_net(run_dir: Path, config: dict) -> tuple[EmbeddingNet, Preprocessing]:
+    """The network a run's config describes, without its starting weights; UserError when it cannot be built
+    (a bad `act_layer` or size: timm and torch report these with KeyError, TypeError, AssertionError...)."""
+    try:
+        return build_net(config["model"], config["embedding_size"], pretrained=False)
+    except (KeyError, TypeError, ValueError, AssertionError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{run_dir / CONFIG_FILE}: cannot build the network it describes "
+                        f"({one_line(err)})") from None
 
 
 def load_weights(net: nn.Module, path: Path) -> None:
@@ -202,7 +235,7 @@ def load_weights(net: nn.Module, path: Path) -> None:
         net.load_state_dict(load_file(str(path)), strict=True)
     except Exception as err:  # safetensors and torch raise several types for bad files
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: weights do not fit the network in {CONFIG_FILE} ({first})") from None
+        raise UserError(f"{path}: weights do not fit the network in {CONFIG_FILE} ({first})") from None
 
 
 class CheckpointEmbedder:
@@ -212,7 +245,7 @@ class CheckpointEmbedder:
         run_dir = Path(run_dir).expanduser()
         config = read_run_config(run_dir)
         self.weights_path = run_dir / WEIGHTS_FILE
-        self.net, self.preprocessing = build_net(config["model"], config["embedding_size"], pretrained=False)
+        self.net, self.preprocessing = rebuild_net(run_dir, config)
         load_weights(self.net, self.weights_path)
         self.device = resolve_device(device)
         self.net = self.net.eval().to(self.device)
@@ -222,13 +255,13 @@ class CheckpointEmbedder:
         self.dim = self.net.dim
         check_runtime(runtime, self.device)
         self.onnx = onnx_forward(runtime, self.net, (self.preprocessing.channels, *self.preprocessing.size),
-                                 self.describe(), logits=(False,))
+                                 self.describe, logits=(False,), name=self.spec.name)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0])
+            return l2_normalize(self.onnx(batch)[0], self.spec.name)
         with torch.inference_mode():
-            return l2_normalize(self.net(batch.to(self.device)).cpu())
+            return l2_normalize(self.net(batch.to(self.device)).cpu(), self.spec.name)
 
     def describe(self) -> dict:
         """What changes an embedding: the network, its preprocessing and the weights' hash (not the path)."""

@@ -2,25 +2,30 @@
 
 Why: on this project's 2-core CPU, ONNX Runtime forwards mobilenetv2 about 4x as fast as eager torch
 (102-114 vs 27 images/s batched in two runs; BENCHMARKS.md, Speed). Used only where it gives the same
-answers: every export is checked against the eager fp32 forward on a probe batch (models/runtime.py
-`outputs_match`: cosine >= 0.999 for every output vector, same top-1 for logits); a model that fails the
-check, or cannot be exported, runs in torch and says why on stderr.
+answers: the export is checked against the eager fp32 forward on the first real batch (models/runtime.py
+`outputs_match`: cosine >= 0.999 for every output vector, same top-1 for logits; a noise probe is not enough,
+a planted export may agree on noise and not on photos); a model that fails the check, or cannot be exported,
+runs in torch and says why on stderr.
 Exports are kept in $LOOKALIKE_CACHE_DIR/onnx (default ~/.cache/lookalike/onnx), keyed by the model's
-identity (spec, weight hash, preprocessing), so a process exports a model once per weight file.
+identity (spec, weight hash, preprocessing), so a process exports a model once per weight file. An export is
+data, never trusted as such: it is written atomically with its sha256 beside it (`<key>.onnx.sha256`), and one
+whose bytes no longer match that hash, or that fails the check, is exported again from the model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import runtime as _runtime
+from models.errors import UserError, one_line
+from models.files import atomic_write, user_cache_dir, write_text_atomic
+from models.weights import file_sha256
 
 RUNTIMES = ("torch", "onnx")
 
@@ -28,17 +33,17 @@ RUNTIMES = ("torch", "onnx")
 def check_runtime(runtime: str, device: torch.device) -> None:
     """ValueError for an unknown runtime, or onnx on a GPU (ONNX Runtime here is the CPU build)."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime {runtime}: use {' or '.join(RUNTIMES)}")
+        raise UserError(f"--runtime {runtime}: use {' or '.join(RUNTIMES)}")
     if runtime == "onnx" and device.type != "cpu":
-        raise ValueError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch "
+        raise UserError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch "
                          "(half-precision autocast)")
 
 
 def export_dir() -> Path:
-    return Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike")) / "onnx"
+    return user_cache_dir() / "onnx"
 
 
-class OnnxForward:
+class OnnxSession:
     """An ONNX Runtime session that takes a float32 NCHW batch and returns float32 CPU tensors."""
 
     def __init__(self, path: Path, threads: int):
@@ -59,46 +64,112 @@ class OnnxForward:
         return tuple(torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array}))
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: int) -> None:
-    """Export with a dynamic batch axis; written to a temporary name, then renamed (atomic)."""
+    """Export with a dynamic batch axis, written atomically, then its sha256 beside it.
+
+    The exporter switches the module to eval and afterwards calls `train(<the top module's old mode>)`, which
+    is recursive: a wrapper left in training mode put every BatchNorm of the wrapped net into training mode,
+    and the eager model then returned zero vectors. Each submodule's own mode is restored here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     names = [f"out{i}" for i in range(outputs)]
+    modes = {submodule: submodule.training for submodule in module.modules()}
     try:
-        torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=names,
-                          dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
-                          opset_version=17, dynamo=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            module, (example,), str(tmp), input_names=["images"], output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *names]}, opset_version=17, dynamo=False))
     finally:
-        tmp.unlink(missing_ok=True)
+        for submodule, training in modes.items():
+            submodule.training = training
+    write_text_atomic(_digest_path(path), file_sha256(path))
 
 
-def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: dict,
-                 logits: Sequence[bool]) -> OnnxForward | None:
-    """ONNX Runtime in place of `module` (eval, fp32, CPU) when `runtime` is 'onnx' and it matches; else None
-    (the caller runs `module` in torch). `logits[i]` says whether output i holds class logits (top-1 must agree)."""
+def _intact(path: Path) -> bool:
+    """Whether `path` holds the bytes its recorded sha256 names (not missing, truncated or damaged)."""
+    try:
+        return _digest_path(path).read_text().strip() == file_sha256(path)
+    except OSError:
+        return False
+
+
+class OnnxForward:
+    """`module`'s forward (eval, fp32, CPU) by ONNX Runtime, used once it gave eager torch's answers on the first
+    real batch. A mismatch with an export from an earlier run exports again from `module` and checks that on the
+    same batch; when the check still fails, or export or session fail, every batch runs in torch."""
+
+    def __init__(self, module: torch.nn.Module, input_shape: Sequence[int], identity: dict, logits: Sequence[bool],
+                 name: str):
+        self.module, self.logits, self.name = module, logits, name
+        self.channels_last = _runtime.has_conv(module)
+        self.example = _runtime.probe_batch(input_shape)[:1]  # traced through for the export, never compared
+        key = hashlib.sha256(json.dumps([identity, list(input_shape), torch.__version__], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+        self.path = export_dir() / f"{key}.onnx"
+        self.session: OnnxSession | None = None
+        self.exported = False  # made by this process from `module` (else an earlier run's file, unproven)
+        self.checked = False
+        try:
+            self._open(fresh=not _intact(self.path))
+        except Exception as err:  # any export or session failure: the model still runs, in torch
+            self._give_up(one_line(err))
+
+    @property
+    def in_use(self) -> bool:
+        return self.session is not None
+
+    def _open(self, fresh: bool) -> None:
+        if fresh:
+            _export(self.module, self.example, self.path, len(self.logits))
+            self.exported = True
+        self.session = OnnxSession(self.path, torch.get_num_threads())
+
+    def _give_up(self, why: str) -> None:
+        self.session = None
+        print(f"lookalike: --runtime onnx not used for {self.name} ({why}); running in torch", file=sys.stderr)
+
+    def _eager(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            out = self.module(_runtime.to_model_input(batch, torch.device("cpu"), self.channels_last))
+        return out if isinstance(out, tuple) else (out,)
+
+    def _check(self, batch: torch.Tensor, eager: tuple[torch.Tensor, ...]) -> str | None:
+        """What differs between ONNX Runtime and `eager` on `batch`, after one fresh export if needed; None if nothing."""
+        mismatch = _runtime.outputs_match(self.session(batch), eager, self.logits)
+        if mismatch and not self.exported:  # an earlier run's export: stale, or planted to agree on noise only
+            self._open(fresh=True)
+            mismatch = _runtime.outputs_match(self.session(batch), eager, self.logits)
+        return mismatch
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs for a preprocessed CPU batch; the first batch is checked against (and answered by) torch."""
+        if self.session is None:
+            return self._eager(batch)
+        if self.checked:
+            return self.session(batch)
+        self.checked = True
+        eager = self._eager(batch)
+        try:
+            mismatch = self._check(batch, eager)
+        except Exception as err:  # a file that loads but does not run, or a failed re-export
+            mismatch = one_line(err)
+        if mismatch:
+            self._give_up(mismatch)
+        return eager
+
+
+def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: Callable[[], dict],
+                 logits: Sequence[bool], name: str) -> OnnxForward | None:
+    """ONNX Runtime in place of `module` when `runtime` is 'onnx' (it falls back to torch by itself); else None
+    (the caller runs `module` in torch). `logits[i]` says whether output i holds class logits (top-1 must agree).
+    `identity` (the model's description, which hashes its weight file) is called only when an export is keyed."""
     if runtime != "onnx":
         return None
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ValueError("--runtime onnx needs onnxruntime and onnx: pip install 'lookalike[onnx]'") from None
-    key = hashlib.sha256(json.dumps([identity, list(input_shape), torch.__version__], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
-    path = export_dir() / f"{key}.onnx"
-    probe = _runtime.probe_batch(input_shape)
-    try:
-        with torch.inference_mode():
-            eager = module(probe)
-        eager = eager if isinstance(eager, tuple) else (eager,)
-        if not path.is_file():
-            _export(module, probe[:1], path, len(eager))
-        forward = OnnxForward(path, torch.get_num_threads())
-        mismatch = _runtime.outputs_match(forward(probe), eager, logits)
-    except Exception as err:  # any export or session failure: the model still runs, in torch
-        mismatch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if mismatch:
-        print(f"lookalike: --runtime onnx not used for {identity.get('spec', {}).get('name', 'model')} "
-              f"({mismatch}); running in torch", file=sys.stderr)
-        return None
-    return forward
+        raise UserError("--runtime onnx needs onnxruntime and onnx: pip install 'lookalike[onnx]'") from None
+    return OnnxForward(module, input_shape, identity(), logits, name)

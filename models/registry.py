@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from models.errors import UserError
+
 Kind = Literal["classifier", "embedder", "detector"]
 Library = Literal["timm", "open_clip", "checkpoint", "ultralytics"]
 
@@ -108,5 +110,5 @@ def resolve_spec(text: str, kind: Kind) -> ModelSpec:
             "detector": "a .pt path",
         }[kind]
         choices = ", ".join(sorted(presets) + ([NO_CLASSIFIER] if kind == "classifier" else []))
-        raise ValueError(f"unknown {kind} '{text}': use one of {choices}, or {forms}")
+        raise UserError(f"unknown {kind} '{text}': use one of {choices}, or {forms}")
     return replace(spec, weights=weights) if weights else spec

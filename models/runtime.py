@@ -7,12 +7,22 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from models.errors import UserError
+
 T = TypeVar("T")
 
 
-def l2_normalize(features: torch.Tensor) -> np.ndarray:
-    """Unit-length float32 rows on the CPU: the one normalisation every embedding goes through."""
-    return torch.nn.functional.normalize(features.detach().float().cpu(), dim=-1).numpy()
+def l2_normalize(features: torch.Tensor, model: str) -> np.ndarray:
+    """Unit-length float32 rows on the CPU: the one normalisation every embedding goes through. UserError when
+    `model` gave a zero or non-finite vector, which no normalisation can turn into a meaningful embedding (stored,
+    it would match nothing or everything)."""
+    features = features.detach().float().cpu()
+    norms = features.norm(dim=-1)
+    broken = int((~torch.isfinite(norms) | (norms == 0)).sum())
+    if broken:
+        raise UserError(f"{model}: gave a zero or non-finite embedding for {broken} of {len(features)} images; "
+                        "its weights or runtime are broken (try --runtime torch or other weights)")
+    return (features / norms[:, None]).numpy()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -20,9 +30,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}")
+        raise UserError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"--device {device}: use auto, cpu or cuda")
+        raise UserError(f"--device {device}: use auto, cpu or cuda")
     return torch.device(device)
 
 

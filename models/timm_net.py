@@ -65,8 +65,8 @@ class TimmNet:
         self.model = prepare_for_inference(model, device)
         self.features_and_logits = FeaturesAndLogits(self.model)
         self.precision = GpuPrecision(device, logits=(False, True))  # half precision only where it matches fp32
-        self.onnx = onnx_forward(runtime, self.features_and_logits, self.data_config["input_size"], self.describe(),
-                                 logits=(False, True))
+        self.onnx = onnx_forward(runtime, self.features_and_logits, self.data_config["input_size"], self.describe,
+                                 logits=(False, True), name=spec.name)
 
     def describe(self) -> dict:
         """The spec, the weights' identity (file hash) and the resolved preprocessing: for cache fingerprints."""

@@ -5,13 +5,14 @@ honours HF_HUB_OFFLINE). When nothing works, `WeightsUnavailable` lists every pl
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from models.errors import UserError
-from models.files import sha256_of
+from models.files import sha256_of, user_cache_dir, write_text_atomic
 from models.registry import RANDOM, ModelSpec
 
 T = TypeVar("T")
@@ -67,16 +68,47 @@ def load_with_fallback(spec: ModelSpec, from_file: Callable[[Path], T], from_hub
         ) from err
 
 
-_HASHES: dict[tuple[str, int, float], str] = {}
+def _hash_memo() -> Path:
+    return user_cache_dir() / "file-hashes.json"
+
+
+def _read_hash_memo() -> dict:
+    """{resolved path: {"stat": [...], "sha256": hex}}; an unreadable or garbled memo counts as empty."""
+    try:
+        memo = json.loads(_hash_memo().read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _remember_hash(path: str, stamp: list[int], digest: str) -> None:
+    """Add one hash to the memo (entries of files gone are dropped); a memo that cannot be written is no error."""
+    memo = {key: entry for key, entry in _read_hash_memo().items() if Path(key).exists()}
+    memo[path] = {"stat": stamp, "sha256": digest}
+    try:
+        _hash_memo().parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(_hash_memo(), json.dumps(memo))
+    except OSError:
+        pass
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a weight file, memoised per (path, size, mtime) within the process."""
+    """sha256 of a weight file, remembered across processes while its (path, size, mtime, inode, ctime) stay the
+    same: a query checks a cache's fingerprint without reading a 1 GB file again. ctime is part of the key because
+    a rewrite in place keeps the inode and mtime can be set back; nothing can set ctime back."""
+    path = Path(path).resolve()
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime)
-    if key not in _HASHES:
-        _HASHES[key] = sha256_of(path)
-    return _HASHES[key]
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+    entry = _read_hash_memo().get(str(path))
+    if isinstance(entry, dict) and entry.get("stat") == stamp and _is_sha256(entry.get("sha256")):
+        return entry["sha256"]
+    digest = sha256_of(path)
+    _remember_hash(str(path), stamp, digest)
+    return digest
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def weights_identity(spec: ModelSpec) -> str:

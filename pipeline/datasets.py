@@ -71,7 +71,7 @@ def resolve_data(spec: str | Path) -> Path:
 def load_labelled(spec: str | Path, labels_file: str | Path | None = None) -> LabelledSet:
     """Every image under the data folder/zip with its label; images without one are left out."""
     root = resolve_data(spec)
-    paths = list_images(root)
+    paths, _ = list_images(root)  # a data set's unusable entries are left out, as unlabelled ones are
     if labels_file:
         mapping = read_label_map(Path(labels_file))
         pairs = [(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from models.errors import UserError
 from pipeline.images import IMAGE_EXTENSIONS
@@ -20,15 +21,52 @@ class GalleryEntry:
     label: str | None
 
 
-def list_images(root: Path) -> list[str]:
-    """Image files under `root` (by extension; hidden entries skipped; symlinked folders followed), sorted."""
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        rel = Path(folder).relative_to(root)
-        found += [(rel / name).as_posix() for name in files
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+Skip = dict[str, str]  # {"path": relative path, "reason": why it is left out}, as in a build's skip report
+
+
+def list_images(root: Path) -> tuple[list[str], list[Skip]]:
+    """Image files under `root` (by extension; hidden entries skipped; symlinked folders followed), sorted, and
+    the entries left out with why: unreadable folders, broken or looping symlinks, non-regular files, and a
+    folder or file already found under another path (a symlink loop or a second link), so each real file
+    is indexed once."""
+    found: dict[tuple[int, int], str] = {}  # (device, inode) -> first path, in sorted walk order
+    skipped: list[Skip] = []
+
+    def unreadable(err: OSError) -> None:
+        skipped.append(_skip(root, err.filename, f"unreadable folder ({err.strerror or err})"))
+
+    folders = {(root.stat().st_dev, root.stat().st_ino): "."}
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unreadable):
+        here = Path(folder)
+        subfolders[:] = [name for name in sorted(subfolders) if not name.startswith(".")
+                         and _first_visit(here / name, root, folders, skipped, "folder")]
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                _first_visit(here / name, root, found, skipped, "file")
+    return sorted(found.values()), skipped
+
+
+def _skip(root: Path, path: str | Path, reason: str) -> Skip:
+    return {"path": Path(path).relative_to(root).as_posix(), "reason": reason}
+
+
+def _first_visit(path: Path, root: Path, seen: dict[tuple[int, int], str], skipped: list[Skip], kind: str) -> bool:
+    """Record `path` in `seen` under its real identity; False (and a skip) when it is broken or seen before."""
+    rel = path.relative_to(root).as_posix()
+    try:
+        info = path.stat()
+    except OSError as err:  # a dangling symlink, a symlink loop, a file gone since the listing
+        skipped.append(_skip(root, path, f"broken link or unreadable ({err.strerror or err})"))
+        return False
+    if kind == "file" and not S_ISREG(info.st_mode):
+        skipped.append(_skip(root, path, "not a regular file"))
+        return False
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        skipped.append(_skip(root, path, f"same {kind} as {seen[key]} (a link), indexed once"))
+        return False
+    seen[key] = rel
+    return True
 
 
 def read_label_map(path: Path) -> dict[str, str]:
@@ -41,18 +79,18 @@ def read_label_map(path: Path) -> dict[str, str]:
     return {str(key): str(value) for key, value in data.items()}
 
 
-def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[GalleryEntry], list[dict]]:
+def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[GalleryEntry], list[Skip]]:
     """Every image under `root` with its label (from `labels_file`, else its parent folder, else None), and the
-    entries left out ({path, reason})."""
+    entries left out with why (see `list_images`)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: gallery folder does not exist")
-    paths = list_images(root)
+    paths, skipped = list_images(root)
     if labels_file is not None:
         mapping = read_label_map(Path(labels_file))
         # Keys may be paths relative to the root or bare file names.
-        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths], []
-    return [GalleryEntry(p, folder_label(p)) for p in paths], []
+        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths], skipped
+    return [GalleryEntry(p, folder_label(p)) for p in paths], skipped
 
 
 def folder_label(relpath: str) -> str | None:

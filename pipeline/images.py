@@ -4,13 +4,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.errors import UserError, one_line
+
 MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
+# Beyond this a file is skipped: resizing the short side to a model's input blows the long side up (a 375-byte
+# 100000x1 PNG became a 22,400,000x224 image, ~20 GB). Panoramas stay well inside it.
+MAX_ASPECT = 20
 DECODE_SIDE = 1024  # JPEGs are decoded at reduced size when they are much larger than this
 
+pillow_heif.register_heif_opener()  # .heic/.heif (phone photos)
+
+# The only formats Pillow may try: raster images. Pillow would otherwise hand PostScript content under any name
+# (evil.jpg) to Ghostscript when it is installed, and identify dozens of scientific and vector formats.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "JPEG2000", "HEIF", "AVIF", "QOI")
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                             if fmt in Image.OPEN) | {".pgm", ".ppm", ".pbm"}
+                             if fmt in RASTER_FORMATS) | {".pgm", ".ppm", ".pbm"}
 
 
 # ultralytics replaces Image.open on import with a version that needs pi_heif for unknown files;
@@ -18,7 +29,7 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 _pillow_open = Image.open
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """A file that cannot be used as an image; str() is '<path>: <reason>'."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -51,11 +62,13 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE, max_pixels: int
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
-        with _pillow_open(path) as image:
+        with _pillow_open(path, formats=RASTER_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
                                            f" the limit is {max_pixels / 1e6:.0f} MP)")
+            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                raise ImageLoadError(path, f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT}:1)")
             if image.format == "JPEG" and max(width, height) > 2 * decode_side:
                 image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
             image.load()
@@ -64,8 +77,8 @@ def load_image(path: str | Path, decode_side: int = DECODE_SIDE, max_pixels: int
         raise
     except UnidentifiedImageError:
         raise NotAnImage(path, "not an image (Pillow cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(path, f"cannot decode ({str(err) or type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - a hostile file may make any decoder raise anything; skip it, never abort
+        raise ImageLoadError(path, f"cannot decode ({one_line(err)})") from None
 
 
 # Pillow's own bomb guard is replaced by MAX_PIXELS above, which names the file and the size.

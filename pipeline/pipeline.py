@@ -11,7 +11,7 @@ from cache.search import Searcher
 from models.classifier import Classifier
 from models.detector import Detector
 from models.embedders import create_embedder
-from models.errors import UserError
+from models.errors import UserError, one_line
 from models.registry import resolve_spec
 from pipeline.config import PipelineConfig
 from pipeline.images import ImageLoadError, load_image
@@ -56,6 +56,7 @@ class Pipeline:
         return {stage.name: stage.describe() for stage in self.stages if not isinstance(stage, RetrieveStage)}
 
     def _load(self, path: str, root: Path | None) -> Item:
+        """The decoded and preprocessed image, or `error` set: one bad file never aborts a run."""
         item = Item(path)
         try:
             item.image = load_image(root / path if root else path)
@@ -63,6 +64,8 @@ class Pipeline:
                 stage.prepare(item)
         except ImageLoadError as err:
             item.error = err.reason
+        except Exception as err:  # noqa: BLE001 - whatever preprocessing one odd image raises, skip that image
+            item.error = f"cannot preprocess ({one_line(err)})"
         return item
 
     def run(self, paths: Iterable[str], root: Path | None = None, prefetch: int = 2,

@@ -86,7 +86,7 @@ class ClassifyStage(TensorStage):
     def __call__(self, items: list[Item]) -> list[Item]:
         prediction = self.classifier.predict(self.batch(items), self.classes_kept)
         if self.embed:
-            embeddings = l2_normalize(prediction.pooled)
+            embeddings = l2_normalize(prediction.pooled, self.classifier.spec.name)
         for i, item in enumerate(items):
             item.classes, item.probs = prediction.classes[i], prediction.probs[i]
             item.class_names = [self.classifier.class_name(c) for c in item.classes[:5]]

@@ -48,9 +48,9 @@ def test_a_model_that_does_not_match_runs_in_torch_and_says_why(monkeypatch, cap
     monkeypatch.setattr(runtime, "MATCH_COSINE", 1.5)  # nothing can match: the check must refuse it
     timm_net._load.cache_clear()  # a fresh load, not the process-wide net an earlier test made
     classifier = Classifier(resolve_spec("timm:test_efficientnet@random", "classifier"), "cpu", "onnx")
-    assert classifier.net.onnx is None
-    assert "--runtime onnx not used for timm:test_efficientnet" in capsys.readouterr().err
     assert classifier.predict(seeded(lambda: torch.randn(2, 3, 64, 64)), 3).classes.shape == (2, 3)
+    assert not classifier.net.onnx.in_use
+    assert "--runtime onnx not used for timm:test_efficientnet" in capsys.readouterr().err
 
 
 def test_outputs_match_names_the_difference():
@@ -74,16 +74,16 @@ def test_onnx_on_a_gpu_is_refused_clearly():
 def test_cache_built_with_onnx_answers_like_torch(gallery, tmp_path):
     runner = CliRunner()
     answers = {}
-    for runtime in ("torch", "onnx"):
-        out = tmp_path / runtime
+    for kind in ("torch", "onnx"):
+        out = tmp_path / kind
         built = runner.invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(out), "--classifier",
                                     TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu",
-                                    "--runtime", runtime])
+                                    "--runtime", kind])
         assert built.exit_code == 0, built.output
         query = runner.invoke(cli, ["query", str(gallery / "red_circles" / "2.png"), "--cache", str(out), "--json",
                                     "--buckets", "flat", "-k", "6"])
         assert query.exit_code == 0, query.output
-        answers[runtime] = json.loads(query.stdout)[0]["results"]
+        answers[kind] = json.loads(query.stdout)[0]["results"]
     assert [r["path"] for r in answers["onnx"]] == [r["path"] for r in answers["torch"]]
     np.testing.assert_allclose([r["score"] for r in answers["onnx"]], [r["score"] for r in answers["torch"]],
                                atol=1e-3)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.policies import BucketPolicy, parse_policy
 from cache.buckets import class_agreement
+from cache.policies import BucketPolicy, parse_policy
 from cache.search import Searcher
 from cache.store import CacheData, empty_columns
 

@@ -55,7 +55,7 @@ def _model_calls(pipeline) -> list[tuple]:
 
 def _runs_as(model) -> str:
     """'onnxruntime', or torch with the autocast precision it chose ('torch bfloat16'), or 'torch float32'."""
-    if getattr(model, "onnx", None) is not None:
+    if getattr(getattr(model, "onnx", None), "in_use", False):
         return "onnxruntime"
     return f"torch {getattr(model, 'precision', 'float32')}"
 
@@ -133,7 +133,7 @@ def naive_embedder(pipeline):
                 features, top = forward(transform(image)[None])
                 top1 = top if top is not None else top1
                 if features is not None:
-                    vector = l2_normalize(features)[0]
+                    vector = l2_normalize(features, "the eager reference")[0]
         return vector, top1
 
     return run

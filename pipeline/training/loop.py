@@ -128,7 +128,7 @@ def embed_all(net: nn.Module, data: Decoded, preprocessing: Preprocessing, devic
     net.eval()
     chunks = [net(preprocessing.normalize(data.pixels[i:i + batch_size]).to(device)).float().cpu()
               for i in range(0, len(data), batch_size)]
-    return l2_normalize(torch.cat(chunks))
+    return l2_normalize(torch.cat(chunks), "the network being trained")
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
