@@ -52,7 +52,8 @@ def bad_run_dir(tmp_path: Path, change) -> Path:
     """A run directory of a tiny timm embedder whose config.json `change` edits."""
     from safetensors.torch import save_file
 
-    from models.finetuned import FORMAT_VERSION, build_net, describe_backbone
+    from models.embedding_nets import build_net, describe_backbone
+    from models.run_directory import FORMAT_VERSION
 
     model = describe_backbone("timm:test_efficientnet@random", (32, 32))
     net, _ = build_net(model, 8, pretrained=False)

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from conftest import SHAPES, draw_shape
 
 from models.embedders import create_embedder
-from models.finetuned import CheckpointEmbedder, Preprocessing
+from models.embedding_nets import Preprocessing
+from models.finetuned import CheckpointEmbedder
 from models.registry import resolve_spec
 from pipeline.images import load_image
 from pipeline.training import loop

@@ -26,19 +26,10 @@ import torch
 from torch import nn
 
 from cache.metrics import METRICS, leave_one_out
+from models.embedding_nets import EmbeddingNet, Preprocessing, build_net, describe_backbone, is_pretrained
 from models.errors import UserError
 from models.files import atomic_write
-from models.finetuned import (
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    EmbeddingNet,
-    Preprocessing,
-    build_net,
-    describe_backbone,
-    is_pretrained,
-    read_run_config,
-)
+from models.run_directory import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_run_config
 from models.runtime import l2_normalize, resolve_device
 from pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
 from pipeline.images import ImageLoadError, load_image
