@@ -75,9 +75,7 @@ class Pipeline:
 
         def finish(futures: list[Future]) -> list[Item]:
             items = [f.result() for f in futures]
-            good = [item for item in items if item.error is None]
-            for stage in self.stages if good else []:
-                good = stage(good)
+            run_stages(self.stages, items)
             for item in items:
                 item.image = None  # decoded pixels are not needed past the stages
             if on_batch:
@@ -96,6 +94,17 @@ class Pipeline:
             pending.append([self.pool.submit(self._load, p, root) for p in batch])
         while pending:
             yield from finish(pending.popleft())
+
+
+def run_stages(stages: list[Stage], items: list[Item]) -> list[Item]:
+    """Run `stages` in order over the items without an error; an item a stage marks with `error` (an image that
+    cannot be preprocessed) leaves the batch, the rest go on. Returns the items given."""
+    good = [item for item in items if item.error is None]
+    for stage in stages:
+        if not good:
+            break
+        good = [item for item in stage(good) if item.error is None]
+    return items
 
 
 def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> Pipeline:

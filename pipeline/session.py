@@ -17,6 +17,7 @@ from models.clip_text import ClipTextEncoder, has_text_tower, require_text_tower
 from models.errors import UserError
 from models.registry import resolve_spec
 from pipeline.items import Item
+from pipeline.pipeline import run_stages
 from pipeline.query import open_query_pipeline, query_config
 from pipeline.stages import RetrieveStage
 
@@ -55,8 +56,7 @@ class QuerySession:
         """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
         retrieve, used = self.retriever(buckets, k)
         with self._lock:
-            for stage in self.pipeline.stages:
-                items = (retrieve if stage is self.retrieve else stage)(items)
+            run_stages([retrieve if stage is self.retrieve else stage for stage in self.pipeline.stages], items)
         return items, used
 
     def row(self, row: int, buckets: str | None = None, k: int | None = None) -> tuple[Item, str]:

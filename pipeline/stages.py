@@ -14,7 +14,9 @@ from cache.search import WHOLE_GALLERY, Searcher
 from models.classifier import Classifier
 from models.detector import Detector, choose_box, pad_box
 from models.embedders import Embedder
+from models.errors import one_line
 from models.runtime import l2_normalize
+from pipeline.images import MAX_ASPECT
 from pipeline.items import Item, Result
 
 
@@ -45,10 +47,19 @@ class TensorStage(Stage):
     def prepare(self, item: Item) -> None:
         item.inputs[self.name] = self.transform(item.image)
 
-    def batch(self, items: list[Item]) -> torch.Tensor:
+    def _prepare_or_skip(self, item: Item) -> None:
+        try:
+            self.prepare(item)
+        except Exception as err:  # noqa: BLE001 - one image that cannot be preprocessed is skipped, never the batch
+            item.error = f"cannot preprocess ({one_line(err)})"
+
+    def batch(self, items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
+        """The items whose input is ready and their stacked batch. Inputs missing (a crop made the loader's copy
+        stale) are prepared here; an image whose preprocessing fails gets `error` and is left out."""
         missing = [item for item in items if self.name not in item.inputs]
-        list(self.pool.map(self.prepare, missing))
-        return torch.stack([item.inputs.pop(self.name) for item in items])
+        list(self.pool.map(self._prepare_or_skip, missing))
+        ready = [item for item in items if item.error is None]
+        return ready, torch.stack([item.inputs.pop(self.name) for item in ready]) if ready else None
 
 
 class CropStage(Stage):
@@ -64,7 +75,7 @@ class CropStage(Stage):
         for item, boxes in zip(items, self.detector.detect([item.image for item in items])):
             width, height = item.image.size
             box = choose_box(boxes, width, height)
-            if box is not None:
+            if box is not None and _sane(box):
                 item.box = pad_box(box, self.margin, width, height)
                 item.image = item.image.crop(tuple(round(v) for v in item.box))
             item.inputs.clear()  # anything prepared from the uncropped image is stale
@@ -72,6 +83,12 @@ class CropStage(Stage):
 
     def describe(self) -> dict:
         return {"detector": self.detector.describe(), "margin": self.margin}
+
+
+def _sane(box: tuple[float, float, float, float]) -> bool:
+    """A box worth cropping to: at least 2 px a side and no thinner than the images accepted (MAX_ASPECT)."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    return min(width, height) >= 2 and max(width, height) <= MAX_ASPECT * min(width, height)
 
 
 class ClassifyStage(TensorStage):
@@ -84,10 +101,13 @@ class ClassifyStage(TensorStage):
         self.embed = embed
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        prediction = self.classifier.predict(self.batch(items), self.classes_kept)
+        ready, batch = self.batch(items)
+        if batch is None:
+            return items
+        prediction = self.classifier.predict(batch, self.classes_kept)
         if self.embed:
             embeddings = l2_normalize(prediction.pooled, self.classifier.spec.name)
-        for i, item in enumerate(items):
+        for i, item in enumerate(ready):
             item.classes, item.probs = prediction.classes[i], prediction.probs[i]
             item.class_names = [self.classifier.class_name(c) for c in item.classes[:5]]
             if self.embed:
@@ -106,8 +126,10 @@ class EmbedStage(TensorStage):
         self.embedder = embedder
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        for item, vector in zip(items, self.embedder.embed(self.batch(items))):
-            item.embedding = vector
+        ready, batch = self.batch(items)
+        if batch is not None:
+            for item, vector in zip(ready, self.embedder.embed(batch)):
+                item.embedding = vector
         return items
 
     def describe(self) -> dict:

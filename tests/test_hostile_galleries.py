@@ -126,3 +126,33 @@ def test_postscript_under_an_image_name_never_reaches_ghostscript(tmp_path, monk
     with pytest.raises(ImageLoadError, match="not an image"):
         load_image(path)
     assert calls == []
+
+
+def test_a_crop_whose_preprocessing_fails_skips_that_image(gallery, tiny_config, tmp_path, monkeypatch):
+    """Preprocessing that runs after the crop stage (inputs made stale by cropping) skips the one image too."""
+    from pipeline.pipeline import build_pipeline
+    from pipeline.stages import Stage, TensorStage
+
+    class StaleInputs(Stage):
+        """Stands in for a crop: what the loaders prepared no longer fits the image."""
+        name = "crop"
+
+        def __call__(self, items):
+            for item in items:
+                item.inputs.clear()
+            return items
+
+    pipeline = build_pipeline(tiny_config)
+    bad = next(gallery.rglob("*.png"))
+    pipeline.stages.insert(0, StaleInputs())
+    real_prepare = TensorStage.prepare
+
+    def prepare(self, item):
+        if item.path.endswith(bad.relative_to(gallery).as_posix()):
+            raise MemoryError("a sliver blown up by resizing")
+        real_prepare(self, item)
+
+    monkeypatch.setattr(TensorStage, "prepare", prepare)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
+    assert summary.images == 17 and [s["path"] for s in summary.skipped] == [bad.relative_to(gallery).as_posix()]
+    assert "cannot preprocess (MemoryError: a sliver blown up by resizing)" in summary.skipped[0]["reason"]

@@ -135,6 +135,8 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             except ImageLoadError as err:
                 raise ApiError(400, f"{name}: {err.reason}") from None
         items, used = session.images([Item(name, image=image)], buckets, k)
+        if items[0].error:  # decoded, but the model's preprocessing refused it
+            raise ApiError(400, f"{name}: {items[0].error}")
         return answer(items[0], used)
 
     def row_query(row: int, buckets: str | None, k: int | None) -> dict:
