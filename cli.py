@@ -60,6 +60,14 @@ def pipeline_options(defaults: bool):
     return decorate
 
 
+def engine_options(command):
+    """--engine and --ray-address, for every command that embeds a gallery."""
+    command = click.option("--ray-address", default=None,
+                           help="with --engine ray: 'auto' or ray://host:port joins a cluster [default: a local Ray]")(command)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="ray: decode in Ray tasks and run the models in a Ray actor pool (pip install -e '.[ray]')")(command)
+
+
 @click.group()
 def cli():
     """lookalike: find the five most similar images in a gallery."""
@@ -71,15 +79,18 @@ def cli():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="cache folder")
 @click.option("--bucket-by", type=click.Choice(["classifier", "label"]), default="classifier", show_default=True)
 @click.option("--rebuild", is_flag=True, help="replace a cache built with another pipeline")
+@engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, **options):
+def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, ray_address, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
     from cache.builder import build_cache
     from pipeline.config import PipelineConfig
+    from pipeline.engines import create_engine
 
     config = PipelineConfig(**options)
-    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild)
+    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild,
+                          engine=create_engine(engine, config, ray_address))
     for skipped in summary.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
     click.echo(summary.line())
@@ -159,9 +170,10 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@engine_options
 @one_line_errors
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
-              buckets, crop, grid_file, device, out):
+              buckets, crop, grid_file, device, out, engine, ray_address):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
     from pipeline.benchmark import make_grid, read_grid_file, run_benchmark
 
@@ -171,7 +183,7 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
         lists.update(read_grid_file(grid_file))
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
-                           device)
+                           device, engine=engine, ray_address=ray_address)
     from pipeline.reports import markdown_table
 
     click.echo(markdown_table(report))

@@ -19,9 +19,8 @@ from cache.store import CacheData, CacheError, PendingChunks, concat_columns, em
     select_rows, write_generation
 from pipeline.config import PipelineConfig
 from pipeline.fusion import choose_policy
-from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
-from pipeline.pipeline import Pipeline, build_pipeline
+from pipeline.pipeline import DECODE_RULE, Pipeline, build_pipeline
 
 
 @dataclass
@@ -47,7 +46,7 @@ class BuildSummary:
 
 def fingerprint(pipeline: Pipeline, bucket_by: str) -> dict:
     """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored)."""
-    return json.loads(json.dumps({"stages": pipeline.describe(), "bucket_by": bucket_by, "decode_side": DECODE_SIDE}))
+    return json.loads(json.dumps({"stages": pipeline.describe(), "bucket_by": bucket_by, "decode": DECODE_RULE}))
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -101,18 +100,20 @@ def _label_classes(entries_labels: np.ndarray, pipeline: Pipeline, cache: Path) 
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
                 bucket_by: str = "classifier", rebuild: bool = False, progress: bool = True,
-                pipeline: Pipeline | None = None, chunk_rows: int = 256) -> BuildSummary:
+                pipeline: Pipeline | None = None, chunk_rows: int = 256, engine=None) -> BuildSummary:
     """Create or update the cache at `out` for the images under `gallery`.
 
-    Progress is saved every `chunk_rows` embedded images (the most an interruption can lose).
+    Progress is saved every `chunk_rows` embedded images (the most an interruption can lose). `engine` (default:
+    `pipeline` in this process) embeds the images: `run(paths, root, on_batch)` delivers each path once as an
+    Item, `describe()` gives the stages' description (the fingerprint), `pipeline` names the classes.
     """
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
     if bucket_by not in ("classifier", "label"):
         raise ValueError(f"--bucket-by {bucket_by}: use classifier or label")
     entries = scan_gallery(gallery, labels_file)
-    pipeline = pipeline or build_pipeline(config)
-    wanted = fingerprint(pipeline, bucket_by)
+    pipeline = pipeline or (engine.pipeline if engine else build_pipeline(config))
+    wanted = fingerprint(engine or pipeline, bucket_by)
 
     previous: CacheData | None = None
     if (out / "CURRENT").is_file() and not rebuild:
@@ -159,8 +160,11 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             chunk.clear()
 
     embedding_started = time.perf_counter()
-    for _ in pipeline.run(todo, root=gallery, on_batch=on_batch):
-        pass
+    if engine is not None:
+        engine.run(todo, root=gallery, on_batch=on_batch)
+    else:
+        for _ in pipeline.run(todo, root=gallery, on_batch=on_batch):
+            pass
     if chunk:
         save(chunk)
     bar.close()
