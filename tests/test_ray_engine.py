@@ -77,7 +77,7 @@ def test_ray_engine_builds_the_local_engines_cache_incrementally(ray_local, gall
 
 
 def test_interrupted_ray_build_resumes_from_saved_chunks(ray_local, gallery, tiny_config, tmp_path, monkeypatch):
-    engine = RayEngine(tiny_config)
+    engine = RayEngine(tiny_config, read_batch=4)  # batches of 4 come back one by one
     delivered = Counter()
     original = RayEngine.run
 
@@ -117,18 +117,19 @@ def test_killed_actor_is_replaced_and_every_image_embedded_once(ray_local, tiny_
     paths = [str(draw_shape(root / f"{i:02d}.png", (30, 60, 220), "rectangle", seed=i).relative_to(root))
              for i in range(40)]
     delivered: Counter[str] = Counter()
-    killed = []
+    killed_after = []
 
     def on_batch(items):
         delivered.update(item.path for item in items if item.error is None and item.embedding is not None)
-        if not killed:
+        if not killed_after:
             pids = _model_actor_pids()
             assert pids, "no model actor process found"
             os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
+            killed_after.append(sum(delivered.values()))
 
-    RayEngine(tiny_config).run(paths, root, on_batch)
-    assert killed and delivered == Counter(paths)  # every image once: none lost, none twice
+    RayEngine(tiny_config, read_batch=4).run(paths, root, on_batch)
+    assert killed_after and killed_after[0] < len(paths)  # killed while images were still to come
+    assert delivered == Counter(paths)  # every image once: none lost, none twice
 
 
 @pytest.mark.real

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -163,15 +164,16 @@ class RayEngine:
         expected = self.describe()
         options = self._actor_options(ray)
         options["fn_constructor_kwargs"].update(config=self.config.to_dict(), expected=expected)
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")  # retry limits: pinned below 2.64
         dataset = ray.data.from_items([{"path": path} for path in paths],
                                       override_num_blocks=max(1, -(-len(paths) // self.read_batch)))
         decoded = dataset.map_batches(
-            _decode, batch_size=self.read_batch, num_cpus=1, ray_remote_args_fn=lambda: {"max_retries": RETRIES},
+            _decode, batch_size=self.read_batch, num_cpus=1, max_retries=RETRIES,
             fn_kwargs={"root": str(root), "side": self.pipeline.decode_side, "transforms": self.pipeline.transforms,
                        "shapes": {name: output_shape(t) for name, t in self.pipeline.transforms.items()},
                        "keep_pixels": not self.pipeline.transforms})
-        embedded = decoded.map_batches(_Models, batch_size=self.config.batch_size,
-                                       ray_remote_args_fn=lambda: {"max_task_retries": RETRIES}, **options)
+        embedded = decoded.map_batches(_Models, batch_size=self.config.batch_size, max_task_retries=RETRIES,
+                                       **options)
         try:
             for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
                 on_batch(_items(batch))
