@@ -273,9 +273,13 @@ def train(resume, **options):
               help="synthetic gallery sizes for search alone (comma list; 'none' to skip)")
 @click.option("--forward-seconds", default=4.0, show_default=True, type=float, help="time per forward-only figure")
 @click.option("--workers", default=2, show_default=True, type=int, help="decoding threads")
+@click.option("--camera-images", default=100, show_default=True, type=int,
+              help="gallery photos re-encoded at 4000x3000 for the camera-photo build (0 to skip)")
+@engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, **options):
+def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, camera_images, engine,
+          ray_address, **options):
     """Measure forward-only, build-cache, naive build, query and search speed on this machine."""
     from pipeline.config import PipelineConfig
     from pipeline.speed import format_report, run_speed
@@ -283,7 +287,8 @@ def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forw
     sizes = tuple(int(n) for n in _split(search_sizes) or [] if n != "none")
     echo = functools.partial(click.echo, err=True)
     report = run_speed(gallery, PipelineConfig(**options), queries, naive_images, cold_runs,
-                       search_sizes=sizes, forward_seconds=forward_seconds, echo=echo)
+                       search_sizes=sizes, forward_seconds=forward_seconds, echo=echo, engine=engine,
+                       ray_address=ray_address, camera_images=camera_images)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:

@@ -40,7 +40,8 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
 
     args = ["speed", "--gallery", str(gallery), "--classifier", tiny_config.classifier, "--embedder",
             tiny_config.embedder, "--device", "cpu", "--batch-size", "4", "--queries", "3", "--naive-images", "4",
-            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json", "--runtime", runtime]
+            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json", "--runtime", runtime,
+            "--camera-images", "3"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -54,6 +55,9 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     searched = report["search"]["2000"]
     assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
     assert report["environment"]["torch_threads"] >= 1
+    camera = report["camera"]
+    assert camera["images"] == 3 and camera["local"]["camera"]["images"] == camera["local"]["small"]["images"] == 3
+    assert camera["local"]["camera_vs_small"] > 0
 
 
 def test_exact_scan_in_slices_matches_brute_force(monkeypatch):
@@ -134,7 +138,7 @@ def test_query_without_crop_never_imports_ultralytics(gallery, tiny_config, tmp_
 def test_help_imports_no_heavy_library():
     code = ("import sys; import cli\nsys.argv = ['cli.py', '--help']\n"
             "try:\n    cli.cli()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'faiss', 'ultralytics', 'timm', 'open_clip') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'faiss', 'ultralytics', 'timm', 'open_clip', 'ray') if m in sys.modules))")
     assert run_python(code) == "[]"
 
 

@@ -127,7 +127,8 @@ class RayEngine:
     def describe(self) -> dict:
         return self.pipeline.describe()
 
-    def _connect(self):
+    def connect(self):
+        """Start a local Ray, or join the cluster at `address`, unless this process is connected already."""
         import ray
 
         if not ray.is_initialized():
@@ -160,7 +161,7 @@ class RayEngine:
         """Deliver every path once as an Item (embedded, or with `error`), batch by batch as they finish."""
         if not paths:
             return
-        ray = self._connect()
+        ray = self.connect()
         expected = self.describe()
         options = self._actor_options(ray)
         options["fn_constructor_kwargs"].update(config=self.config.to_dict(), expected=expected)
