@@ -445,14 +445,13 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     report["forward"] = forward
     echo(f"forward-only: {forward['images_per_s']:.1f} images/s")
     engines = {"local": None}
-    if engine != "local":
-        engines[engine] = create_engine(engine, config, ray_address, pipeline)
-        engines[engine].connect()  # Ray starts (or joins its cluster) before the clock; its actors start within
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cache = Path(tmp) / "cache"
         report["build"] = build_figures(root, cache, config, pipeline)
         echo(f"build-cache: {report['build']['images_per_s']:.1f} images/s")
         if engine != "local":
+            engines[engine] = create_engine(engine, config, ray_address, pipeline)
+            engines[engine].connect()  # Ray starts (or joins its cluster) before the clock; its actors within it
             report["engine_build"] = dict(build_figures(root, Path(tmp) / f"cache-{engine}", config, pipeline,
                                                         engines[engine]), engine=engine)
             report["engine_vs_local"] = report["engine_build"]["images_per_s"] / report["build"]["images_per_s"]

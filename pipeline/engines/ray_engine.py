@@ -10,7 +10,6 @@ comes back with its reason, as in the local engine, and is never retried.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import warnings
 from collections.abc import Callable
@@ -41,7 +40,7 @@ def _decode(batch: dict[str, np.ndarray], root: str, side: int, transforms: dict
     for name in transforms:
         blank = np.zeros(shapes[name], np.float32)  # an unreadable file's row: every block has one schema
         out[name] = np.stack([item.inputs[name].numpy() if item.error is None else blank for item in items])
-    if keep_pixels:  # a crop stage needs the whole image: variable sizes travel as PNG-free raw bytes
+    if keep_pixels:  # a crop stage needs the whole image: variable sizes travel as raw RGB bytes
         out["pixels"] = np.array([item.image.tobytes() if item.image else b"" for item in items], dtype=object)
         out["size"] = np.array([item.image.size if item.image else (0, 0) for item in items], np.int64)
     return out
