@@ -181,3 +181,15 @@ def test_cli_refuses_a_ray_address_without_the_ray_engine(gallery, tmp_path):
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120,
                             check=False)
     assert result.returncode == 1 and result.stderr.strip() == "error: --ray-address needs --engine ray"
+
+
+def test_speed_times_the_ray_engine_against_the_local_one(ray_local, gallery, tiny_config, tmp_path):
+    from pipeline.speed import run_speed
+
+    report = run_speed(gallery, tiny_config, queries=2, naive_images=2, cold_runs=1, reference_queries=0,
+                       search_sizes=(), forward_seconds=0.2, workdir=tmp_path, engine="ray", camera_images=2)
+    assert report["engine_build"]["engine"] == "ray" and report["engine_build"]["images"] == 18
+    assert report["engine_vs_local"] > 0
+    for engine in ("local", "ray"):
+        figures = report["camera"][engine]
+        assert figures["camera"]["images"] == figures["small"]["images"] == 2 and figures["camera_vs_small"] > 0
