@@ -100,14 +100,20 @@ def test_interrupted_ray_build_resumes_from_saved_chunks(ray_local, gallery, tin
     assert (summary.reused, summary.embedded, summary.images) == (saved, 18 - saved, 18)
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _model_actor_pids() -> list[int]:
-    """Processes of this user running a Ray actor of the models (Ray titles them after the actor class)."""
+    """This test run's model actor processes: Ray titles them after the actor class, and their parent is the
+    raylet this process started (never another session's Ray)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and "_Models" in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+            if proc.name.isdigit() and "_Models" in (proc / "cmdline").read_bytes().decode(errors="ignore") \
+                    and _parent(_parent(int(proc.name))) == os.getpid():
                 pids.append(int(proc.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return pids
 
