@@ -138,6 +138,17 @@ def test_killed_actor_is_replaced_and_every_image_embedded_once(ray_local, tiny_
     assert delivered == Counter(paths)  # every image once: none lost, none twice
 
 
+def test_a_worker_with_other_models_is_refused_in_one_line(ray_local, gallery, tiny_config, monkeypatch):
+    from models.errors import UserError
+
+    engine = RayEngine(tiny_config)
+    driver = engine.describe()
+    monkeypatch.setattr(engine, "describe", lambda: {**driver, "embed": {"embedder": {"weights": "other"}}})
+    with pytest.raises(UserError, match="a Ray worker's models differ from the driver's") as error:
+        engine.run(["red_circles/0.png"], gallery, lambda items: None)
+    assert "embed.embedder.weights: 'other' -> 'random'" in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.real
 def test_both_engines_agree_on_real_photos(ray_local, real_weights, tmp_path):
     from pipeline.datasets import load_labelled

@@ -177,8 +177,9 @@ class RayEngine:
         try:
             for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
                 on_batch(_items(batch))
-        except ray.exceptions.RayError as err:
-            cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise RuntimeError(f"Ray build failed: {' '.join(str(cause).split())[:500]}") from None
+        except ray.exceptions.RayError as err:  # one line: a worker's UserError as itself, else the last line
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            told = [line.split("UserError: ", 1)[1] for line in lines if "UserError: " in line]
+            if told:
+                raise UserError(told[-1]) from None
+            raise RuntimeError(f"Ray build failed: {lines[-1] if lines else type(err).__name__}") from None
