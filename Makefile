@@ -13,8 +13,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,onnx,serve]'
-	$(PY) -c "import torchvision.ops, timm, open_clip, faiss, ultralytics, onnxruntime, fastapi, uvicorn"
+	$(PY) -m pip install --quiet -e '.[test,onnx,serve,ray]'
+	$(PY) -c "import torchvision.ops, timm, open_clip, faiss, ultralytics, onnxruntime, fastapi, uvicorn, ray.data"
 	touch $@
 
 demo: setup

@@ -89,6 +89,18 @@ def pipeline_options(defaults: bool):
     return decorate
 
 
+def engine_options(command):
+    """--engine and --ray-address, for every command that embeds a gallery."""
+    command = click.option("--ray-address", default=None,
+                           help="with --engine ray: 'auto' or ray://host:port joins a cluster [default: a local Ray]")(command)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="ray: decode in Ray tasks and run the models in a Ray actor pool (pip install -e '.[ray]')")(command)
+
+
+@click.group()
+def cli():
+
+
 class UsageLine(click.UsageError):
     """A usage error shown as one line naming the command, like every other lookalike error (exit 2)."""
 
@@ -141,15 +153,18 @@ def cli(debug):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="cache folder")
 @click.option("--bucket-by", type=click.Choice(["classifier", "label"]), default="classifier", show_default=True)
 @click.option("--rebuild", is_flag=True, help="replace a cache built with another pipeline")
+@engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, **options):
+def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, ray_address, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
     from pipeline.build import build_cache
     from pipeline.config import PipelineConfig
+    from pipeline.engines import create_engine
 
     config = PipelineConfig(**options)
-    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild)
+    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild,
+                          engine=create_engine(engine, config, ray_address))
     for skipped in summary.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
     click.echo(summary.line())
@@ -263,9 +278,10 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@engine_options
 @one_line_errors
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
-              buckets, crop, grid_file, device, out):
+              buckets, crop, grid_file, device, out, engine, ray_address):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
     from pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
 
@@ -275,7 +291,7 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
         lists.update(read_grid_file(grid_file))
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
-                           device)
+                           device, engine=engine, ray_address=ray_address)
     from pipeline.evaluation.reports import markdown_table
 
     click.echo(markdown_table(report))
@@ -365,9 +381,13 @@ def train(resume, **options):
               help="synthetic gallery sizes for search alone (comma list; 'none' to skip)")
 @click.option("--forward-seconds", default=4.0, show_default=True, type=float, help="time per forward-only figure")
 @click.option("--workers", default=2, show_default=True, type=int, help="decoding threads")
+@click.option("--camera-images", default=100, show_default=True, type=int,
+              help="gallery photos re-encoded at 4000x3000 for the camera-photo build (0 to skip)")
+@engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, **options):
+def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, camera_images, engine,
+          ray_address, **options):
     """Measure forward-only, build-cache, naive build, query and search speed on this machine."""
     from pipeline.config import PipelineConfig
     from pipeline.evaluation.speed import format_report, run_speed
@@ -375,7 +395,8 @@ def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forw
     sizes = tuple(int(n) for n in _split(search_sizes) or [] if n != "none")
     echo = functools.partial(click.echo, err=True)
     report = run_speed(gallery, PipelineConfig(**options), queries, naive_images, cold_runs,
-                       search_sizes=sizes, forward_seconds=forward_seconds, echo=echo)
+                       search_sizes=sizes, forward_seconds=forward_seconds, echo=echo, engine=engine,
+                       ray_address=ray_address, camera_images=camera_images)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:

@@ -103,10 +103,15 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def refuse_other_pipeline(manifest: Manifest, wanted: dict, where: str | Path) -> None:
+def refuse_other_pipeline(manifest: Manifest, wanted: dict, where: str | Path, keys: tuple[str, ...] | None = None) -> None:
     """CacheError when the pipeline about to use a cache is not the one that built it (the one message that
-    build-cache and query both give)."""
-    changed = differences(manifest.fingerprint, wanted)
+    build-cache and query both give); `keys` limits the comparison to those fingerprint parts."""
+    if keys is not None:
+        manifest_part = {key: manifest.fingerprint.get(key) for key in keys}
+        wanted = {key: wanted.get(key) for key in keys}
+    else:
+        manifest_part = manifest.fingerprint
+    changed = differences(manifest_part, wanted)
     if changed:
         raise CacheError(f"{where}: this cache was built with another pipeline ({'; '.join(changed[:3])}); "
                          "use the same models and weights, another --out, or build-cache --rebuild to replace it")

@@ -33,16 +33,18 @@ from cache.store import (
 )
 from pipeline.config import PipelineConfig
 from pipeline.gallery import GalleryEntry, scan_gallery
-from pipeline.images import DECODE_SIDE
 from pipeline.items import Item
-from pipeline.pipeline import Pipeline, build_pipeline
+from pipeline.pipeline import DECODE_RULE, Pipeline, build_pipeline
 
 CHUNK_ROWS = 256  # embedded rows saved together (the most a crash can lose)
 CHUNK_SECONDS = 30.0  # ... or after this long, for slow models
 
 
 class Engine(Protocol):
-    """What embeds a build's images: the local Pipeline, or a distributed engine with the same contract."""
+    """What embeds a build's images: the local Pipeline, or a distributed engine with the same contract
+    (pipeline/engines/). Its `pipeline` is a local copy of the models, used for class names only."""
+
+    pipeline: Pipeline
 
     def describe(self) -> dict:
         """The stages' description (the cache fingerprint's part that names models and preprocessing)."""
@@ -88,7 +90,7 @@ class BuildSummary:
 
 def fingerprint(description: dict, bucket_by: str) -> dict:
     """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored)."""
-    return json.loads(json.dumps({"stages": description, "bucket_by": bucket_by, "decode_side": DECODE_SIDE}))
+    return json.loads(json.dumps({"stages": description, "bucket_by": bucket_by, "decode": DECODE_RULE}))
 
 
 def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[str, os.stat_result],
@@ -207,7 +209,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     if bucket_by not in ("classifier", "label"):
         raise CacheError(f"--bucket-by {bucket_by}: use classifier or label")
     entries, skipped = scan_gallery(gallery, labels_file)
-    pipeline = pipeline or build_pipeline(config)
+    pipeline = pipeline or (engine.pipeline if engine else build_pipeline(config))
     engine = engine or LocalEngine(pipeline)
     wanted = fingerprint(engine.describe(), bucket_by)
     with BuildLock(out):

@@ -6,6 +6,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+from PIL.Image import Image
+
 from cache.policies import parse_policy
 from cache.search import Searcher
 from models.classifier import Classifier
@@ -14,9 +17,15 @@ from models.embedders import create_embedder
 from models.errors import UserError, one_line
 from models.registry import resolve_spec
 from pipeline.config import PipelineConfig
-from pipeline.images import ImageLoadError, load_image
+from pipeline.images import DECODE_SIDE, ImageLoadError, load_image
 from pipeline.items import Item
-from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage
+from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage, TensorStage
+
+# How big a JPEG is decoded (recorded in cache fingerprints): without a crop, at least DRAFT_FACTOR x the largest
+# model input side (DCT-domain downscale, then the model's own resize); with a crop, at least DECODE_SIDE, so a
+# small crop keeps its detail.
+DRAFT_FACTOR = 2
+DECODE_RULE = f"jpeg draft to {DRAFT_FACTOR}x the model input side; {DECODE_SIDE} with crop"
 
 
 def _single_threaded_torch() -> None:
@@ -32,6 +41,36 @@ def loader_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, workers), initializer=_single_threaded_torch)
 
 
+def output_shape(transform: Callable[[Image], torch.Tensor]) -> tuple[int, ...]:
+    """The tensor shape a per-image transform makes, whatever library made it (probed on a tiny image)."""
+    from PIL import Image as PILImage
+
+    return tuple(transform(PILImage.new("RGB", (8, 8))).shape)
+
+
+def decode_side(stages: list[Stage]) -> int:
+    """The side a JPEG is decoded at (DECODE_RULE): big photos are never decoded at full size only to shrink."""
+    if any(isinstance(stage, CropStage) for stage in stages):
+        return DECODE_SIDE
+    sides = [max(output_shape(stage.transform)[-2:]) for stage in stages if isinstance(stage, TensorStage)]
+    return DRAFT_FACTOR * max(sides) if sides else DECODE_SIDE
+
+
+def load_item(path: str, root: Path | None, side: int,
+              transforms: dict[str, Callable[[Image], torch.Tensor]]) -> Item:
+    """Decode one image and apply the per-image transforms (by stage name); unreadable -> `error` set."""
+    item = Item(path)
+    try:
+        item.image = load_image(root / path if root else path, side)
+        for name, transform in transforms.items():
+            item.inputs[name] = transform(item.image)
+    except ImageLoadError as err:
+        item.error = err.reason
+    except Exception as err:  # noqa: BLE001 - whatever preprocessing one odd image raises, skip that image
+        item.error = f"cannot preprocess ({one_line(err)})"
+    return item
+
+
 class Pipeline:
     """Runs stages in order over batches; batches are decoded ahead while the models work."""
 
@@ -40,12 +79,14 @@ class Pipeline:
         self.stages = stages
         self.batch_size = batch_size
         self.pool = pool or loader_pool(workers)
+        self.decode_side = decode_side(stages)
         # Per-image preprocessing can run while loading, up to the first stage that changes the image.
-        self._early: list[Stage] = []
+        self.transforms: dict[str, Callable] = {}
         for stage in stages:
             if isinstance(stage, CropStage):
                 break
-            self._early.append(stage)
+            if isinstance(stage, TensorStage):
+                self.transforms[stage.name] = stage.transform
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -56,17 +97,14 @@ class Pipeline:
         return {stage.name: stage.describe() for stage in self.stages if not isinstance(stage, RetrieveStage)}
 
     def _load(self, path: str, root: Path | None) -> Item:
-        """The decoded and preprocessed image, or `error` set: one bad file never aborts a run."""
-        item = Item(path)
-        try:
-            item.image = load_image(root / path if root else path)
-            for stage in self._early:
-                stage.prepare(item)
-        except ImageLoadError as err:
-            item.error = err.reason
-        except Exception as err:  # noqa: BLE001 - whatever preprocessing one odd image raises, skip that image
-            item.error = f"cannot preprocess ({one_line(err)})"
-        return item
+        return load_item(path, root, self.decode_side, self.transforms)
+
+    def process(self, items: list[Item]) -> list[Item]:
+        """Run the stages over the loaded items (those with an error pass through); drop decoded pixels."""
+        run_stages(self.stages, items)
+        for item in items:
+            item.image = None  # decoded pixels are not needed past the stages
+        return items
 
     def run(self, paths: Iterable[str], root: Path | None = None, prefetch: int = 2,
             on_batch: Callable[[list[Item]], None] | None = None) -> Iterator[Item]:
@@ -74,10 +112,7 @@ class Pipeline:
         pending: deque[list[Future]] = deque()
 
         def finish(futures: list[Future]) -> list[Item]:
-            items = [f.result() for f in futures]
-            run_stages(self.stages, items)
-            for item in items:
-                item.image = None  # decoded pixels are not needed past the stages
+            items = self.process([f.result() for f in futures])
             if on_batch:
                 on_batch(items)
             return items

@@ -17,6 +17,11 @@ from pipeline.config import CACHE_FIELDS, PipelineConfig
 from pipeline.items import Item
 from pipeline.pipeline import Pipeline, build_pipeline
 
+# What a query must share with the cache: the models, their weights and preprocessing. The JPEG decode rule only
+# changes how a query photo is decoded (on 12 MP photos cosine >= 0.9996 to the previous rule), so a cache built
+# under an older rule still answers; build-cache compares everything and refuses to mix rows.
+QUERY_CHECKS = ("stages", "bucket_by")
+
 
 def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     """The cache's pipeline plus `overrides`; an override that would change the cache is refused."""
@@ -42,7 +47,8 @@ def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) ->
     data = load_cache(cache_dir)
     config = query_config(data, overrides or {})
     pipeline = build_pipeline(config, Searcher(data))
-    refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), cache_dir)
+    refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), cache_dir,
+                          keys=QUERY_CHECKS)
     return pipeline, config
 
 

@@ -92,7 +92,7 @@ def test_unavailable_model_is_one_line(gallery, tmp_path):
 
 def test_help_imports_no_heavy_library():
     code = "import sys, cli; cli.cli(['--help'], standalone_mode=False); " \
-           "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'open_clip') if m in sys.modules))"
+           "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'open_clip', 'ray') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert output.strip().endswith("[]")
 

@@ -41,7 +41,8 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
 
     args = ["speed", "--gallery", str(gallery), "--classifier", tiny_config.classifier, "--embedder",
             tiny_config.embedder, "--device", "cpu", "--batch-size", "4", "--queries", "3", "--naive-images", "4",
-            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json", "--runtime", runtime]
+            "--cold-runs", "1", "--search-sizes", "2000", "--forward-seconds", "0.3", "--json", "--runtime", runtime,
+            "--camera-images", "3"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -54,6 +55,8 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     assert report["agreement"]["cosine_min"] >= 0.999
     searched = report["search"]["2000"]
     assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
+    camera = report["camera"]
+    assert camera["images"] == 3 and camera["local"]["camera"]["images"] == camera["local"]["small"]["images"] == 3
 
 
 def test_exact_scan_in_slices_matches_brute_force(monkeypatch):

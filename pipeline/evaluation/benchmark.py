@@ -28,6 +28,7 @@ from models.weights import WeightsUnavailable
 from pipeline.build import build_cache, fingerprint
 from pipeline.config import PipelineConfig
 from pipeline.datasets import LabelledSet, load_labelled, split_queries
+from pipeline.engines import create_engine
 from pipeline.evaluation import reports
 from pipeline.evaluation.environment import environment
 from pipeline.items import Item
@@ -102,13 +103,14 @@ class GroupRun:
 
 
 def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, base: PipelineConfig,
-              latency_samples: int) -> GroupRun:
+              latency_samples: int, engine: str = "local", ray_address: str | None = None) -> GroupRun:
     config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
     pipeline = build_pipeline(config)
     # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
     key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
     cache_dir = out / "caches" / key
-    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline)
+    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline,
+                          engine=create_engine(engine, config, ray_address, pipeline))
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]
     started = time.perf_counter()
@@ -157,7 +159,8 @@ def evaluate_policy(run: GroupRun, policy: BucketPolicy) -> tuple[dict, np.ndarr
 def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, query_fraction: float = 0.2,
                   seed: int = 0, gallery: str | None = None, queries: str | None = None,
                   gallery_labels: str | None = None, query_labels: str | None = None, device: str = "auto",
-                  latency_samples: int = 20, sheets: int = 6) -> dict:
+                  latency_samples: int = 20, sheets: int = 6, engine: str = "local",
+                  ray_address: str | None = None) -> dict:
     """Run every cell, write report.json, report.md and the pictures into `out`; return the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +183,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
     bar = tqdm(total=len(cells), desc="cells", unit="cell")
     for group_cells in groups.values():
         try:
-            run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples)
+            run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples, engine, ray_address)
         except Exception as err:  # a failing group is recorded and the run goes on
             status = "skipped" if isinstance(err, (WeightsUnavailable, FileNotFoundError)) else "failed"
             reason = " ".join(str(err).split()) or type(err).__name__

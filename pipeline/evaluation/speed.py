@@ -6,7 +6,10 @@ Figures (all on the machine it runs on, with its thread count):
 - the naive build (one image at a time, fp32 NCHW under no_grad, as the reference notebooks) and its ratio;
 - query latency: cold (a new `cli.py query` process) and warm (p50/p95 in one process), against the
   summed batch-1 forward times, and the reference approach (embed the predicted class's gallery at query time);
-- search alone on synthetic L2-normalised vectors in 1,000 buckets, each size in a fresh process.
+- search alone on synthetic L2-normalised vectors in 1,000 buckets, each size in a fresh process;
+- with `--engine ray`, the same build on Ray Data (Ray started before the clock) against the local engine;
+- "camera photos": a sample of the gallery re-encoded as 12 MP JPEGs (4000x3000), built against the same
+  sample at its own size, with each engine measured.
 """
 from __future__ import annotations
 
@@ -406,14 +409,59 @@ def search_sizes_benchmark(sizes: list[int], workdir: Path) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- camera photos
+
+CAMERA_SIZE = (4000, 3000)
+
+
+def camera_galleries(root: Path, relpaths: list[str], folder: Path) -> tuple[Path, Path]:
+    """(the photos as they are, the same photos as 12 MP camera JPEGs): two galleries of the same images and labels.
+
+    The camera copies are upscaled and saved at quality 90, as a phone saves them; they are made here, never
+    committed."""
+    from PIL import Image
+
+    small, camera = folder / "small", folder / "camera"
+    for rel in relpaths:
+        (small / rel).parent.mkdir(parents=True, exist_ok=True)
+        (small / rel).symlink_to(root / rel)
+        target = (camera / rel).with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(root / rel) as image:
+            image.convert("RGB").resize(CAMERA_SIZE, Image.BICUBIC).save(target, quality=90)
+    return small, camera
+
+
+def build_figures(gallery: Path, cache: Path, config, pipeline, engine=None) -> dict:
+    """One build-cache of `gallery` into `cache`, timed: end to end, its phases and the embedding phase alone."""
+    from pipeline.build import build_cache
+
+    summary = build_cache(gallery, cache, config, progress=False, pipeline=pipeline, engine=engine)
+    return {"images": summary.embedded, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+            "skipped": len(summary.skipped), "phases_s": summary.phases,
+            "embed_images_per_s": summary.embedded / summary.phases["embed"]}
+
+
+def camera_figures(root: Path, relpaths: list[str], config, pipeline, engines: dict, folder: Path) -> dict:
+    """Build images/s of camera photos against the same photos at their own size, for each engine."""
+    small, camera = camera_galleries(root, relpaths, folder)
+    figures = {"images": len(relpaths), "size": list(CAMERA_SIZE)}
+    for name, engine in engines.items():
+        built = {kind: build_figures(gallery, folder / f"cache-{name}-{kind}", config, pipeline, engine)
+                 for kind, gallery in (("small", small), ("camera", camera))}
+        figures[name] = dict(built, camera_vs_small=built["camera"]["images_per_s"] / built["small"]["images_per_s"])
+    return figures
+
+
 # ---------------------------------------------------------------- everything
 
 def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int = 200, cold_runs: int = 3,
               reference_queries: int = 5, search_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
-              forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None) -> dict:
+              forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None, engine: str = "local",
+              ray_address: str | None = None, camera_images: int = 100) -> dict:
     """All the figures for one configuration; `echo` gets a line per finished step."""
-    from pipeline.build import build_cache
     from pipeline.datasets import resolve_data
+    from pipeline.engines import create_engine
     from pipeline.gallery import scan_gallery
     from pipeline.images import load_image
     from pipeline.pipeline import build_pipeline
@@ -430,13 +478,18 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     forward = forward_ceilings(pipeline, load_image(root / entries[0].relpath), config.batch_size, forward_seconds)
     report["forward"] = forward
     echo(f"forward-only: {forward['images_per_s']:.1f} images/s")
+    engines = {"local": None}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cache = Path(tmp) / "cache"
-        summary = build_cache(root, cache, config, progress=False, pipeline=pipeline)
-        report["build"] = {"images": summary.embedded, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
-                           "skipped": len(summary.skipped), "phases_s": summary.phases,
-                           "embed_images_per_s": summary.embedded / summary.phases["embed"]}
-        echo(f"build-cache: {summary.images_per_s:.1f} images/s")
+        report["build"] = build_figures(root, cache, config, pipeline)
+        echo(f"build-cache: {report['build']['images_per_s']:.1f} images/s")
+        if engine != "local":
+            engines[engine] = create_engine(engine, config, ray_address, pipeline)
+            engines[engine].connect()  # Ray starts (or joins its cluster) before the clock; its actors within it
+            report["engine_build"] = dict(build_figures(root, Path(tmp) / f"cache-{engine}", config, pipeline,
+                                                        engines[engine]), engine=engine)
+            report["engine_vs_local"] = report["engine_build"]["images_per_s"] / report["build"]["images_per_s"]
+            echo(f"build-cache --engine {engine}: {report['engine_build']['images_per_s']:.1f} images/s")
         step = max(1, len(entries) // naive_images) if naive_images else 1
         sample = [e.relpath for e in entries[::step]][:naive_images]
         report["naive"] = {"images_per_s": 0.0}
@@ -454,6 +507,12 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
                                         config.device, config.runtime)
         echo(f"query: warm p50 {report['query']['warm_ms_p50']:.1f} ms, cold {report['query']['cold_s']:.2f} s")
         report["search"] = search_sizes_benchmark(list(search_sizes), Path(tmp)) if search_sizes else {}
+        if camera_images:
+            step = max(1, len(entries) // camera_images)
+            report["camera"] = camera_figures(root, [e.relpath for e in entries[::step]][:camera_images], config,
+                                              pipeline, engines, Path(tmp) / "camera")
+            echo("camera photos: " + ", ".join(f"{name} {figures['camera_vs_small']:.2f} x small photos"
+                                               for name, figures in report["camera"].items() if name in engines))
     build, naive, query = report["build"], report["naive"], report["query"]
     report.update(
         forward_images_per_s=forward["images_per_s"], build_images_per_s=build["images_per_s"],
@@ -500,6 +559,16 @@ def format_report(report: dict, command: str) -> str:
         f"({report['forward']['batch1_ms_sum']:.1f} ms) |",
         f"| query cold (new `cli.py query` process, median of {q['cold_runs']}) | {q['cold_s']:.2f} s |",
     ]
+    if "engine_build" in report:
+        e = report["engine_build"]
+        lines.append(f"| build-cache --engine {e['engine']} ({e['images']} images, {e['seconds']:.1f} s) | "
+                     f"{e['images_per_s']:.1f} images/s = {report['engine_vs_local']:.2f} x the local engine |")
+    for name, figures in report.get("camera", {}).items():
+        if isinstance(figures, dict) and "camera" in figures:
+            lines.append(f"| camera photos, engine {name} ({report['camera']['images']} photos at "
+                         f"{'x'.join(map(str, report['camera']['size']))} vs the same photos as they are) | "
+                         f"{figures['camera']['images_per_s']:.1f} vs {figures['small']['images_per_s']:.1f} images/s "
+                         f"= {figures['camera_vs_small']:.2f} x |")
     if "reference_s_mean" in q:
         lines.append(f"| reference query (embed the predicted class's {q['reference_bucket_images_mean']:.0f} "
                      f"gallery images at query time, mean of {q['reference_queries']}) | {q['reference_s_mean']:.2f} s |")
