@@ -97,10 +97,6 @@ def engine_options(command):
                         help="ray: decode in Ray tasks and run the models in a Ray actor pool (pip install -e '.[ray]')")(command)
 
 
-@click.group()
-def cli():
-
-
 class UsageLine(click.UsageError):
     """A usage error shown as one line naming the command, like every other lookalike error (exit 2)."""
 
