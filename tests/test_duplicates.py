@@ -1,0 +1,96 @@
+"""Near-duplicate groups: found from vectors with known duplicates, within buckets, and through the CLI; bad input
+gets one line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cache.duplicates import find_duplicates, similar_pairs
+from cache.rerank import normalise
+from cli import cli
+from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
+
+
+def families(seed: int = 0, dim: int = 64):
+    """3 families (an original and 2 slight variants, cosine ~0.99) among 20 unrelated vectors."""
+    rng = np.random.default_rng(seed)
+    originals = normalise(rng.normal(size=(3, dim)))
+    variants = normalise(np.repeat(originals, 2, axis=0) + 0.1 * rng.normal(size=(6, dim)) / np.sqrt(dim))
+    others = normalise(rng.normal(size=(20, dim)))
+    vectors = np.vstack([originals, variants, others])  # rows 0-2 originals; 3-8 their variants; 9+ unrelated
+    return vectors, [{0, 3, 4}, {1, 5, 6}, {2, 7, 8}]
+
+
+def test_groups_are_the_known_families():
+    vectors, expected = families()
+    groups = find_duplicates(vectors, 0.9)
+    assert sorted((set(g.rows.tolist()) for g in groups), key=min) == expected
+    for group in groups:
+        assert len(group.pairs) == 3 and all(s > 0.9 for _, _, s in group.pairs)
+        assert np.all(group.best > 0.9)
+
+
+def test_chained_variants_stay_one_group():
+    """A variant close to the original but not to the other variant still joins its family (connected components)."""
+    base = normalise(np.eye(8)[0] + 0.0)
+    left = normalise(base + 0.6 * np.eye(8)[1])
+    right = normalise(base - 0.6 * np.eye(8)[1])
+    vectors = np.vstack([left, base, right, np.eye(8)[5]])
+    assert float(left @ right) < 0.8 < float(left @ base)
+    groups = find_duplicates(vectors, 0.8)
+    assert [g.rows.tolist() for g in groups] == [[1, 0, 2]]  # the most connected member first
+
+
+def test_buckets_limit_the_search():
+    vectors, _ = families()
+    i, j, _ = similar_pairs(vectors, 0.9, buckets=[np.array([0, 3]), np.array([4, 1, 5])])
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 3), (1, 5)]  # (0, 4) and (4, 3) cross buckets
+    i, j, _ = similar_pairs(vectors, 0.9, buckets=[np.array([0, 3]), np.array([3, 0])])
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 3)]  # found in two buckets, reported once
+
+
+@pytest.fixture
+def duplicated_cache(gallery, tmp_path):
+    """The drawn gallery plus exact copies of two images under other names, as a tiny-model cache."""
+    shutil.copy(gallery / "red_circles" / "0.png", gallery / "red_circles" / "copy_of_0.png")
+    shutil.copy(gallery / "blue_squares" / "2.png", gallery / "blue_squares" / "copy_of_2.png")
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(out), "--classifier",
+                                      TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_lists_the_copies_and_draws_a_sheet(duplicated_cache, tmp_path):
+    sheet = tmp_path / "groups.png"
+    result = CliRunner().invoke(cli, ["duplicates", "--cache", str(duplicated_cache), "--threshold", "0.99999",
+                                      "--json", "--sheet", str(sheet)])
+    assert result.exit_code == 0, result.output
+    groups = json.loads(result.stdout)["groups"]
+    names = sorted(sorted(m["path"].split("/gallery/")[1] for m in g["members"]) for g in groups)
+    assert names == [["blue_squares/2.png", "blue_squares/copy_of_2.png"], ["red_circles/0.png", "red_circles/copy_of_0.png"]]
+    assert all(p["similarity"] > 0.99999 for g in groups for p in g["pairs"])
+    assert sheet.is_file() and sheet.stat().st_size > 0
+    text = CliRunner().invoke(cli, ["duplicates", "--cache", str(duplicated_cache), "--threshold", "0.99999"])
+    assert text.exit_code == 0 and text.stdout.startswith("2 groups of near-duplicates")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--threshold", "1.5"], "--threshold 1.5: must be a cosine similarity in (0, 1]"),
+    (["--threshold", "0"], "--threshold 0.0: must be a cosine similarity in (0, 1]"),
+    ([], f"--threshold: no measured default for embedder '{TINY_EMBEDDER}'"),
+])
+def test_bad_input_is_one_line(duplicated_cache, arguments, message):
+    result = CliRunner().invoke(cli, ["duplicates", "--cache", str(duplicated_cache)] + arguments)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_not_a_cache_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["duplicates", "--cache", str(tmp_path), "--threshold", "0.9"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {tmp_path}: not a lookalike cache (no CURRENT file); run build-cache first"
