@@ -141,8 +141,8 @@ def query(images, cache_dir, buckets, k, as_json, sheet, **options):
 
 @cli.command()
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, help="cosine above which images are near-duplicates [default: measured "
-              "for the cache's embedder]")
+@click.option("--threshold", type=float, help="locally scaled similarity (2 cos - each image's mean cosine to its 5 "
+              "nearest) above which images are near-duplicates [default: measured for the cache's embedder]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG of the groups")
 @one_line_errors
@@ -155,12 +155,13 @@ def duplicates(cache_dir, threshold, as_json, sheet):
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         groups = report.to_dict()["groups"]
-        click.echo(f"{len(groups)} groups of near-duplicates (cosine > {report.threshold:g}, searched "
-                   f"{report.searched}) under {report.data.gallery_root}")
+        sure = f" or cosine > {report.sure:g}" if report.sure is not None else ""
+        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {report.threshold:g}{sure}, "
+                   f"searched {report.searched}) under {report.data.gallery_root}")
         for number, group in enumerate(groups, 1):
             click.echo(f"\ngroup {number}: {len(group['members'])} images")
             for member in group["members"]:
-                click.echo(f"  {member['best_similarity']:6.3f}  {member['path']}")
+                click.echo(f"  {member['best_cosine']:6.3f}  {member['path']}")
     if sheet:
         click.echo(f"contact sheet: {duplicate_sheet(report, sheet)}", err=True)
 

@@ -38,7 +38,7 @@ def _weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(similarities, 0.0) ** np.float32(alpha) if alpha else np.ones_like(similarities)
 
 
-def _others(vectors: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest_others(vectors: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it)."""
     sims, ids = nearest(vectors, vectors, depth + 1)
     own = ids == np.arange(len(vectors))[:, None]
@@ -64,7 +64,7 @@ def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = 
     if k <= 1 or len(vectors) < 2:
         return vectors.copy()
     extra = 1 if held_out is not None else 0
-    sims, ids = _others(vectors, min(k - 1 + extra, len(vectors) - 1))
+    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1))
     if held_out is not None:
         keep = ids != held_out
         keep &= np.cumsum(keep, axis=1) <= k - 1  # the first k-1 others that are not the held-out row
@@ -83,7 +83,7 @@ class LeaveOneOutDBA:
         self.vectors = np.asarray(vectors, np.float32)
         self.k, self.alpha = k, alpha
         depth = min(k, len(self.vectors) - 1)  # k-1 used + 1 spare
-        self._sims, self._ids = _others(self.vectors, depth) if k > 1 else (np.zeros((len(vectors), 0)),) * 2
+        self._sims, self._ids = nearest_others(self.vectors, depth) if k > 1 else (np.zeros((len(vectors), 0)),) * 2
         self._ids = self._ids.astype(np.int64)
         used = self._ids[:, :k - 1]
         self.augmented = (_augment(self.vectors, self.vectors, self._sims[:, :k - 1], used, alpha) if k > 1

@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from cache.builder import build_cache
 from cache.duplicates import find_duplicates, similar_pairs
-from cache.search import BucketTable
 from cache.store import load_cache
 from pipeline.config import PipelineConfig
 from pipeline.datasets import load_labelled
@@ -32,7 +31,7 @@ from pipeline.images import load_image
 TRANSFORMS = ("resize", "jpeg", "crop", "rotate", "brightness_contrast", "text", "flip")
 SETS = {"tune": (0, 100, 200), "test": (1, 200, 400)}  # seed, originals (x3 versions), distinct photos
 HASH_DEFAULT = 10  # imagededup's default max_distance_threshold (bits of 64)
-CNN_DEFAULT = 0.9  # imagededup's default min_similarity_threshold
+SURE = 0.95  # cosine above which every tune-set pair was a true one (precision 1.000 from 0.90 up): always a pair
 
 
 def transform(image: Image.Image, name: str, rng: np.random.Generator) -> tuple[Image.Image, int]:
@@ -125,7 +124,8 @@ def prf(found: set, truth: set) -> dict:
 
 
 def at(scored: Scored, threshold: float, truth: set) -> dict:
-    return prf({p for p, s in zip(scored.pairs, scored.scores) if s >= threshold}, truth)
+    """Pairs scoring above `threshold` (as the duplicates command counts them)."""
+    return prf({p for p, s in zip(scored.pairs, scored.scores) if s > threshold}, truth)
 
 
 def best(scored: Scored, thresholds, truth: set) -> tuple[float, dict]:
@@ -133,21 +133,32 @@ def best(scored: Scored, thresholds, truth: set) -> tuple[float, dict]:
     return max(results, key=lambda r: r[1]["f1"])
 
 
-def lookalike(folder: Path, cache: Path) -> tuple[Scored, list[str], np.ndarray, float]:
-    """Embed the folder (mobilenetv2, ONNX Runtime) and score every pair with cosine > 0.3."""
+def embed(folder: Path, cache: Path) -> tuple[list[str], np.ndarray, float]:
+    """Embed the folder (mobilenetv2, ONNX Runtime) into a fresh cache: (files, vectors, seconds)."""
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()
     build_cache(folder, cache, PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", runtime="onnx"))
     seconds = time.perf_counter() - started
     data = load_cache(cache, mmap=False)
-    files = [str(p) for p in data.columns["paths"]]
-    vectors = np.asarray(data.columns["embeddings"], np.float32)
-    i, j, s = similar_pairs(vectors, 0.3)
-    return Scored([tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)], s), files, vectors, seconds
+    return [str(p) for p in data.columns["paths"]], np.asarray(data.columns["embeddings"], np.float32), seconds
+
+
+def lookalike_scored(files: list[str], vectors: np.ndarray, sure: float) -> Scored:
+    """Every candidate pair with its locally scaled score (pairs above `sure` cosine always pass)."""
+    i, j, cosine, score = similar_pairs(vectors, -np.inf, sure=sure)
+    return Scored([tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)],
+                  np.where(cosine > sure, np.inf, score))
+
+
+def cosine_scored(files: list[str], vectors: np.ndarray) -> Scored:
+    """Every pair with its plain cosine (the rule before local scaling, for comparison)."""
+    i, j = np.triu_indices(len(files), 1)
+    cosine = np.einsum("nd,nd->n", vectors[i], vectors[j])
+    return Scored([(files[a], files[b]) for a, b in zip(i, j)], cosine)
 
 
 def hamming_scored(encodings: dict[str, str]) -> Scored:
-    """Every pair with -(Hamming distance) as its score (so 'score >= -t' is 'distance <= t')."""
+    """Every pair with -(Hamming distance) as its score."""
     files = sorted(encodings)
     bits = np.array([[int(c, 16) >> k & 1 for c in encodings[f] for k in (3, 2, 1, 0)] for f in files], np.uint8)
     distance = (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
@@ -161,8 +172,7 @@ def within_buckets(cache: Path, files: list[str], threshold: float, truth: set) 
     vectors = np.asarray(data.columns["embeddings"], np.float32)
     results = {}
     for m in (1, 3, 10):
-        table = BucketTable(np.asarray(data.columns["classes"])[:, :m])
-        i, j, _ = similar_pairs(vectors, threshold, (table.rows_of(int(k)) for k in table.keys))
+        i, j, _, _ = similar_pairs(vectors, threshold, np.asarray(data.columns["classes"])[:, :m], SURE)
         results[f"soft:{m}"] = prf({tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)}, truth)
     return results
 
@@ -177,9 +187,9 @@ def imagededup_hash(method: str, folder: Path, truth: set) -> dict:
     seconds = time.perf_counter() - started
     default_pairs = {tuple(sorted((a, b))) for a, dups in found.items() for b in dups}
     scored = hamming_scored(encodings)
-    threshold, best_result = best(scored, [-t for t in range(0, 33)], truth)
+    threshold, best_result = best(scored, [-t - 0.5 for t in range(0, 33)], truth)  # -d > -t-0.5: d <= t
     return {"default_threshold": f"distance <= {HASH_DEFAULT}", "default": prf(default_pairs, truth),
-            "best_threshold": f"distance <= {int(-threshold)}", "best": best_result,
+            "best_threshold": f"distance <= {round(-threshold - 0.5)}", "best": best_result,
             "seconds_per_1000": seconds / len(encodings) * 1000}
 
 
@@ -202,15 +212,23 @@ def run(data: str, out: Path) -> dict:
         made = generate(data, folder, seed, originals, distinct, used)
         used |= set(made["sources"])
         (out / split / "truth.json").write_text(json.dumps(made, indent=1))
-        scored, files, vectors, embed_seconds = lookalike(folder, out / split / "cache")
+        files, vectors, embed_seconds = embed(folder, out / split / "cache")
         truth = true_pairs(files, made["truth"])
-        results[split] = (scored, files, vectors, embed_seconds, truth, made)
-    thresholds = np.round(np.arange(0.50, 0.991, 0.01), 2)
+        results[split] = (lookalike_scored(files, vectors, SURE), files, vectors, embed_seconds, truth, made)
+    thresholds = np.round(np.arange(0.0, 0.5, 0.005), 3)
     tuned, tune_result = best(results["tune"][0], thresholds, results["tune"][4])
     scored, files, vectors, embed_seconds, truth, made = results["test"]
     started = time.perf_counter()
-    groups = find_duplicates(vectors, float(tuned))
+    groups = find_duplicates(vectors, float(tuned), sure=SURE)
     search_seconds = time.perf_counter() - started
+    plain = {split: cosine_scored(results[split][1], results[split][2]) for split in SETS}
+    cosines = np.round(np.arange(0.5, 0.991, 0.01), 2)
+    plain_tuned, plain_tune = best(plain["tune"], cosines, results["tune"][4])
+    plain_best_threshold, plain_best = best(plain["test"], cosines, truth)
+    report["lookalike, cosine only"] = {
+        "default_threshold": f"cosine > {plain_tuned:.2f} (best F1 on the tune set: {plain_tune['f1']:.3f})",
+        "default": at(plain["test"], plain_tuned, truth), "best_threshold": f"cosine > {plain_best_threshold:.2f}",
+        "best": plain_best, "seconds_per_1000": embed_seconds / len(files) * 1000}
     grouped = {tuple(sorted((files[a], files[b]))) for g in groups for a, b in itertools.combinations(g.rows, 2)}
     oracle_threshold, oracle = best(scored, thresholds, truth)
     per_edit = {}
@@ -219,9 +237,9 @@ def run(data: str, out: Path) -> dict:
         pairs = {(f[:-5] + "0.jpg", f) for f, plan in made["edits"].items() if plan == [name] and f.endswith("_1.jpg")}
         per_edit[name] = {"pairs": len(pairs), "recall": len(pairs & found) / max(1, len(pairs))}
     report["lookalike"] = {
-        "default_threshold": f"cosine > {tuned:.2f} (best F1 on the tune set: {tune_result['f1']:.3f})",
+        "default_threshold": f"scaled > {tuned:.3f} or cosine > {SURE} (best F1 on the tune set: {tune_result['f1']:.3f})",
         "default": at(scored, tuned, truth), "default_groups": prf(grouped, truth),
-        "best_threshold": f"cosine > {oracle_threshold:.2f}", "best": oracle,
+        "best_threshold": f"scaled > {oracle_threshold:.3f} or cosine > {SURE}", "best": oracle,
         "seconds_per_1000": (embed_seconds + search_seconds) / len(files) * 1000,
         "embed_seconds_per_1000": embed_seconds / len(files) * 1000, "per_edit_recall": per_edit,
         "within_buckets": within_buckets(out / "test" / "cache", files, float(tuned), truth)}
