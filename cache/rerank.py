@@ -148,7 +148,7 @@ def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6,
         near = position <= k
         return near & near.T
 
-    full, half = reciprocal(min(k1, n - 1)), reciprocal(min(int(round(k1 / 2)), n - 1))
+    full, half = reciprocal(min(k1, n - 1)), reciprocal(min(round(k1 / 2), n - 1))
     # Expansion: add a member's half-size set when two thirds of it already lies in the full set.
     overlap = half.astype(np.int32) @ full.T.astype(np.int32)  # [j, i] = |half_j & full_i|
     adds = full & (overlap.T > (2.0 / 3.0) * half.sum(axis=1)[None, :])

@@ -187,7 +187,7 @@ def imagededup_hash(method: str, folder: Path, truth: set) -> dict:
     seconds = time.perf_counter() - started
     default_pairs = {tuple(sorted((a, b))) for a, dups in found.items() for b in dups}
     scored = hamming_scored(encodings)
-    threshold, best_result = best(scored, [-t - 0.5 for t in range(0, 33)], truth)  # -d > -t-0.5: d <= t
+    threshold, best_result = best(scored, [-t - 0.5 for t in range(33)], truth)  # -d > -t-0.5: d <= t
     return {"default_threshold": f"distance <= {HASH_DEFAULT}", "default": prf(default_pairs, truth),
             "best_threshold": f"distance <= {round(-threshold - 0.5)}", "best": best_result,
             "seconds_per_1000": seconds / len(encodings) * 1000}
