@@ -156,8 +156,8 @@ def duplicates(cache_dir, threshold, as_json, sheet):
     else:
         groups = report.to_dict()["groups"]
         sure = f" or cosine > {report.sure:g}" if report.sure is not None else ""
-        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {report.threshold:g}{sure}, "
-                   f"searched {report.searched}) under {report.data.gallery_root}")
+        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {report.threshold:g}{sure}) "
+                   f"under {report.data.gallery_root}")
         for number, group in enumerate(groups, 1):
             click.echo(f"\ngroup {number}: {len(group['members'])} images")
             for member in group["members"]:

@@ -1,17 +1,16 @@
-"""`duplicates`: near-duplicate groups of a cache's gallery, searched within the buckets of the cache's policy when
-it has them (flat otherwise), and a contact sheet of the groups."""
+"""`duplicates`: near-duplicate groups of a cache's whole gallery, and a contact sheet of the groups.
+
+The search is flat, not within the cache's buckets: on the benchmark (docs/dedup-benchmark.md) pairs sharing a
+top-1 bucket kept recall 0.635 of flat's 0.818 (an edited copy often changes class), top-3 buckets 0.793, and the
+local scale needs each image's flat nearest neighbours anyway, so buckets would save no search."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cache.duplicates import DuplicateGroup, find_duplicates
-from cache.search import BucketTable, Searcher
 from cache.store import CacheData, load_cache
 from models.errors import UserError
-from pipeline.policies import parse_policy, resolve_auto
 from pipeline.sheets import Tile, contact_sheet
 
 # Per embedder preset: (locally scaled score threshold, `sure` cosine), from the near-duplicate benchmark's tuning
@@ -27,14 +26,12 @@ SHEET_MEMBERS = 8
 class DuplicateReport:
     data: CacheData
     threshold: float  # on the locally scaled score (cache/duplicates.py)
-    searched: str  # 'flat' or the policy whose buckets were searched
     groups: list[DuplicateGroup]
     sure: float | None  # cosine above which a pair always counts (None: the scaled score alone)
 
     def to_dict(self) -> dict:
         root, paths = self.data.gallery_root, self.data.columns["paths"]
         return {"cache": str(self.data.root), "threshold": self.threshold, "sure_cosine": self.sure,
-                "searched": self.searched,
                 "groups": [{"members": [{"path": str(root / str(paths[r])), "best_cosine": float(s)}
                                         for r, s in zip(group.rows, group.best)],
                             "pairs": [{"a": str(root / str(paths[a])), "b": str(root / str(paths[b])),
@@ -59,24 +56,7 @@ def cache_duplicates(cache_dir: str | Path, threshold: float | None = None) -> D
     if len(data) == 0 or data.columns["embeddings"].shape[1] == 0:
         raise UserError(f"{data.root}: the cache holds no embeddings; run build-cache on a gallery with images")
     threshold, sure = defaults(data) if threshold is None else (threshold, None)
-    policy = parse_policy(resolve_auto("auto", data.manifest))
-    keys, searched = None, "flat"
-    if policy.uses_buckets:
-        keys, searched = bucket_keys(Searcher(data).table(policy.gallery_classes), len(data)), str(policy)
-    return DuplicateReport(data, threshold, searched, find_duplicates(data.columns["embeddings"], threshold, keys, sure),
-                           sure)
-
-
-def bucket_keys(table: BucketTable, rows: int) -> np.ndarray:
-    """[rows, M] bucket keys of each gallery row (-1 where a row has fewer), from the search's bucket table."""
-    owners = table.rows
-    keys = np.repeat(table.keys, np.diff(table.offsets))
-    order = np.lexsort((keys, owners))
-    owners, keys = owners[order], keys[order]
-    slot = np.arange(len(owners)) - np.searchsorted(owners, owners)
-    out = np.full((rows, int(slot.max(initial=0)) + 1), -1, np.int64)
-    out[owners, slot] = keys
-    return out
+    return DuplicateReport(data, threshold, find_duplicates(data.columns["embeddings"], threshold, sure=sure), sure)
 
 
 def duplicate_sheet(report: DuplicateReport, out: str | Path) -> Path:
