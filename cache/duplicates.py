@@ -1,8 +1,8 @@
 """Near-duplicate groups from stored embeddings.
 
 A pair is a near-duplicate when its *locally scaled* similarity 2*cos(i, j) - r_i - r_j (r: an image's mean cosine to
-its LOCAL_K nearest others; CSLS, Conneau et al. 2018) is above the threshold, or its cosine alone is above a `sure`
-level. Raw cosine cannot tell a re-encoded copy from another photo of a dense class (distinct airliner photos are as
+its LOCAL_K nearest others; CSLS, Conneau et al. 2018) is above the threshold and its cosine above a `floor` (two
+distinct photos can be each other's only close neighbours), or its cosine alone is above a `sure` level. Raw cosine cannot tell a re-encoded copy from another photo of a dense class (distinct airliner photos are as
 close as a cropped copy is to its original); local scaling asks "closer than each image's usual neighbours", which
 is what a copy is. On the benchmark (docs/dedup-benchmark.md) it raised pair F1 from 0.63 to 0.84. Since a pair with
 a positive scaled score lies within one side's LOCAL_K nearest (cos > min(r_i, r_j)), the candidates are those k-NN
@@ -33,9 +33,10 @@ class DuplicateGroup:
 
 
 def similar_pairs(vectors: np.ndarray, threshold: float, bucket_keys: np.ndarray | None = None,
-                  sure: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(rows i < j, cosine, scaled score) of every near-duplicate pair (see the module), each pair once. With
-    `bucket_keys` ([rows, M] bucket keys, -1 for none) only pairs that share a bucket count."""
+                  sure: float | None = None, floor: float = -1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows i < j, cosine, scaled score) of every near-duplicate pair (see the module), each pair once: scaled score
+    above `threshold` with cosine above `floor`, or cosine above `sure`. With `bucket_keys` ([rows, M] bucket keys,
+    -1 for none) only pairs that share a bucket count."""
     import faiss
 
     vectors = np.ascontiguousarray(vectors, np.float32)
@@ -59,7 +60,7 @@ def similar_pairs(vectors: np.ndarray, threshold: float, bucket_keys: np.ndarray
     first = first[low[first] != high[first]]
     low, high, cosine = low[first], high[first], cosine[first]
     score = 2 * cosine - local[low] - local[high]
-    passed = score > threshold
+    passed = (score > threshold) & (cosine > floor)
     if sure is not None:
         passed |= cosine > sure
     if bucket_keys is not None:
@@ -86,9 +87,9 @@ def _components(count: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def find_duplicates(vectors: np.ndarray, threshold: float, bucket_keys: np.ndarray | None = None,
-                    sure: float | None = None) -> list[DuplicateGroup]:
+                    sure: float | None = None, floor: float = -1.0) -> list[DuplicateGroup]:
     """Groups of two or more rows joined by near-duplicate pairs (see similar_pairs), largest first."""
-    i, j, cosine, score = similar_pairs(vectors, threshold, bucket_keys, sure)
+    i, j, cosine, score = similar_pairs(vectors, threshold, bucket_keys, sure, floor)
     component = _components(len(vectors), i, j)
     best = np.full(len(vectors), -np.inf, np.float32)
     np.maximum.at(best, i, cosine)

@@ -31,6 +31,7 @@ from pipeline.images import load_image
 TRANSFORMS = ("resize", "jpeg", "crop", "rotate", "brightness_contrast", "text", "flip")
 SETS = {"tune": (0, 100, 200), "test": (1, 200, 400)}  # seed, originals (x3 versions), distinct photos
 HASH_DEFAULT = 10  # imagededup's default max_distance_threshold (bits of 64)
+FLOORS = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8)  # cosine floors tuned jointly with the scaled threshold
 SURE = 0.95  # cosine above which every tune-set pair was a true one (precision 1.000 from 0.90 up): always a pair
 
 
@@ -143,11 +144,12 @@ def embed(folder: Path, cache: Path) -> tuple[list[str], np.ndarray, float]:
     return [str(p) for p in data.columns["paths"]], np.asarray(data.columns["embeddings"], np.float32), seconds
 
 
-def lookalike_scored(files: list[str], vectors: np.ndarray, sure: float) -> Scored:
-    """Every candidate pair with its locally scaled score (pairs above `sure` cosine always pass)."""
+def lookalike_scored(files: list[str], vectors: np.ndarray, sure: float, floor: float) -> Scored:
+    """Every candidate pair with its locally scaled score (pairs above `sure` cosine always pass, pairs below
+    `floor` never)."""
     i, j, cosine, score = similar_pairs(vectors, -np.inf, sure=sure)
-    return Scored([tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)],
-                  np.where(cosine > sure, np.inf, score))
+    score = np.where(cosine > floor, score, -np.inf)
+    return Scored([tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)], np.where(cosine > sure, np.inf, score))
 
 
 def cosine_scored(files: list[str], vectors: np.ndarray) -> Scored:
@@ -166,13 +168,13 @@ def hamming_scored(encodings: dict[str, str]) -> Scored:
     return Scored([(files[a], files[b]) for a, b in zip(i, j)], -distance[i, j].astype(np.float32))
 
 
-def within_buckets(cache: Path, files: list[str], threshold: float, truth: set) -> dict:
+def within_buckets(cache: Path, files: list[str], threshold: float, floor: float, truth: set) -> dict:
     """Pair P/R/F1 when pairs are searched only within the buckets of each image's top-M classes."""
     data = load_cache(cache, mmap=False)
     vectors = np.asarray(data.columns["embeddings"], np.float32)
     results = {}
     for m in (1, 3, 10):
-        i, j, _, _ = similar_pairs(vectors, threshold, np.asarray(data.columns["classes"])[:, :m], SURE)
+        i, j, _, _ = similar_pairs(vectors, threshold, np.asarray(data.columns["classes"])[:, :m], SURE, floor)
         results[f"soft:{m}"] = prf({tuple(sorted((files[a], files[b]))) for a, b in zip(i, j)}, truth)
     return results
 
@@ -214,16 +216,20 @@ def run(data: str, out: Path) -> dict:
         (out / split / "truth.json").write_text(json.dumps(made, indent=1))
         files, vectors, embed_seconds = embed(folder, out / split / "cache")
         truth = true_pairs(files, made["truth"])
-        results[split] = (lookalike_scored(files, vectors, SURE), files, vectors, embed_seconds, truth, made)
+        results[split] = (files, vectors, embed_seconds, truth, made)
     thresholds = np.round(np.arange(0.0, 0.5, 0.005), 3)
-    tuned, tune_result = best(results["tune"][0], thresholds, results["tune"][4])
-    scored, files, vectors, embed_seconds, truth, made = results["test"]
+    tuning = {floor: best(lookalike_scored(*results["tune"][:2], SURE, floor), thresholds, results["tune"][3])
+              for floor in FLOORS}
+    floor = max(FLOORS, key=lambda f: tuning[f][1]["f1"])
+    tuned, tune_result = tuning[floor]
+    files, vectors, embed_seconds, truth, made = results["test"]
+    scored = lookalike_scored(files, vectors, SURE, floor)
     started = time.perf_counter()
-    groups = find_duplicates(vectors, float(tuned), sure=SURE)
+    groups = find_duplicates(vectors, float(tuned), sure=SURE, floor=floor)
     search_seconds = time.perf_counter() - started
-    plain = {split: cosine_scored(results[split][1], results[split][2]) for split in SETS}
+    plain = {split: cosine_scored(results[split][0], results[split][1]) for split in SETS}
     cosines = np.round(np.arange(0.5, 0.991, 0.01), 2)
-    plain_tuned, plain_tune = best(plain["tune"], cosines, results["tune"][4])
+    plain_tuned, plain_tune = best(plain["tune"], cosines, results["tune"][3])
     plain_best_threshold, plain_best = best(plain["test"], cosines, truth)
     report["lookalike, cosine only"] = {
         "default_threshold": f"cosine > {plain_tuned:.2f} (best F1 on the tune set: {plain_tune['f1']:.3f})",
@@ -237,18 +243,20 @@ def run(data: str, out: Path) -> dict:
         pairs = {(f[:-5] + "0.jpg", f) for f, plan in made["edits"].items() if plan == [name] and f.endswith("_1.jpg")}
         per_edit[name] = {"pairs": len(pairs), "recall": len(pairs & found) / max(1, len(pairs))}
     report["lookalike"] = {
-        "default_threshold": f"scaled > {tuned:.3f} or cosine > {SURE} (best F1 on the tune set: {tune_result['f1']:.3f})",
+        "default_threshold": f"scaled > {tuned:.3f} and cosine > {floor} or cosine > {SURE} (best F1 on the tune set: "
+                             f"{tune_result['f1']:.3f})",
+        "tuning": {str(f): {"threshold": float(t), "f1": r["f1"]} for f, (t, r) in tuning.items()},
         "default": at(scored, tuned, truth), "default_groups": prf(grouped, truth),
-        "best_threshold": f"scaled > {oracle_threshold:.3f} or cosine > {SURE}", "best": oracle,
+        "best_threshold": f"scaled > {oracle_threshold:.3f} and cosine > {floor} or cosine > {SURE}", "best": oracle,
         "seconds_per_1000": (embed_seconds + search_seconds) / len(files) * 1000,
         "embed_seconds_per_1000": embed_seconds / len(files) * 1000, "per_edit_recall": per_edit,
-        "within_buckets": within_buckets(out / "test" / "cache", files, float(tuned), truth)}
+        "within_buckets": within_buckets(out / "test" / "cache", files, float(tuned), floor, truth)}
     folder = out / "test" / "images"
     for method in ("PHash", "DHash", "WHash"):
         report[method] = imagededup_hash(method, folder, truth)
     reason = imagededup_cnn_available()
     report["CNN"] = {"skipped": reason} if reason else {"skipped": "available but not run by this script"}
-    report["sets"] = {split: {"images": len(results[split][1]), "true_pairs": len(results[split][4]),
+    report["sets"] = {split: {"images": len(results[split][0]), "true_pairs": len(results[split][3]),
                               "seed": SETS[split][0]} for split in SETS}
     return report
 

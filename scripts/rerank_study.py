@@ -10,7 +10,6 @@ split (split_queries, 20 % of each label, seed 0) is re-made by path, so test qu
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +25,8 @@ from pipeline.fusion import Score, choose_policy, not_worse, validation_split
 from pipeline.metrics import map_at_r, precision_at_k, rank_by_score
 from pipeline.policies import BucketPolicy
 
-DBA_K = (1, 2, 3, 5, 10, 20)
-DBA_ALPHA = (0.0, 3.0)
-QE = ((0, 0.0),) + tuple(itertools.product((3, 5, 10), (1.0, 3.0)))  # (k, alpha); k 0: no expansion
+DBA = ((1, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
+QE = ((0, 0.0), (3, 1.0), (5, 1.0), (5, 3.0), (10, 1.0), (10, 3.0))  # (k, alpha); k 0: no expansion
 POOL = 100  # candidates k-reciprocal re-ranking rescores
 K_RECIPROCAL = ((10, 4), (20, 6))  # (k1, k2), lambda 0.3
 POOL_OFFSET = 10.0  # pool rows sort above every other row (scores are within [-1, 1] + W)
@@ -42,22 +40,22 @@ class Method:
     qe_alpha: float = 0.0
     k1: int = 0  # k-reciprocal re-ranking of the top POOL (0: none)
     k2: int = 0
-    fused: bool = False  # the auto policy's candidates and class term
+    classes: str = ""  # '': cosine alone; 'term': + W * class agreement over the whole gallery; 'auto': the auto
+    # policy's candidates and class term (W: the auto policy's weight)
 
     def __str__(self) -> str:
         parts = [f"dba:{self.dba_k}" + (f"@{self.dba_alpha:g}" if self.dba_alpha else "")] if self.dba_k > 1 else []
         parts += [f"qe:{self.qe_k}@{self.qe_alpha:g}"] if self.qe_k else []
         parts += [f"krecip:{self.k1},{self.k2}"] if self.k1 else []
-        if self.fused:
-            parts.insert(0, "auto")
+        if self.classes:
+            parts.insert(0, self.classes)
         return "+".join(parts) or "flat"
 
 
 def methods() -> list[Method]:
-    grid = [Method(k, a if k > 1 else 0.0, qk, qa) for k, a in itertools.product(DBA_K, DBA_ALPHA) for qk, qa in QE]
+    grid = [Method(k, a, qk, qa) for k, a in DBA for qk, qa in QE]
     grid += [Method(k, 0.0, 0, 0.0, k1, k2) for k in (1, 5) for k1, k2 in K_RECIPROCAL]
-    grid = list(dict.fromkeys(grid))
-    return grid + [Method(**dict(asdict(m), fused=True)) for m in grid]
+    return [Method(**dict(asdict(m), classes=c)) for c in ("", "term", "auto") for m in grid]
 
 
 class Setting:
@@ -99,8 +97,8 @@ class Setting:
         """Query x gallery scores under `method`; -inf for rows that are not candidates."""
         base = self.dba(method.dba_k, method.dba_alpha)
         scores = self._similarities(self.q, base)
-        bonus = self.weight * self.agreement if method.fused else 0.0
-        mask = self.candidates if method.fused else np.ones_like(self.candidates)
+        bonus = self.weight * self.agreement if method.classes else np.zeros_like(scores)
+        mask = self.candidates if method.classes == "auto" else np.ones_like(self.candidates)
         if method.qe_k:
             ranked = rank_by_score(np.where(mask, scores + bonus, -np.inf), method.qe_k)
             if self.held_out is None:
@@ -116,7 +114,7 @@ class Setting:
                 pool = pool[np.isfinite(final[i, pool])]
                 vectors = base.augmented[pool] if self.held_out is None else base.rows_of(pool, int(self.held_out[i]))
                 reranked = k_reciprocal(self.q[i], vectors, method.k1, method.k2)
-                final[i, pool] = POOL_OFFSET + reranked + (bonus[i, pool] if method.fused else 0.0)
+                final[i, pool] = POOL_OFFSET + reranked + bonus[i, pool]
         return final
 
     def score(self, method: Method) -> Score:

@@ -115,3 +115,16 @@ def test_not_a_cache_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["duplicates", "--cache", str(tmp_path), "--threshold", "0.9"])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: {tmp_path}: not a lookalike cache (no CURRENT file); run build-cache first"
+
+
+def test_floor_drops_lonely_neighbours():
+    """Two distinct images that are only each other's closest (cosine 0.6) score high once scaled; the floor
+    keeps them apart."""
+    rng = np.random.default_rng(5)
+    others = normalise(rng.normal(size=(30, 256)))
+    pair = normalise(np.vstack([np.eye(256)[0] + np.sqrt(2 / 3) * np.eye(256)[1],
+                                np.eye(256)[0] + np.sqrt(2 / 3) * np.eye(256)[2]]))
+    vectors = np.vstack([pair, others])
+    assert 0.55 < float(pair[0] @ pair[1]) < 0.65
+    assert [g.rows.tolist() for g in find_duplicates(vectors, 0.3)] == [[0, 1]]
+    assert find_duplicates(vectors, 0.3, floor=0.7) == []
