@@ -155,8 +155,10 @@ def duplicates(cache_dir, threshold, as_json, sheet):
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         groups = report.to_dict()["groups"]
-        sure = f" or cosine > {report.sure:g}" if report.sure is not None else ""
-        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {report.threshold:g}{sure}) "
+        rule = report.rule
+        floor = f" and cosine > {rule.floor:g}" if rule.floor > -1 else ""
+        sure = f", or cosine > {rule.sure:g}" if rule.sure is not None else ""
+        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {rule.threshold:g}{floor}{sure}) "
                    f"under {report.data.gallery_root}")
         for number, group in enumerate(groups, 1):
             click.echo(f"\ngroup {number}: {len(group['members'])} images")

@@ -13,11 +13,21 @@ from cache.store import CacheData, load_cache
 from models.errors import UserError
 from pipeline.sheets import Tile, contact_sheet
 
-# Per embedder preset: (locally scaled score threshold, `sure` cosine), from the near-duplicate benchmark's tuning
-# set (seed 0: 100 caltech101-22 photos x 3 versions + 200 distinct photos; the threshold with the best pair F1
-# there, reported on the disjoint seed-1 set, docs/dedup-benchmark.md). Other embedders have no measured default:
-# give --threshold (then no `sure` cosine applies).
-DEFAULTS = {"mobilenetv2": (0.05, 0.95)}
+
+@dataclass(frozen=True)
+class Rule:
+    """A pair counts when scaled score > threshold and cosine > floor, or cosine > sure (cache/duplicates.py)."""
+
+    threshold: float
+    floor: float = -1.0
+    sure: float | None = None
+
+
+# Per embedder preset, from the near-duplicate benchmark's tuning set (seed 0: 100 caltech101-22 photos x 3 versions
+# + 200 distinct photos): the (floor, threshold) with the best pair F1 there; sure = a cosine above which every tuning
+# pair was true. Reported on the disjoint seed-1 set (docs/dedup-benchmark.md). Other embedders have no measured
+# default: give --threshold (the scaled score alone then decides).
+DEFAULTS = {"mobilenetv2": Rule(threshold=0.025, floor=0.7, sure=0.95)}
 SHEET_GROUPS = 20  # groups drawn in a contact sheet at most (largest first)
 SHEET_MEMBERS = 8
 
@@ -25,13 +35,13 @@ SHEET_MEMBERS = 8
 @dataclass
 class DuplicateReport:
     data: CacheData
-    threshold: float  # on the locally scaled score (cache/duplicates.py)
+    rule: Rule
     groups: list[DuplicateGroup]
-    sure: float | None  # cosine above which a pair always counts (None: the scaled score alone)
 
     def to_dict(self) -> dict:
         root, paths = self.data.gallery_root, self.data.columns["paths"]
-        return {"cache": str(self.data.root), "threshold": self.threshold, "sure_cosine": self.sure,
+        return {"cache": str(self.data.root), "threshold": self.rule.threshold, "floor_cosine": self.rule.floor,
+                "sure_cosine": self.rule.sure,
                 "groups": [{"members": [{"path": str(root / str(paths[r])), "best_cosine": float(s)}
                                         for r, s in zip(group.rows, group.best)],
                             "pairs": [{"a": str(root / str(paths[a])), "b": str(root / str(paths[b])),
@@ -39,8 +49,8 @@ class DuplicateReport:
                            for group in self.groups]}
 
 
-def defaults(data: CacheData) -> tuple[float, float]:
-    """(threshold, sure cosine) measured for the cache's embedder; UserError when none was."""
+def default_rule(data: CacheData) -> Rule:
+    """The rule measured for the cache's embedder; UserError when none was."""
     embedder = data.manifest["config"]["embedder"]
     if embedder not in DEFAULTS:
         raise UserError(f"--threshold: no measured default for embedder '{embedder}' of {data.root} "
@@ -55,8 +65,9 @@ def cache_duplicates(cache_dir: str | Path, threshold: float | None = None) -> D
     data = load_cache(cache_dir)
     if len(data) == 0 or data.columns["embeddings"].shape[1] == 0:
         raise UserError(f"{data.root}: the cache holds no embeddings; run build-cache on a gallery with images")
-    threshold, sure = defaults(data) if threshold is None else (threshold, None)
-    return DuplicateReport(data, threshold, find_duplicates(data.columns["embeddings"], threshold, sure=sure), sure)
+    rule = default_rule(data) if threshold is None else Rule(threshold)
+    groups = find_duplicates(data.columns["embeddings"], rule.threshold, sure=rule.sure, floor=rule.floor)
+    return DuplicateReport(data, rule, groups)
 
 
 def duplicate_sheet(report: DuplicateReport, out: str | Path) -> Path:
@@ -66,5 +77,5 @@ def duplicate_sheet(report: DuplicateReport, out: str | Path) -> Path:
              for r, s in list(zip(group.rows, group.best))[:SHEET_MEMBERS]]
             for g, group in enumerate(report.groups[:SHEET_GROUPS])]
     if not rows:
-        raise UserError(f"--sheet {out}: no duplicate groups at threshold {report.threshold:g}, nothing to draw")
+        raise UserError(f"--sheet {out}: no duplicate groups at threshold {report.rule.threshold:g}, nothing to draw")
     return contact_sheet(rows, out)

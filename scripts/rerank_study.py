@@ -25,10 +25,10 @@ from pipeline.fusion import Score, choose_policy, not_worse, validation_split
 from pipeline.metrics import map_at_r, precision_at_k, rank_by_score
 from pipeline.policies import BucketPolicy
 
-DBA = ((1, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
-QE = ((0, 0.0), (3, 1.0), (5, 1.0), (5, 3.0), (10, 1.0), (10, 3.0))  # (k, alpha); k 0: no expansion
+DBA = ((1, 0.0), (2, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
+QE = ((0, 0.0), (2, 1.0), (3, 1.0), (5, 1.0), (5, 3.0), (10, 1.0), (10, 3.0))  # (k, alpha); k 0: no expansion
 POOL = 100  # candidates k-reciprocal re-ranking rescores
-K_RECIPROCAL = ((10, 4), (20, 6))  # (k1, k2), lambda 0.3
+K_RECIPROCAL = ((5, 2), (10, 4), (20, 6))  # (k1, k2), lambda 0.3
 POOL_OFFSET = 10.0  # pool rows sort above every other row (scores are within [-1, 1] + W)
 
 
