@@ -24,10 +24,10 @@ class Rule:
 
 
 # Per embedder preset, from the near-duplicate benchmark's tuning set (seed 0: 100 caltech101-22 photos x 3 versions
-# + 200 distinct photos): the (floor, threshold) with the best pair F1 there; sure = a cosine above which every tuning
+# + 1,000 distinct photos): the (floor, threshold) with the best pair F1 there; sure = a cosine above which every tuning
 # pair was true. Reported on the disjoint seed-1 set (docs/dedup-benchmark.md). Other embedders have no measured
 # default: give --threshold (the scaled score alone then decides).
-DEFAULTS = {"mobilenetv2": Rule(threshold=0.025, floor=0.7, sure=0.95)}
+DEFAULTS = {"mobilenetv2": Rule(threshold=0.08, floor=0.75, sure=0.95)}
 SHEET_GROUPS = 20  # groups drawn in a contact sheet at most (largest first)
 SHEET_MEMBERS = 8
 

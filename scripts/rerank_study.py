@@ -182,12 +182,43 @@ def _plain(score: Score) -> dict:
     return {"MAP@R": score.map_at_r, "P@1": score.p_at_1, "searched": score.candidates}
 
 
+def markdown(result: dict, top: int = 8) -> str:
+    """Per dataset: flat, auto, the leave-one-out choice, and the best test MAP@R of each family among the
+    methods with test P@1 at least flat's (figures on the test queries; LOO on the gallery)."""
+    rows = {r["method"]: r for r in result["rows"]}
+    flat = rows["flat"]["test"]
+
+    def family(r: dict) -> str:
+        c = r["config"]
+        parts = [p for p, on in (("DBA", c["dba_k"] > 1), ("aQE", c["qe_k"]), ("k-recip", c["k1"])) if on]
+        return (c["classes"] + " " if c["classes"] else "") + ("+".join(parts) or "none")
+
+    keeping = [r for r in result["rows"] if r["test"]["P@1"] >= flat["P@1"]]
+    best: dict[str, dict] = {}
+    for r in sorted(keeping, key=lambda r: -r["test"]["MAP@R"]):
+        best.setdefault(family(r), r)
+    lines = ["| method | why listed | test P@1 | test MAP@R | LOO P@1 | LOO MAP@R | searched |", "|---|---|---|---|---|---|---|"]
+    shown = [(rows["flat"], "flat"), (rows["auto"], f"auto = {result['auto']}"),
+             (rows[result["chosen"]], "leave-one-out choice")]
+    shown += [(r, f"best {name} keeping P@1") for name, r in list(best.items())[:top]]
+    for r, why in shown:
+        t, l = r["test"], r["loo"]
+        lines.append(f"| {r['method']} | {why} | {t['P@1']:.3f} | {t['MAP@R']:.3f} | {l['P@1']:.3f} | {l['MAP@R']:.3f} "
+                     f"| {t['searched']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="the labelled set (as benchmark --data)")
-    parser.add_argument("--cache", required=True, help="a cache built over every image of that set")
-    parser.add_argument("--out", required=True, help="JSON results")
+    parser.add_argument("--data", help="the labelled set (as benchmark --data)")
+    parser.add_argument("--cache", help="a cache built over every image of that set")
+    parser.add_argument("--out", help="JSON results")
+    parser.add_argument("--markdown", nargs="+", help="print the tables of earlier JSON results instead")
     args = parser.parse_args()
+    if args.markdown:
+        for path in args.markdown:
+            print(f"\n{path}\n\n" + markdown(json.loads(Path(path).read_text())))
+        return
     result = study(args.data, args.cache)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
