@@ -1,7 +1,7 @@
 """`duplicates`: near-duplicate groups of a cache's whole gallery, and a contact sheet of the groups.
 
 The search is flat, not within the cache's buckets: on the benchmark (docs/dedup-benchmark.md) pairs sharing a
-top-1 bucket kept recall 0.635 of flat's 0.818 (an edited copy often changes class), top-3 buckets 0.793, and the
+top-1 bucket kept recall 0.545 of flat's 0.688 (an edited copy often changes class), top-3 buckets 0.663, and the
 local scale needs each image's flat nearest neighbours anyway, so buckets would save no search."""
 from __future__ import annotations
 
