@@ -150,9 +150,9 @@ def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6,
 
     full, half = reciprocal(min(k1, n - 1)), reciprocal(min(round(k1 / 2), n - 1))
     # Expansion: add a member's half-size set when two thirds of it already lies in the full set.
-    overlap = half.astype(np.int32) @ full.T.astype(np.int32)  # [j, i] = |half_j & full_i|
+    overlap = half.astype(np.float32) @ full.T.astype(np.float32)  # [j, i] = |half_j & full_i| (BLAS, not int loops)
     adds = full & (overlap.T > (2.0 / 3.0) * half.sum(axis=1)[None, :])
-    expanded = full | ((adds.astype(np.int32) @ half.astype(np.int32)) > 0)
+    expanded = full | ((adds.astype(np.float32) @ half.astype(np.float32)) > 0)
     weights = np.where(expanded, np.exp(-distance), 0.0)
     weights /= weights.sum(axis=1, keepdims=True)
     if k2 > 1:
