@@ -247,11 +247,40 @@ def serve(cache_dir, host, port, device, runtime):
 
         from pipeline.serve.app import create_app
     except ImportError as err:
-        raise ValueError(f"serve needs the 'serve' extra ({err.name} is missing): "
+        raise UserError(f"serve needs the 'serve' extra ({err.name} is missing): "
                          "pip install -e '.[serve]'") from None
     app = create_app(cache_dir, {"device": device, "runtime": runtime})
     click.echo(f"lookalike: {len(app.state.session)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, help="locally scaled similarity (2 cos - each image's mean cosine to its 5 "
+              "nearest) above which images are near-duplicates [default: measured for the cache's embedder]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG of the groups")
+@one_line_errors
+def duplicates(cache_dir, threshold, as_json, sheet):
+    """Find groups of near-duplicate images (re-encodes, resizes, crops, small edits) in a cache."""
+    from pipeline.duplicates import cache_duplicates, duplicate_sheet
+
+    report = cache_duplicates(cache_dir, threshold)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        groups = report.to_dict()["groups"]
+        rule = report.rule
+        floor = f" and cosine > {rule.floor:g}" if rule.floor > -1 else ""
+        sure = f", or cosine > {rule.sure:g}" if rule.sure is not None else ""
+        click.echo(f"{len(groups)} groups of near-duplicates (scaled similarity > {rule.threshold:g}{floor}{sure}) "
+                   f"under {report.data.gallery_root}")
+        for number, group in enumerate(groups, 1):
+            click.echo(f"\ngroup {number}: {len(group['members'])} images")
+            for member in group["members"]:
+                click.echo(f"  {member['best_cosine']:6.3f}  {member['path']}")
+    if sheet:
+        click.echo(f"contact sheet: {duplicate_sheet(report, sheet)}", err=True)
 
 
 def _split(text: str | None) -> list[str] | None:
