@@ -61,7 +61,7 @@ def test_any_preprocessing_error_skips_that_image(gallery, tiny_config, tmp_path
             raise RuntimeError("cannot broadcast this one")
         return transform(image)
 
-    stage.transform = fragile
+    stage.transform = pipeline.transforms[stage.name] = fragile  # the loaders apply it, as the stage would
     summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
     assert summary.images == 18
     assert skipped(summary) == {"blue_squares/odd.png": "cannot preprocess (RuntimeError: cannot broadcast this one)"}

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import cache.search as search
+import cache.store
 from cache.policies import parse_policy
 from cache.search import WHOLE_GALLERY, ExactIndex, IVFIndex, Searcher
 from cache.store import CacheData, load_cache
@@ -150,7 +151,7 @@ def mapped_mib(filename: str) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
 def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path, monkeypatch):
-    monkeypatch.setattr(search, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
+    monkeypatch.setattr(cache.store, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
     make_synthetic_cache(tmp_path / "cache", 20_000)
     data = load_cache(tmp_path / "cache")
     searcher = Searcher(data)
