@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from cache.buckets import class_agreement
-from cache.metrics import leave_one_out, map_at_r, precision_at_k
+from cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
 from cache.policies import FLAT, BucketPolicy
+from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
 # gallery soft buckets M (at most the classes stored per image) and fused weights W.
@@ -161,17 +163,92 @@ def auto_family(stored_classes: int) -> list[BucketPolicy]:
     return list(dict.fromkeys(family))
 
 
-def choose_policy(columns: dict[str, np.ndarray], seed: int = 0) -> BucketPolicy | None:
-    """`auto` for a gallery: of the policies searching fewer images than flat search (candidate fraction rounded to
-    0.001 below 1) and not worse than it on leave-one-out, the one searching the fewest (ties: the higher MAP@R);
-    flat when there is none; None without labels."""
+def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = True) -> BucketPolicy | None:
+    """`auto` for a gallery, in two steps on leave-one-out:
+    1. of the policies searching fewer images than flat search (candidate fraction rounded to 0.001 below 1) and
+       not worse than it, the one searching the fewest (ties: the higher MAP@R); flat when there is none;
+    2. (`rerank`, galleries up to RERANK_MAX_ROWS) a re-ranked flat search of rerank_family() replaces it when it is
+       not worse than flat search and gains MAP@R over step 1's choice; the one with the best MAP@R.
+    None without labels."""
     family = auto_family(np.asarray(columns["classes"]).shape[1])
     scores = loo_scores(columns, [FLAT, *family], seed)
     if scores is None:
         return None
     searched = {p: round(scores[p].candidates, 3) for p in family}
     eligible = [p for p in family if searched[p] < 1 and not_worse(scores[p], scores[FLAT])]
-    return min(eligible, key=lambda p: (searched[p], -scores[p].map_at_r), default=FLAT)
+    chosen = min(eligible, key=lambda p: (searched[p], -scores[p].map_at_r), default=FLAT)
+    if not rerank or len(columns["labels"]) > RERANK_MAX_ROWS:
+        return chosen
+    weight = chosen.weight if chosen.kind == "fused" and chosen.weight else None
+    candidates = rerank_family(weight)
+    reranked = rerank_scores(columns, [FLAT, *candidates], seed)
+    better = [p for p in candidates if not_worse(reranked[p], reranked[FLAT])
+              and reranked[p].map_at_r > scores[chosen].map_at_r]
+    return max(better, key=lambda p: reranked[p].map_at_r, default=chosen)
+
+
+# Re-ranking `auto` considers (docs/rerank-study.md: the study's 186 combinations on three galleries, trimmed to those
+# that won or came close): DBA (K, a) x alpha-QE (K, a), and k-reciprocal (K1, K2) on plain vectors.
+RERANK_DBA = (None, (2, 0.0), (5, 0.0), (20, 3.0))
+RERANK_QE = (None, (2, 1.0), (10, 1.0))
+RERANK_KRECIP = ((5, 2), (20, 6))
+RERANK_MAX_ROWS = 32_768  # DBA needs an exact k-NN pass over the gallery (as exact search, cache/search.py)
+RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking: ~1 s per policy on 2 cores at 2,000 gallery images
+
+
+def rerank_family(weight: float | None) -> list[BucketPolicy]:
+    """Flat searches re-ranked by DBA and/or alpha-QE, or k-reciprocal; with the class term (flat@W) when the
+    bucketed choice found one worth a weight."""
+    family = [BucketPolicy("flat", weight=weight, dba=d, qe=q) for d in RERANK_DBA for q in RERANK_QE if d or q]
+    return family + [BucketPolicy("flat", weight=weight, krecip=k) for k in RERANK_KRECIP]
+
+
+def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
+                  seed: int = 0) -> dict[BucketPolicy, Score] | None:
+    """Leave-one-out Score of flat re-ranked policies, scored as cache/search.py's re-ranked search does. No leak:
+    the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA)."""
+    split = validation_split(np.asarray(columns["labels"]), seed)
+    if split is None:
+        return None
+    gallery, queries = split
+    if len(queries) > RERANK_QUERY_LIMIT:
+        queries = np.sort(np.random.default_rng(seed).choice(queries, RERANK_QUERY_LIMIT, replace=False))
+    vectors = np.asarray(columns["embeddings"][gallery], np.float32)
+    _, codes, counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True, return_counts=True)
+    n_relevant = counts[codes[queries]] - 1
+    classes, probs = np.asarray(columns["classes"])[gallery], np.asarray(columns["probs"], np.float32)[gallery]
+    agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
+    own = (np.arange(len(queries)), queries)
+    augmented: dict[tuple, LeaveOneOutDBA] = {}
+    results = {}
+    for policy in dict.fromkeys(policies):
+        dba = policy.dba or (1, 0.0)
+        base = augmented.setdefault(dba, LeaveOneOutDBA(vectors, *dba))
+
+        def similarities(query_vectors: np.ndarray) -> np.ndarray:
+            scores = base.similarities(query_vectors, queries)
+            scores[own] = -np.inf  # the held-out row is not in its own gallery
+            return scores
+
+        cosine = similarities(vectors[queries])
+        bonus = policy.weight * agreement if policy.weight and agreement is not None else 0.0
+        if policy.qe:
+            best = rank_by_score(cosine + bonus, policy.qe[0])
+            neighbours = np.stack([base.rows_of(rows, int(q)) for rows, q in zip(best, queries)])
+            expanded = alpha_qe(vectors[queries], neighbours, np.take_along_axis(cosine, best, 1), policy.qe[1],
+                                policy.qe[0])
+            cosine = similarities(expanded)
+        final = cosine + bonus
+        if policy.krecip:
+            with threadpool_limits(limits=1, user_api="blas"):
+                for i, pool in enumerate(rank_by_score(final, POOL)):
+                    pool = pool[np.isfinite(final[i, pool])]
+                    mutual = k_reciprocal(vectors[queries[i]], base.rows_of(pool, int(queries[i])), *policy.krecip)
+                    final[i, pool] = POOL_OFFSET + mutual + (bonus[i, pool] if np.ndim(bonus) else 0.0)
+        relevance = relevance_matrix(rank_by_score(final)[:, :-1], codes[queries], codes)
+        results[policy] = Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1),
+                                relevance[:, 0], 1.0)
+    return results
 
 
 def fit_weights(columns: dict[str, np.ndarray], policies: list[BucketPolicy],

@@ -34,6 +34,7 @@ class Manifest:
     class_names: dict[str, str] = field(default_factory=dict)  # readable name of every bucket key
     default_policy: str = "flat"  # what `--buckets auto` means for this gallery (cache/autopolicy.py)
     fused_weight: float | None = None  # W fitted for the default policy when it is fused
+    dba: list | None = None  # [K, a] of the DBA vectors stored as column `dba` (the default policy's +dba)
     labels_file: str | None = None
     skipped: list[dict] = field(default_factory=list)  # {path, reason} of files left out
     built: str = ""
@@ -89,6 +90,9 @@ class Manifest:
             raise CacheError(f"{where}: manifest.json has a negative count or dim")
         if self.fused_weight is not None and not isinstance(self.fused_weight, (int, float)):
             raise CacheError(f"{where}: manifest.json fused_weight is not a number")
+        if self.dba is not None and not (isinstance(self.dba, list) and len(self.dba) == 2
+                                         and all(isinstance(v, (int, float)) for v in self.dba)):
+            raise CacheError(f"{where}: manifest.json dba is not [K, a]")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -12,7 +12,13 @@ Grammar (as typed on the command line):
                   candidates as topk:N (default 3) or topk:N~T, ranked by cosine + W * p_q . p_g,
                   the inner product of the query's and the gallery image's class-probability
                   vectors; W is fitted on the gallery when omitted
+  flat@W          the whole gallery ranked by cosine + W * p_q . p_g
   ...+soft:M      gallery images count in the buckets of their M most probable classes (default 1)
+Re-ranking of the candidates (cache/rerank.py), in this order after the rest:
+  ...+dba:K[@a]   database-side augmentation: gallery vectors replaced by the normalised sum of their K nearest
+                  gallery vectors (itself included) weighted by cosine^a (a = 0 by default); stored at build time
+  ...+qe:K[@a]    alpha query expansion: the query plus its K best candidates weighted by cosine^a (a = 1), again
+  ...+krecip:K1,K2  k-reciprocal re-ranking (Zhong et al. 2017) of the best rerank.POOL (100) candidates
 """
 from __future__ import annotations
 
@@ -24,8 +30,12 @@ import numpy as np
 from models.errors import UserError
 
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[0-9.]+))?)?"
-                      r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?$")
-FORMS = "flat, top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M"
+                      r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?"
+                      r"(?:\+dba:(?P<dk>\d+)(?:@(?P<da>[0-9.]+))?)?(?:\+qe:(?P<qk>\d+)(?:@(?P<qa>[0-9.]+))?)?"
+                      r"(?:\+krecip:(?P<k1>\d+),(?P<k2>\d+))?$")
+FORMS = ("flat[@W], top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M, then re-ranking "
+         "+dba:K[@a], +qe:K[@a], +krecip:K1,K2")
+QE_ALPHA = 1.0  # the expansion's weight exponent when qe:K is given without @a
 
 
 AUTO = "auto"
@@ -44,10 +54,18 @@ class BucketPolicy:
     gallery_classes: int = 1
     weight: float | None = None
     nucleus: float | None = None  # T of topk:N~T / fused:N~T: the query's classes up to this much probability
+    dba: tuple[int, float] | None = None  # (K, a) of +dba:K@a
+    qe: tuple[int, float] | None = None  # (K, a) of +qe:K@a
+    krecip: tuple[int, int] | None = None  # (K1, K2) of +krecip:K1,K2
 
     @property
     def uses_buckets(self) -> bool:
         return self.kind != "flat"
+
+    @property
+    def reranks(self) -> bool:
+        """Whether candidates are scored beyond plain cosine (class term, DBA vectors, expansion, k-reciprocal)."""
+        return bool(self.weight) or self.kind == "fused" or any((self.dba, self.qe, self.krecip))
 
     def classes_used(self, probs: np.ndarray | None) -> np.ndarray | int:
         """How many of the query's most probable classes pick its buckets (per row of `probs`, best first):
@@ -60,16 +78,19 @@ class BucketPolicy:
         return np.minimum((np.cumsum(top, axis=-1) < np.float32(self.nucleus)).sum(axis=-1) + 1, top.shape[-1])
 
     def __str__(self) -> str:
-        if self.kind == "flat":
-            return "flat"
         top1 = self.query_classes == 1 and self.nucleus is None
-        text = {"topk": "top1" if top1 else f"topk:{self.query_classes}",
+        text = {"flat": "flat", "topk": "top1" if top1 else f"topk:{self.query_classes}",
                 "fused": f"fused:{self.query_classes}"}[self.kind]
         if self.nucleus is not None:
             text += f"~{_decimal(self.nucleus)}"
         if self.weight is not None:
             text += f"@{_decimal(self.weight)}"
-        return text + (f"+soft:{self.gallery_classes}" if self.gallery_classes > 1 else "")
+        text += f"+soft:{self.gallery_classes}" if self.gallery_classes > 1 else ""
+        if self.dba:
+            text += f"+dba:{self.dba[0]}" + (f"@{_decimal(self.dba[1])}" if self.dba[1] else "")
+        if self.qe:
+            text += f"+qe:{self.qe[0]}" + (f"@{_decimal(self.qe[1])}" if self.qe[1] != QE_ALPHA else "")
+        return text + (f"+krecip:{self.krecip[0]},{self.krecip[1]}" if self.krecip else "")
 
 
 FLAT = BucketPolicy("flat")
@@ -86,14 +107,15 @@ def parse_policy(text: str) -> BucketPolicy:
     if not match:
         raise UserError(f"unknown bucket policy {text!r}: use {FORMS}")
     kind, n, t, w, m = match["kind"], match["n"], match["t"], match["w"], match["m"]
+    rerank = _rerank_parts(text, match)
     if kind == "flat":
-        if n or w or m:
-            raise UserError(f"bucket policy {text!r}: flat takes no arguments")
-        return BucketPolicy("flat")
+        if n or m:
+            raise UserError(f"bucket policy {text!r}: flat takes only a class weight (flat@W) and re-ranking")
+        return BucketPolicy("flat", weight=_number(text, w, "W") if w else None, **rerank)
     if kind == "top1" and n:
         raise UserError(f"bucket policy {text!r}: write topk:{n} instead")
     if w and kind != "fused":
-        raise UserError(f"bucket policy {text!r}: only fused takes a weight (@W)")
+        raise UserError(f"bucket policy {text!r}: only fused and flat take a weight (@W)")
     query_classes = 1 if kind == "top1" else int(n or 3)
     gallery_classes = int(m or 1)
     if query_classes < 1 or gallery_classes < 1:
@@ -102,7 +124,21 @@ def parse_policy(text: str) -> BucketPolicy:
     if nucleus is not None and not 0 < nucleus <= 1:
         raise UserError(f"bucket policy {text!r}: the nucleus T is a probability in (0, 1]")
     return BucketPolicy("fused" if kind == "fused" else "topk", query_classes, gallery_classes,
-                        _number(text, w, "W") if w else None, nucleus)
+                        _number(text, w, "W") if w else None, nucleus, **rerank)
+
+
+def _rerank_parts(text: str, match: re.Match) -> dict:
+    """The +dba, +qe and +krecip parts of a policy as BucketPolicy fields."""
+    parts = {}
+    if match["dk"]:
+        parts["dba"] = (int(match["dk"]), _number(text, match["da"], "a") if match["da"] else 0.0)
+    if match["qk"]:
+        parts["qe"] = (int(match["qk"]), _number(text, match["qa"], "a") if match["qa"] else QE_ALPHA)
+    if match["k1"]:
+        parts["krecip"] = (int(match["k1"]), int(match["k2"]))
+    if any(value[0] < 1 for value in parts.values()) or (match["k2"] and int(match["k2"]) < 1):
+        raise UserError(f"bucket policy {text!r}: re-ranking sizes (K, K1, K2) must be at least 1")
+    return parts
 
 
 def _number(text: str, value: str, name: str) -> float:

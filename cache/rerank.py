@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+POOL = 100  # k-reciprocal re-ranks a query's best this many rows (faces MAP@R 0.745/0.771/0.780 at 20/50/100)
+POOL_OFFSET = 10.0  # re-ranked pool scores are lifted above every row outside the pool, which keep their order
+
 
 def _faiss():
     import faiss

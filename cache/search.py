@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import rerank
 from cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from cache.policies import BucketPolicy
-from cache.store import CacheData, release_pages
+from cache.store import DBA_COLUMN, CacheData, release_pages
 from models.errors import UserError
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
@@ -24,6 +25,14 @@ class Hits:
     buckets: list[int]  # bucket keys searched (WHOLE_GALLERY for the whole gallery)
     note: str | None = None
     rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
+
+
+def _one_blas_thread():
+    """k-reciprocal's many small products on one BLAS thread: threaded BLAS made them 50x slower on a busy 2-core
+    machine (docs/rerank-study.md)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _faiss():
@@ -40,7 +49,7 @@ EXACT_MAX_ROWS = 32_768
 IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprobe 1): margin for real data
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
-FUSED_IVF_POOL = 256  # rows a `fused` search takes from a bucket large enough for an IVF index
+RERANK_IVF_POOL = 256  # rows a re-ranked (or fused) search takes from a bucket large enough for an IVF index
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -131,6 +140,7 @@ class Searcher:
         self.data = data
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
+        self._dba: dict[tuple[int, float], np.ndarray] = {}
         self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows
@@ -214,27 +224,60 @@ class Searcher:
         order = np.argsort(-scores, kind="stable")[:k]
         return Hits(rows[order], scores[order], candidates, keys)
 
-    def _fused(self, query: np.ndarray, classes: np.ndarray, probs: np.ndarray, keys: list[int],
-               gallery_classes: int, weight: float, k: int) -> Hits:
-        """Every row of the query's buckets scored by cosine + weight * class agreement (IVF-sized
-        buckets contribute their FUSED_IVF_POOL nearest rows); bucket vectors come from the index LRU."""
-        query = np.asarray(query, np.float32)
-        found_rows, found_scores = [], []
+    def _candidates(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
+        """The rows a re-ranked search scores: every row of an exact bucket (or of the whole gallery), the
+        RERANK_IVF_POOL nearest of an IVF-sized one; ascending, each once."""
+        found = []
         for key in keys:
             index = self._index(key, gallery_classes)
-            if isinstance(index, ExactIndex):
-                found_rows.append(index.rows)
-                found_scores.append(index.vectors @ query)
-            else:
-                scores, local = index.search(query, FUSED_IVF_POOL)
-                found_rows.append(index.rows[local])
-                found_scores.append(scores)
-        rows, first = np.unique(np.concatenate(found_rows), return_index=True)
-        similarity = np.concatenate(found_scores)[first]
-        columns = self.data.columns
-        scores = similarity + weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
-        best = _top_k(scores, k)
-        return Hits(rows[best], similarity[best], len(rows), keys, rank_scores=scores[best])
+            found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, RERANK_IVF_POOL)[1]])
+        return np.unique(np.concatenate(found))
+
+    def _matrix(self, dba: tuple[int, float] | None) -> np.ndarray:
+        """The vectors candidates are scored against: the embeddings, or their DBA (stored at build time for the
+        cache's own choice; made here once for another K on a gallery small enough for an exact k-NN pass)."""
+        if dba is None:
+            return self.embeddings
+        if self.data.manifest.dba == list(dba):
+            return self.data.columns[DBA_COLUMN]
+        if dba not in self._dba:
+            if len(self.embeddings) > EXACT_MAX_ROWS:
+                stored = f"DBA {self.data.manifest.dba}" if self.data.manifest.dba else "no DBA"
+                raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {EXACT_MAX_ROWS:,} images another "
+                                "DBA needs a rebuild with it as the cache's choice")
+            self._dba[dba] = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+        return self._dba[dba]
+
+    def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
+                  policy: BucketPolicy, k: int) -> Hits:
+        """Candidates scored by cosine (to their DBA vectors with +dba) + W * class agreement, the query expanded
+        by its best candidates and scored again (+qe), then k-reciprocal re-ranking
+        (+krecip, the best rerank.POOL). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
+        query = np.asarray(query, np.float32)
+        rows = self._candidates(query, keys, policy.gallery_classes)
+        block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
+        vectors = np.asarray(self._matrix(policy.dba)[block if block else rows], np.float32)
+        weight = self.data.manifest.weight_for(policy.weight) if policy.kind == "fused" else (policy.weight or 0.0)
+        bonus = np.zeros(len(rows), np.float32)
+        if weight:
+            if classes is None:
+                raise UserError(f"bucket policy {policy} ranks by class agreement and needs a classifier")
+            columns = self.data.columns
+            bonus = weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
+        cosine = vectors @ query
+        if policy.qe:
+            best = _top_k(cosine + bonus, min(policy.qe[0], len(rows)))
+            expanded = rerank.alpha_qe(query, vectors[best], cosine[best], policy.qe[1], len(best))
+            cosine = vectors @ expanded
+        ranking = cosine + bonus
+        if policy.krecip:
+            pool = _top_k(ranking, min(rerank.POOL, len(rows)))
+            with _one_blas_thread():
+                mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
+            ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
+        best = _top_k(ranking, k)
+        similarity = np.asarray(self.embeddings[rows[best]], np.float32) @ query
+        return Hits(rows[best], similarity, len(rows), keys, rank_scores=ranking[best])
 
     def search(self, query: np.ndarray, policy: BucketPolicy, k: int,
                classes: np.ndarray | None = None, probs: np.ndarray | None = None) -> Hits:
@@ -242,6 +285,8 @@ class Searcher:
         if len(self.embeddings) == 0:
             return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, [])
         if not policy.uses_buckets:
+            if policy.reranks:
+                return self._reranked(query, classes, probs, [WHOLE_GALLERY], policy, k)
             return self._search_buckets(query, [WHOLE_GALLERY], 1, k)
         if classes is None:
             raise UserError(f"bucket policy {policy} needs a classifier; use flat")
@@ -251,7 +296,6 @@ class Searcher:
             hits = self._search_buckets(query, [WHOLE_GALLERY], 1, k)
             hits.note = "the predicted classes' buckets are empty: searched the whole gallery"
             return hits
-        if policy.kind == "fused":
-            weight = self.data.manifest.weight_for(policy.weight)
-            return self._fused(query, classes, probs, keys, policy.gallery_classes, weight, k)
+        if policy.reranks:
+            return self._reranked(query, classes, probs, keys, policy, k)
         return self._search_buckets(query, keys, policy.gallery_classes, k)

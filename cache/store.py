@@ -30,7 +30,8 @@ from models.files import atomic_write, fsync_dir, write_text_atomic
 # Per-image columns; every one has the image count as its first dimension.
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.
 COLUMNS = ("paths", "sizes", "mtimes", "labels", "label_classes", "classes", "probs", "boxes", "embeddings")
-KINDS = {"paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
+DBA_COLUMN = "dba"  # optional: DBA vectors of the embeddings (manifest.dba says with which K and a)
+KINDS = {DBA_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
 WRITE_ROWS = 65_536  # embeddings are written (and gathered from older generations) in slices this size
 RELEASE_ABOVE_BYTES = 256 << 20  # a smaller mapped matrix keeps its pages (re-mapping it per query costs ms)
@@ -130,8 +131,9 @@ def _check_columns(where: str, manifest: Manifest, columns: dict[str, np.ndarray
             raise CacheError(f"{where}: column {name} has dtype {column.dtype}, not a {KINDS[name]!r} array")
         if len(column) != manifest.count:
             raise CacheError(f"{where}: column {name} has {len(column)} rows, the manifest says {manifest.count}")
-    if columns["embeddings"].ndim != 2 or columns["embeddings"].shape[1] != manifest.dim:
-        raise CacheError(f"{where}: embeddings are {columns['embeddings'].shape}, the manifest says dim {manifest.dim}")
+    for name in ("embeddings", DBA_COLUMN):
+        if name in columns and (columns[name].ndim != 2 or columns[name].shape[1] != manifest.dim):
+            raise CacheError(f"{where}: {name} are {columns[name].shape}, the manifest says dim {manifest.dim}")
     bad = unsafe_paths(columns["paths"])
     if len(bad):
         raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
@@ -142,7 +144,7 @@ def _load_generation(root: Path, generation: Path, mmap_mode: str | None) -> Cac
     where = f"{root} ({generation.name})"
     manifest = Manifest.from_json((generation / "manifest.json").read_text(), where)
     columns = {}
-    for name in COLUMNS:
+    for name in COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()):
         try:
             columns[name] = np.load(generation / f"{name}.npy", mmap_mode=mmap_mode, allow_pickle=False)
         except ValueError as err:  # object arrays (pickles) and malformed headers
@@ -201,7 +203,7 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
     staging = root / f"{generation.name}.tmp"
     staging.mkdir()
     order = grouped_order(columns, manifest.bucket_by)
-    for name in COLUMNS:
+    for name in COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()):
         _write_npy(staging / f"{name}.npy", columns[name], order)
     write_text_atomic(staging / "manifest.json", manifest.to_json())
     os.replace(staging, generation)

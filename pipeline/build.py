@@ -18,11 +18,13 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from cache import rerank
 from cache.autopolicy import choose_policy
 from cache.buckets import bucket_keys
 from cache.manifest import CacheError, Manifest, refuse_other_pipeline
 from cache.store import (
     COLUMNS,
+    DBA_COLUMN,
     BuildLock,
     CacheData,
     PendingChunks,
@@ -242,19 +244,22 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
         if bucket_by == "label":
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
-        default_policy, fused_weight = "flat", None
+        default_policy, fused_weight, dba = "flat", None, None
         if topk and bucket_by == "classifier":
             # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
             choosing_started = time.perf_counter()
             chosen = choose_policy(columns)
             default_policy = str(chosen) if chosen else "flat"
             fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
+            if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
+                dba = list(chosen.dba)
+                columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
             summary.phases["choose_policy"] = time.perf_counter() - choosing_started
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
             class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
-            fused_weight=fused_weight, labels_file=str(labels_file) if labels_file else None,
+            fused_weight=fused_weight, dba=dba, labels_file=str(labels_file) if labels_file else None,
             skipped=summary.skipped, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_generation(out, manifest, columns)
         pending.clear()

@@ -1,0 +1,96 @@
+"""Re-ranking as bucket-policy parts (+dba, +qe, +krecip, flat@W): searched as written, validated without leaks,
+adopted by `auto` only where it gains, stored by the build."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cache.autopolicy import FLAT, choose_policy, rerank_scores
+from cache.metrics import map_at_r, precision_at_k
+from cache.policies import parse_policy
+from cache.rerank import alpha_qe, dba
+from cache.search import Searcher
+from cache.store import CacheData, empty_columns, load_cache
+from pipeline.build import build_cache
+from tests.test_fusion import gallery_columns
+
+
+@pytest.mark.parametrize("text", ["flat@0.25+dba:20@3+qe:10", "flat+krecip:5,2", "top1+qe:2", "fused:10~0.8@0+soft:3+dba:5",
+                                  "topk:3+dba:2@0.5+qe:3@2+krecip:20,6"])
+def test_rerank_parts_round_trip(text):
+    assert str(parse_policy(text)) == text and parse_policy(text).reranks
+
+
+@pytest.mark.parametrize("text, message", [("flat+qe:0", "at least 1"), ("flat:3", "flat takes only"),
+                                           ("topk:3@1", "only fused and flat take a weight"),
+                                           ("flat+qe:2+dba:5", "unknown bucket policy")])
+def test_bad_rerank_parts_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(text)
+
+
+def test_search_ranks_as_written_and_reports_the_cosine(tmp_path):
+    """flat+dba:3+qe:2: DBA gallery vectors, the query expanded by its 2 best, ranked again; `scores` is the
+    cosine to the stored embedding, `rank_scores` what the rows were ranked by."""
+    columns = gallery_columns(informative_classes=True, per_label=10)
+    searcher = Searcher(CacheData.in_memory(columns, tmp_path))
+    query = columns["embeddings"][7]
+    hits = searcher.search(query, parse_policy("flat+dba:3+qe:2"), 5, columns["classes"][7], columns["probs"][7])
+    augmented = dba(columns["embeddings"], 3)
+    first = augmented @ query
+    best = np.argsort(-first, kind="stable")[:2]
+    expanded = alpha_qe(query, augmented[best], first[best], 1.0, 2)
+    expected = np.argsort(-(augmented @ expanded), kind="stable")[:5]
+    assert hits.rows.tolist() == expected.tolist()
+    assert np.allclose(hits.scores, columns["embeddings"][hits.rows] @ query, atol=1e-6)
+    assert np.allclose(hits.rank_scores, (augmented @ expanded)[hits.rows], atol=1e-6)
+
+
+@pytest.mark.parametrize("text", ["flat+dba:3+qe:2", "flat@0.5+dba:2@3", "flat+krecip:5,2"])
+def test_leave_one_out_is_searching_a_gallery_without_the_query(tmp_path, text):
+    """The vectorised evaluator equals, query by query, a real search of the gallery with that image deleted
+    (its DBA recomputed without it): the held-out image shapes nothing it is scored against."""
+    columns = gallery_columns(informative_classes=True, per_label=8)
+    policy = parse_policy(text)
+    score = rerank_scores(columns, [policy])[policy]
+    labels, count = columns["labels"], len(columns["labels"])
+    relevance = np.zeros((count, count - 1), bool)
+    for row in range(count):
+        rest = np.delete(np.arange(count), row)
+        kept = {name: columns[name][rest] for name in ("paths", "labels", "label_classes", "classes", "probs",
+                                                      "embeddings")}
+        searcher = Searcher(CacheData.in_memory(kept, tmp_path))
+        hits = searcher.search(columns["embeddings"][row], policy, count - 1, columns["classes"][row],
+                               columns["probs"][row])
+        relevance[row, :len(hits.rows)] = labels[rest][hits.rows] == labels[row]
+    n_relevant = np.full(count, 7)
+    assert score.map_at_r == pytest.approx(map_at_r(relevance, n_relevant), abs=1e-9)
+    assert score.p_at_1 == pytest.approx(precision_at_k(relevance, n_relevant, 1))
+
+
+def test_auto_adopts_reranking_where_it_gains_and_not_where_nothing_can():
+    noisy = gallery_columns(informative_classes=False, per_label=30)
+    chosen = choose_policy(noisy)
+    assert chosen.kind == "flat" and (chosen.dba or chosen.qe or chosen.krecip)
+    scores = rerank_scores(noisy, [FLAT, chosen])
+    assert scores[chosen].map_at_r > scores[FLAT].map_at_r
+    perfect = gallery_columns(informative_classes=True, per_label=30)
+    perfect["embeddings"] = np.eye(16, dtype=np.float32)[np.unique(perfect["labels"], return_inverse=True)[1]]
+    assert choose_policy(perfect) == choose_policy(perfect, rerank=False)  # MAP@R 1 already: nothing to gain
+
+
+def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config, tmp_path, monkeypatch):
+    import pipeline.build
+
+    monkeypatch.setattr(pipeline.build, "choose_policy", lambda columns: parse_policy("flat+dba:3+qe:2"))
+    build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    data = load_cache(tmp_path / "cache")
+    assert data.manifest.default_policy == "flat+dba:3+qe:2" and data.manifest.dba == [3, 0.0]
+    embeddings = np.asarray(data.columns["embeddings"])
+    assert np.allclose(data.columns["dba"], dba(embeddings, 3), atol=1e-6)
+    hits = Searcher(data).search(embeddings[4], parse_policy(data.manifest.default_policy), 3)
+    assert hits.rows[0] == 4
+
+
+def test_empty_columns_have_no_dba():
+    assert "dba" not in empty_columns(4, 3)
