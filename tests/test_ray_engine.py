@@ -48,9 +48,9 @@ def add_bad_files(root: Path) -> None:
 
 def assert_same_cache(a: Path, b: Path) -> None:
     first, second = load_cache(a), load_cache(b)
-    assert first.manifest["fingerprint"] == second.manifest["fingerprint"]
-    assert first.manifest["skipped"] == second.manifest["skipped"]
-    assert first.manifest["default_buckets"] == second.manifest["default_buckets"]
+    assert first.manifest.fingerprint == second.manifest.fingerprint
+    assert first.manifest.skipped == second.manifest.skipped
+    assert first.manifest.default_policy == second.manifest.default_policy
     assert first.columns["paths"].tolist() == second.columns["paths"].tolist()
     for name in ("sizes", "mtimes", "labels", "classes"):
         np.testing.assert_array_equal(first.columns[name], second.columns[name], err_msg=name)
@@ -162,7 +162,7 @@ def test_both_engines_agree_on_real_photos(ray_local, real_weights, tmp_path):
     build_cache(gallery, tmp_path / "local", config, progress=False)
     build_cache(gallery, tmp_path / "ray", config, progress=False, engine=RayEngine(config))
     local, remote = load_cache(tmp_path / "local"), load_cache(tmp_path / "ray")
-    assert local.manifest["fingerprint"] == remote.manifest["fingerprint"] and len(local) == len(remote) >= 30
+    assert local.manifest.fingerprint == remote.manifest.fingerprint and len(local) == len(remote) >= 30
     assert local.columns["paths"].tolist() == remote.columns["paths"].tolist()
     cosine = np.sum(local.columns["embeddings"] * remote.columns["embeddings"], axis=1)
     assert cosine.min() >= 0.9999

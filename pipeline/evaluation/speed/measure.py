@@ -28,7 +28,7 @@ def _model_calls(pipeline) -> list[tuple]:
     for stage in pipeline.stages:
         if isinstance(stage, ClassifyStage):
             calls.append((f"classify:{stage.classifier.spec.name}", stage.transform,
-                          lambda batch, s=stage: s.classifier.predict(batch, s.k), stage.classifier.net))
+                          lambda batch, s=stage: s.classifier.predict(batch, s.classes_kept), stage.classifier.net))
         elif isinstance(stage, EmbedStage):
             embedder = stage.embedder
             calls.append((f"embed:{embedder.spec.name}", stage.transform, embedder.embed,
