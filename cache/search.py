@@ -256,7 +256,8 @@ class Searcher:
         query = np.asarray(query, np.float32)
         rows = self._candidates(query, keys, policy.gallery_classes)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
-        vectors = np.asarray(self._matrix(policy.dba)[block if block else rows], np.float32)
+        matrix = self._matrix(policy.dba)
+        vectors = matrix[block] if block else np.asarray(matrix[rows], np.float32)
         weight = self.data.manifest.weight_for(policy.weight) if policy.kind == "fused" else (policy.weight or 0.0)
         bonus = np.zeros(len(rows), np.float32)
         if weight:
@@ -276,8 +277,10 @@ class Searcher:
                 mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
             ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
         best = _top_k(ranking, k)
-        similarity = np.asarray(self.embeddings[rows[best]], np.float32) @ query
-        return Hits(rows[best], similarity, len(rows), keys, rank_scores=ranking[best])
+        stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
+        release_pages(matrix)
+        release_pages(self.embeddings)
+        return Hits(rows[best], stored @ query, len(rows), keys, rank_scores=ranking[best])
 
     def search(self, query: np.ndarray, policy: BucketPolicy, k: int,
                classes: np.ndarray | None = None, probs: np.ndarray | None = None) -> Hits:
