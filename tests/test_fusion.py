@@ -37,14 +37,14 @@ def gallery_columns(informative_classes: bool, per_label: int = 60) -> dict[str,
 
 def test_informative_classes_make_auto_choose_a_bucketed_policy():
     columns = gallery_columns(informative_classes=True)
-    chosen = choose_policy(columns)
+    chosen = choose_policy(columns, rerank=False)
     assert chosen.kind == "fused" and chosen.weight is not None and parse_policy(str(chosen)) == chosen
     scores = loo_scores(columns, [FLAT, chosen])
     assert scores[chosen].candidates < 0.5 and scores[chosen].map_at_r > scores[FLAT].map_at_r
 
 
 def test_uninformative_classes_leave_flat_search():
-    assert choose_policy(gallery_columns(informative_classes=False)) == FLAT
+    assert choose_policy(gallery_columns(informative_classes=False), rerank=False) == FLAT
 
 
 def test_unlabelled_gallery_has_no_choice():
