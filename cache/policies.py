@@ -18,7 +18,7 @@ Re-ranking of the candidates (cache/rerank.py), in this order after the rest:
   ...+dba:K[@a]   database-side augmentation: gallery vectors replaced by the normalised sum of their K nearest
                   gallery vectors (itself included) weighted by cosine^a (a = 0 by default); stored at build time
   ...+qe:K[@a]    alpha query expansion: the query plus its K best candidates weighted by cosine^a (a = 1), again
-  ...+krecip:K1,K2  k-reciprocal re-ranking (Zhong et al. 2017) of the best rerank.POOL (100) candidates
+  ...+krecip:K1/K2  k-reciprocal re-ranking (Zhong et al. 2017) of the best rerank.POOL (100) candidates
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from models.errors import UserError
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[0-9.]+))?)?"
                       r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?"
                       r"(?:\+dba:(?P<dk>\d+)(?:@(?P<da>[0-9.]+))?)?(?:\+qe:(?P<qk>\d+)(?:@(?P<qa>[0-9.]+))?)?"
-                      r"(?:\+krecip:(?P<k1>\d+),(?P<k2>\d+))?$")
+                      r"(?:\+krecip:(?P<k1>\d+)/(?P<k2>\d+))?$")
 FORMS = ("flat[@W], top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M, then re-ranking "
-         "+dba:K[@a], +qe:K[@a], +krecip:K1,K2")
+         "+dba:K[@a], +qe:K[@a], +krecip:K1/K2")
 QE_ALPHA = 1.0  # the expansion's weight exponent when qe:K is given without @a
 
 
@@ -56,7 +56,7 @@ class BucketPolicy:
     nucleus: float | None = None  # T of topk:N~T / fused:N~T: the query's classes up to this much probability
     dba: tuple[int, float] | None = None  # (K, a) of +dba:K@a
     qe: tuple[int, float] | None = None  # (K, a) of +qe:K@a
-    krecip: tuple[int, int] | None = None  # (K1, K2) of +krecip:K1,K2
+    krecip: tuple[int, int] | None = None  # (K1, K2) of +krecip:K1/K2
 
     @property
     def uses_buckets(self) -> bool:
@@ -90,7 +90,7 @@ class BucketPolicy:
             text += f"+dba:{self.dba[0]}" + (f"@{_decimal(self.dba[1])}" if self.dba[1] else "")
         if self.qe:
             text += f"+qe:{self.qe[0]}" + (f"@{_decimal(self.qe[1])}" if self.qe[1] != QE_ALPHA else "")
-        return text + (f"+krecip:{self.krecip[0]},{self.krecip[1]}" if self.krecip else "")
+        return text + (f"+krecip:{self.krecip[0]}/{self.krecip[1]}" if self.krecip else "")
 
 
 FLAT = BucketPolicy("flat")

@@ -15,8 +15,8 @@ from pipeline.build import build_cache
 from tests.test_fusion import gallery_columns
 
 
-@pytest.mark.parametrize("text", ["flat@0.25+dba:20@3+qe:10", "flat+krecip:5,2", "top1+qe:2", "fused:10~0.8@0+soft:3+dba:5",
-                                  "topk:3+dba:2@0.5+qe:3@2+krecip:20,6"])
+@pytest.mark.parametrize("text", ["flat@0.25+dba:20@3+qe:10", "flat+krecip:5/2", "top1+qe:2", "fused:10~0.8@0+soft:3+dba:5",
+                                  "topk:3+dba:2@0.5+qe:3@2+krecip:20/6"])
 def test_rerank_parts_round_trip(text):
     assert str(parse_policy(text)) == text and parse_policy(text).reranks
 
@@ -46,7 +46,7 @@ def test_search_ranks_as_written_and_reports_the_cosine(tmp_path):
     assert np.allclose(hits.rank_scores, (augmented @ expanded)[hits.rows], atol=1e-6)
 
 
-@pytest.mark.parametrize("text", ["flat+dba:3+qe:2", "flat@0.5+dba:2@3", "flat+krecip:5,2"])
+@pytest.mark.parametrize("text", ["flat+dba:3+qe:2", "flat@0.5+dba:2@3", "flat+krecip:5/2"])
 def test_leave_one_out_is_searching_a_gallery_without_the_query(tmp_path, text):
     """The vectorised evaluator equals, query by query, a real search of the gallery with that image deleted
     (its DBA recomputed without it): the held-out image shapes nothing it is scored against."""
