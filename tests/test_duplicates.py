@@ -83,7 +83,8 @@ def duplicated_cache(gallery, tmp_path):
     vectors = normalise(np.random.default_rng(0).normal(size=(len(paths), 32)))
     for copy in ("red_circles/copy_of_0.png", "blue_squares/copy_of_2.png"):
         vectors[paths.index(copy)] = vectors[paths.index(copy.replace("copy_of_", ""))]
-    write_generation(out, replace(data.manifest, dim=32), dict(data.columns, embeddings=vectors))
+    write_generation(out, replace(data.manifest, dim=32, dba=None, default_policy="flat"),
+                     dict(data.columns, embeddings=vectors))
     return out
 
 
