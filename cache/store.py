@@ -47,6 +47,24 @@ def release_pages(matrix: np.ndarray) -> None:
         handle.madvise(mmap.MADV_DONTNEED)
 
 
+def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`matrix[rows]` as float32. A memory-mapped matrix is read with pread, one call per run of consecutive rows:
+    gathering scattered rows through the mapping faults whole large folios in, so a sample of 20,000 rows of a
+    2 GB file made all of it resident in this process (an incremental build peaked at 1.34 x the matrix)."""
+    if not isinstance(matrix, np.memmap) or not matrix.filename or len(rows) == 0:
+        return np.asarray(matrix[rows], np.float32)
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    width = matrix.shape[1] * matrix.itemsize
+    out = np.empty((len(rows), matrix.shape[1]), matrix.dtype)
+    with open(matrix.filename, "rb") as handle:
+        for run, start in zip(np.split(ordered, breaks), np.concatenate([[0], breaks])):
+            data = os.pread(handle.fileno(), width * len(run), matrix.offset + int(run[0]) * width)
+            out[order[start:start + len(run)]] = np.frombuffer(data, matrix.dtype).reshape(len(run), -1)
+    return out.astype(np.float32, copy=False)
+
+
 class StackedRows:
     """The rows of several matrices (memory-mapped generations, pending chunks) read as one, without copying them
     into one: `take` gathers the rows asked for, so a build holds one slice at a time."""
@@ -65,8 +83,7 @@ class StackedRows:
         for i, part in enumerate(self.parts):
             chosen = np.flatnonzero(part_of == i)
             if len(chosen):
-                out[chosen] = part[rows[chosen] - self.offsets[i]]
-                release_pages(part)
+                out[chosen] = read_rows(part, rows[chosen] - self.offsets[i])
         return out
 
 
