@@ -31,7 +31,7 @@ def main() -> None:
     row_of = {str(p): i for i, p in enumerate(columns["paths"])}
     gallery = select_rows(columns, np.array([row_of[p] for p in gallery_set.paths]))
     queries = select_rows(columns, np.array([row_of[p] for p in query_set.paths]))
-    test = Setting(gallery, queries, choose_policy(gallery, 0), None)
+    test = Setting(gallery, queries, choose_policy(gallery, 0, rerank=False), None)
     for method in TIMED:
         vectors = test.dba(method.dba_k, method.dba_alpha).augmented
         print(f"{method}: {per_query_ms(vectors, test.q, method):.3f} ms per query")
