@@ -67,17 +67,25 @@ def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 class StackedRows:
     """The rows of several matrices (memory-mapped generations, pending chunks) read as one, without copying them
-    into one: `take` gathers the rows asked for, so a build holds one slice at a time."""
+    into one: `take` gathers the rows asked for, so a build holds one slice at a time. With `selection`, row i is
+    row selection[i] of the stack (the rows a build keeps)."""
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts: list[np.ndarray], selection: np.ndarray | None = None):
         self.parts = parts
         self.offsets = np.cumsum([0, *(len(p) for p in parts)])
-        self.shape = (int(self.offsets[-1]), parts[0].shape[1] if parts else 0)
+        self.selection = selection
+        count = int(self.offsets[-1]) if selection is None else len(selection)
+        self.shape = (count, parts[0].shape[1] if parts else 0)
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.take(np.asarray(rows))
+
     def take(self, rows: np.ndarray) -> np.ndarray:
+        if self.selection is not None:
+            rows = self.selection[rows]
         out = np.empty((len(rows), self.shape[1]), np.float32)
         part_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for i, part in enumerate(self.parts):

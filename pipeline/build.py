@@ -183,23 +183,8 @@ def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
     rows = np.array([latest[e.relpath] for e in entries if e.relpath in latest], np.int64)
     columns: dict[str, np.ndarray | StackedRows] = {
         name: np.concatenate([np.asarray(p[name]) for p in parts])[rows] for name in COLUMNS if name != "embeddings"}
-    stacked = StackedRows([p["embeddings"] for p in parts])
-    columns["embeddings"] = _Selected(stacked, rows)
+    columns["embeddings"] = StackedRows([p["embeddings"] for p in parts], rows)
     return columns, len(rows)
-
-
-class _Selected(StackedRows):
-    """Some rows of a StackedRows, renumbered 0..n-1."""
-
-    def __init__(self, source: StackedRows, rows: np.ndarray):
-        self.source, self.rows = source, rows
-        self.shape = (len(rows), source.shape[1])
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return self.source.take(self.rows[rows])
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        return self.take(np.asarray(rows))
 
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
