@@ -148,7 +148,7 @@ def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6,
     position[np.arange(n)[:, None], ranks] = np.arange(n)[None, :]
 
     def reciprocal(k: int) -> np.ndarray:
-        near = position <= k
+        near = (position <= k) | np.eye(n, dtype=bool)  # a point is its own neighbour, also among exact duplicates
         return near & near.T
 
     full, half = reciprocal(min(k1, n - 1)), reciprocal(min(round(k1 / 2), n - 1))
@@ -157,7 +157,7 @@ def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6,
     adds = full & (overlap.T > (2.0 / 3.0) * half.sum(axis=1)[None, :])
     expanded = full | ((adds.astype(np.float32) @ half.astype(np.float32)) > 0)
     weights = np.where(expanded, np.exp(-distance), 0.0)
-    weights /= weights.sum(axis=1, keepdims=True)
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
     if k2 > 1:
         weights = weights[ranks[:, :k2]].mean(axis=1)
     shared = np.minimum(weights[0], weights[1:]).sum(axis=1)

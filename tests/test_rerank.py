@@ -93,3 +93,12 @@ def test_leave_one_out_dba_matches_brute_force():
         others = np.delete(np.arange(len(vectors)), q)
         assert np.allclose(scores[q, others], brute[others] @ vectors[q], atol=1e-5)
         assert np.allclose(loo.rows_of(others, int(q)), brute[others], atol=1e-6)
+
+
+def test_k_reciprocal_scores_stay_finite_among_exact_duplicates():
+    """A pool full of identical vectors (exact duplicates in a gallery) used to leave points with no reciprocal
+    neighbour at all, and 0/0 weights made every score NaN."""
+    pool = np.tile(normalise(np.ones((1, 8))), (30, 1))
+    pool[20:] = normalise(np.arange(8.0)[None])  # a second group of duplicates
+    scores = k_reciprocal(pool[0], pool, k1=5, k2=2)
+    assert np.all(np.isfinite(scores)) and scores[:20].min() > scores[20:].max()
