@@ -179,3 +179,13 @@ def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypat
     order = np.argsort(previous.columns["paths"])
     assert np.array_equal(np.asarray(again.columns["embeddings"])[np.argsort(again.columns["paths"])],
                           np.asarray(previous.columns["embeddings"])[order])
+
+
+@pytest.mark.parametrize("field, value", [("dba", "x"), ("dba", [5]), ("bucket_by", "nearest"), ("count", "18"),
+                                          ("fused_weight", "heavy"), ("class_names", [])])
+def test_a_manifest_field_of_the_wrong_kind_is_refused_in_one_line(built, field, value):
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest[field] = value
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=f"manifest.json (field )?{field}"):
+        load_cache(built.parent)

@@ -82,3 +82,21 @@ def test_a_bad_run_config_is_one_line(gallery, tmp_path, change, message):
     assert result.exit_code == 1
     line = one_line(result.stderr)
     assert line.startswith(f"error: {run_dir / 'config.json'}: ") and message in line, line
+
+
+def test_a_bug_is_one_line_naming_its_traceback_file_and_debug_shows_it(monkeypatch, tmp_path):
+    """Anything that is not a user error is a bug: one line pointing at the full traceback, or --debug raises it."""
+    import pipeline.query
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal invariant broke")
+
+    monkeypatch.setattr(pipeline.query, "open_query_pipeline", broken)
+    result = CliRunner().invoke(cli, ["query", "x.jpg", "--cache", str(tmp_path)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: unexpected RuntimeError: an internal invariant broke (a bug: the full traceback")
+    written = Path(lines[0].split("traceback is in ")[1].split(";")[0])
+    assert "Traceback (most recent call last)" in written.read_text() and "broken" in written.read_text()
+    debug = CliRunner().invoke(cli, ["--debug", "query", "x.jpg", "--cache", str(tmp_path)])
+    assert isinstance(debug.exception, RuntimeError)
