@@ -21,6 +21,7 @@ from cache.buckets import class_agreement
 from cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
 from cache.policies import FLAT, BucketPolicy
 from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal
+from cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
 # gallery soft buckets M (at most the classes stored per image) and fused weights W.
@@ -167,7 +168,7 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     """`auto` for a gallery, in two steps on leave-one-out:
     1. of the policies searching fewer images than flat search (candidate fraction rounded to 0.001 below 1) and
        not worse than it, the one searching the fewest (ties: the higher MAP@R); flat when there is none;
-    2. (`rerank`, galleries up to RERANK_MAX_ROWS) a re-ranked flat search of rerank_family() replaces it when it is
+    2. (`rerank`, galleries up to EXACT_MAX_ROWS) a re-ranked flat search of rerank_family() replaces it when it is
        not worse than flat search and gains MAP@R over step 1's choice; the one with the best MAP@R.
     None without labels."""
     family = auto_family(np.asarray(columns["classes"]).shape[1])
@@ -177,7 +178,7 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     searched = {p: round(scores[p].candidates, 3) for p in family}
     eligible = [p for p in family if searched[p] < 1 and not_worse(scores[p], scores[FLAT])]
     chosen = min(eligible, key=lambda p: (searched[p], -scores[p].map_at_r), default=FLAT)
-    if not rerank or len(columns["labels"]) > RERANK_MAX_ROWS:
+    if not rerank or len(columns["labels"]) > EXACT_MAX_ROWS:
         return chosen
     weight = chosen.weight if chosen.kind == "fused" and chosen.weight else None
     candidates = rerank_family(weight)
@@ -192,7 +193,6 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 RERANK_DBA = (None, (2, 0.0), (5, 0.0), (20, 3.0))
 RERANK_QE = (None, (2, 1.0), (10, 1.0))
 RERANK_KRECIP = ((5, 2), (20, 6))
-RERANK_MAX_ROWS = 32_768  # DBA needs an exact k-NN pass over the gallery (as exact search, cache/search.py)
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking: ~1 s per policy on 2 cores at 2,000 gallery images
 
 

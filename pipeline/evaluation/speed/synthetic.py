@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.rerank import normalise
 from pipeline.evaluation.speed.children import run_child
 from pipeline.evaluation.speed.measure import percentile
 
@@ -24,25 +25,21 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
     the bucket and its two nearest buckets (a classifier's usual confusions).
     """
     rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-    groups = unit(rng.standard_normal((50, dim), dtype=np.float32))
-    centres = unit(groups[rng.integers(0, 50, buckets)] + 0.8 * unit(rng.standard_normal((buckets, dim),
-                                                                                         dtype=np.float32)))
+    groups = normalise(rng.standard_normal((50, dim), dtype=np.float32))
+    spread = normalise(rng.standard_normal((buckets, dim), dtype=np.float32))
+    centres = normalise(groups[rng.integers(0, 50, buckets)] + 0.8 * spread)
     near = np.argsort(-(centres @ centres.T), axis=1)[:, :3]  # itself first
     own = rng.integers(0, buckets, count)
     vectors = np.empty((count, dim), np.float32)
     for start in range(0, count, 100_000):
         part = slice(start, min(count, start + 100_000))
         noise_part = rng.standard_normal((len(own[part]), dim), dtype=np.float32) * (noise / np.sqrt(dim))
-        vectors[part] = unit(centres[own[part]] + noise_part)
+        vectors[part] = normalise(centres[own[part]] + noise_part)
 
     def queries(n: int, query_seed: int = 1):
         qrng = np.random.default_rng(query_seed)
         chosen = qrng.integers(0, buckets, n)
-        q = unit(centres[chosen] + qrng.standard_normal((n, dim), dtype=np.float32) * (noise / np.sqrt(dim)))
+        q = normalise(centres[chosen] + qrng.standard_normal((n, dim), dtype=np.float32) * (noise / np.sqrt(dim)))
         return q, near[chosen].astype(np.int32)
 
     return vectors, near[own].astype(np.int32), queries
