@@ -26,8 +26,8 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
     """
     rng = np.random.default_rng(seed)
     groups = normalise(rng.standard_normal((50, dim), dtype=np.float32))
-    spread = normalise(rng.standard_normal((buckets, dim), dtype=np.float32))
-    centres = normalise(groups[rng.integers(0, 50, buckets)] + 0.8 * spread)
+    group_of = rng.integers(0, 50, buckets)
+    centres = normalise(groups[group_of] + 0.8 * normalise(rng.standard_normal((buckets, dim), dtype=np.float32)))
     near = np.argsort(-(centres @ centres.T), axis=1)[:, :3]  # itself first
     own = rng.integers(0, buckets, count)
     vectors = np.empty((count, dim), np.float32)
