@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cache import rerank
 from cache.autopolicy import choose_policy
 from cache.buckets import bucket_keys
-from cache.manifest import CacheError, Manifest, refuse_other_pipeline
+from cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
 from cache.store import (
     COLUMNS,
     DBA_COLUMN,
@@ -193,8 +193,8 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time)."""
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
-    if bucket_by not in ("classifier", "label"):
-        raise CacheError(f"--bucket-by {bucket_by}: use classifier or label")
+    if bucket_by not in BUCKET_BY:
+        raise CacheError(f"--bucket-by {bucket_by}: use {' or '.join(BUCKET_BY)}")
     entries, skipped = scan_gallery(gallery, labels_file)
     pipeline = pipeline or (engine.pipeline if engine else build_pipeline(config))
     engine = engine or LocalEngine(pipeline)
