@@ -25,6 +25,10 @@ from pipeline.pipeline import Pipeline, build_pipeline, load_item, output_shape
 
 RETRIES = 3  # per batch, after its worker or actor process died (Ray Data's default: for ever); a decode error
 # is an answer (the Item's `error`), not a failure
+READ_BLOCK_BYTES = 64 << 20  # decoded bytes per decode task at most (~110 images of 224 px float tensors): per-task
+# overhead made blocks of 16 images decode at 90 images/s and 128 at 125 (caltech101-22 on 2 cores, the local
+# engine's rate), so blocks are as big as this allows ...
+BLOCKS_PER_CPU = 4  # ... while every cluster CPU still gets this many blocks to decode
 THREADS_PER_CPU_ACTOR = 4  # model threads of a CPU actor; the pool has one actor per this many cluster CPUs
 ENV_PREFIXES = ("LOOKALIKE_", "HF_HUB_OFFLINE", "YOLO_OFFLINE")  # the driver's model settings, sent to workers
 
@@ -109,7 +113,7 @@ class RayEngine:
     (`address` 'auto' or 'ray://host:port'). Same Items, hence the same cache, as the local engine."""
 
     def __init__(self, config: PipelineConfig, address: str | None = None, pipeline: Pipeline | None = None,
-                 actors: int | None = None, read_batch: int = 16):
+                 actors: int | None = None, read_batch: int | None = None):
         self.config = config
         self.address = address
         self.actors = actors
@@ -156,6 +160,13 @@ class RayEngine:
         return {"compute": ActorPoolStrategy(min_size=1, max_size=size), "num_cpus": 1,
                 "fn_constructor_kwargs": {"threads": threads}}
 
+    def _read_batch(self, images: int, shapes: dict[str, tuple[int, ...]], ray) -> int:
+        """Images per decode task: READ_BLOCK_BYTES of decoded rows, fewer when the cluster's CPUs would not each
+        get BLOCKS_PER_CPU blocks."""
+        row_bytes = sum(4 * int(np.prod(shape)) for shape in shapes.values()) or 3 * self.pipeline.decode_side ** 2
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        return max(1, min(READ_BLOCK_BYTES // row_bytes, -(-images // (BLOCKS_PER_CPU * cpus))))
+
     def run(self, paths: list[str], root: Path, on_batch: Callable[[list[Item]], None]) -> None:
         """Deliver every path once as an Item (embedded, or with `error`), batch by batch as they finish."""
         if not paths:
@@ -164,13 +175,15 @@ class RayEngine:
         expected = self.describe()
         options = self._actor_options(ray)
         options["fn_constructor_kwargs"].update(config=self.config.to_dict(), expected=expected)
+        shapes = {name: output_shape(t) for name, t in self.pipeline.transforms.items()}
+        read_batch = self.read_batch or self._read_batch(len(paths), shapes, ray)
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")  # retry limits: pinned below 2.64
         dataset = ray.data.from_items([{"path": path} for path in paths],
-                                      override_num_blocks=max(1, -(-len(paths) // self.read_batch)))
+                                      override_num_blocks=max(1, -(-len(paths) // read_batch)))
         decoded = dataset.map_batches(
-            _decode, batch_size=self.read_batch, num_cpus=1, max_retries=RETRIES,
+            _decode, batch_size=read_batch, num_cpus=1, max_retries=RETRIES,
             fn_kwargs={"root": str(root), "side": self.pipeline.decode_side, "transforms": self.pipeline.transforms,
-                       "shapes": {name: output_shape(t) for name, t in self.pipeline.transforms.items()},
+                       "shapes": shapes,
                        "keep_pixels": not self.pipeline.transforms})
         embedded = decoded.map_batches(_Models, batch_size=self.config.batch_size, max_task_retries=RETRIES,
                                        **options)
