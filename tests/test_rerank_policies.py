@@ -89,7 +89,13 @@ def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config
     embeddings = np.asarray(data.columns["embeddings"])
     assert np.allclose(data.columns["dba"], dba(embeddings, 3), atol=1e-6)
     hits = Searcher(data).search(embeddings[4], parse_policy(data.manifest.default_policy), 3)
-    assert hits.rows[0] == 4
+    # Ranked as the stored DBA vectors rank the expanded query (mutual neighbours share one DBA vector and tie).
+    augmented = dba(embeddings, 3)
+    first = augmented @ embeddings[4]
+    best = np.argsort(-first, kind="stable")[:2]
+    expected = augmented @ alpha_qe(embeddings[4], augmented[best], first[best], 1.0, 2)
+    assert np.allclose(hits.rank_scores, np.sort(expected)[::-1][:3], atol=1e-5)
+    assert np.allclose(hits.rank_scores, expected[hits.rows], atol=1e-5) and 4 in hits.rows
 
 
 def test_empty_columns_have_no_dba():
