@@ -16,6 +16,7 @@ from cache.policies import parse_policy
 from cache.search import WHOLE_GALLERY, ExactIndex, IVFIndex, Searcher
 from cache.store import CacheData, load_cache
 from pipeline.evaluation.speed import make_synthetic_cache, synthetic
+from pipeline.evaluation.speed.report import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("forward_images_per_s", "build_images_per_s", "naive_images_per_s", "build_vs_forward", "build_vs_naive",
@@ -58,6 +59,13 @@ def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
     assert {"top1", "topk:3", "flat"} <= set(searched) and searched["flat_index"] == "ExactIndex"
     camera = report["camera"]
     assert camera["images"] == 3 and camera["local"]["camera"]["images"] == camera["local"]["small"]["images"] == 3
+    # the CPU budget names the limit: the forward's and the decoding's core time, and the rate they allow
+    budget = report["cpu_budget"]
+    assert budget["forward_core_ms"] > 0 and budget["preprocess_core_ms"] > 0
+    assert 0 < budget["embed_bound_vs_forward"] < 1
+    decoding = camera["cpu_budget"]["preprocess_core_ms"]
+    assert decoding["camera"] > decoding["small"] and 0 < camera["cpu_budget"]["camera_vs_small_bound"] < 1
+    assert "CPU budget" in format_report(report, "speed")
 
 
 def test_exact_scan_in_slices_matches_brute_force(monkeypatch):

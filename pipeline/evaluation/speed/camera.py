@@ -34,10 +34,21 @@ def build_figures(gallery: Path, cache: Path, config, pipeline, engine=None) -> 
             "embed_images_per_s": summary.embedded / summary.phases["embed"]}
 
 
-def camera_figures(root: Path, relpaths: list[str], config, pipeline, engines: dict, folder: Path) -> dict:
-    """Build images/s of camera photos against the same photos at their own size, for each engine."""
+def camera_figures(root: Path, relpaths: list[str], config, pipeline, engines: dict, folder: Path,
+                   budget: dict | None = None) -> dict:
+    """Build images/s of camera photos against the same photos at their own size, for each engine; on a CPU
+    (`budget`: cpu_budget of the small photos) also each kind's preprocessing core-ms and the ratio the CPU allows."""
+    from pipeline.evaluation.speed.measure import preprocess_core_ms
+
     small, camera = camera_galleries(root, relpaths, folder)
     figures = {"images": len(relpaths), "size": list(CAMERA_SIZE)}
+    if budget:
+        sample = [str(Path(rel).with_suffix(".jpg")) for rel in relpaths[:30]]
+        costs = {"small": preprocess_core_ms(pipeline, small, relpaths[:30]),
+                 "camera": preprocess_core_ms(pipeline, camera, sample)}
+        forward = budget["forward_core_ms"]
+        figures["cpu_budget"] = {"preprocess_core_ms": costs,
+                                 "camera_vs_small_bound": (forward + costs["small"]) / (forward + costs["camera"])}
     for name, engine in engines.items():
         built = {kind: build_figures(gallery, folder / f"cache-{name}-{kind}", config, pipeline, engine)
                  for kind, gallery in (("small", small), ("camera", camera))}

@@ -71,6 +71,34 @@ def forward_ceilings(pipeline, image, batch_size: int, seconds: float = 4.0) -> 
             "batch1_ms_sum": sum(m["batch1_ms_p50"] for m in models.values())}
 
 
+def preprocess_core_ms(pipeline, root: Path, paths: list[str]) -> float:
+    """Milliseconds of one core to decode and preprocess one image as the build's loader threads do (mean over
+    `paths` after one warm-up, thread CPU time)."""
+    import torch
+
+    from pipeline.pipeline import load_item
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the loader threads
+    try:
+        load_item(paths[0], root, pipeline.decode_side, pipeline.transforms)
+        started = time.thread_time()
+        for path in paths:
+            load_item(path, root, pipeline.decode_side, pipeline.transforms)
+        return (time.thread_time() - started) * 1000 / len(paths)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_budget(forward_images_per_s: float, preprocess_ms: float, cores: int) -> dict:
+    """Where a CPU build's time goes when every core is busy: the forward's core-ms per image (its threads use
+    every core), the preprocessing's, and the embedding rate the two allow together against the forward-only
+    ceiling (the decoding threads share the cores the forward would use)."""
+    forward_ms = cores * 1000 / forward_images_per_s
+    return {"cores": cores, "forward_core_ms": forward_ms, "preprocess_core_ms": preprocess_ms,
+            "embed_bound_vs_forward": forward_ms / (forward_ms + preprocess_ms)}
+
+
 def naive_embedder(pipeline):
     """One image at a time, as the reference notebooks: fresh fp32 NCHW copies of the models, no_grad."""
     import torch

@@ -38,6 +38,11 @@ def format_report(report: dict, command: str) -> str:
         f"({report['forward']['batch1_ms_sum']:.1f} ms) |",
         f"| query cold (new `cli.py query` process, median of {q['cold_runs']}) | {q['cold_s']:.2f} s |",
     ]
+    if "cpu_budget" in report:
+        b = report["cpu_budget"]
+        lines.append(f"| CPU budget ({b['cores']} cores busy: the forward's threads and the decoding threads share them) | "
+                     f"forward {b['forward_core_ms']:.1f} core-ms per image, decode + preprocess "
+                     f"{b['preprocess_core_ms']:.1f}: embedding at most {b['embed_bound_vs_forward']:.2f} x forward-only |")
     if "engine_build" in report:
         e = report["engine_build"]
         lines.append(f"| build-cache --engine {e['engine']} ({e['images']} images, {e['seconds']:.1f} s) | "
@@ -48,6 +53,11 @@ def format_report(report: dict, command: str) -> str:
                          f"{'x'.join(map(str, report['camera']['size']))} vs the same photos as they are) | "
                          f"{figures['camera']['images_per_s']:.1f} vs {figures['small']['images_per_s']:.1f} images/s "
                          f"= {figures['camera_vs_small']:.2f} x |")
+    if "cpu_budget" in report.get("camera", {}):
+        c = report["camera"]["cpu_budget"]
+        lines.append(f"| camera photos, CPU budget (decode + preprocess, one core) | {c['preprocess_core_ms']['camera']:.1f} "
+                     f"vs {c['preprocess_core_ms']['small']:.1f} core-ms per image: camera photos at most "
+                     f"{c['camera_vs_small_bound']:.2f} x small photos |")
     if "reference_s_mean" in q:
         lines.append(f"| reference query (embed the predicted class's {q['reference_bucket_images_mean']:.0f} "
                      f"gallery images at query time, mean of {q['reference_queries']}) | {q['reference_s_mean']:.2f} s |")

@@ -1,6 +1,7 @@
 """run_speed: every figure of one configuration, in order, into one report."""
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -9,7 +10,14 @@ from models.errors import UserError
 from pipeline.evaluation.environment import environment
 from pipeline.evaluation.speed.camera import build_figures, camera_figures
 from pipeline.evaluation.speed.children import run_child
-from pipeline.evaluation.speed.measure import agreement, forward_ceilings, naive_embedder, query_latency
+from pipeline.evaluation.speed.measure import (
+    agreement,
+    cpu_budget,
+    forward_ceilings,
+    naive_embedder,
+    preprocess_core_ms,
+    query_latency,
+)
 from pipeline.evaluation.speed.synthetic import search_sizes_benchmark
 
 
@@ -23,6 +31,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     from pipeline.gallery import scan_gallery
     from pipeline.images import load_image
     from pipeline.pipeline import build_pipeline
+    from models.runtime import resolve_device
 
     echo = echo or (lambda line: None)
     root = resolve_data(gallery)
@@ -36,6 +45,14 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     forward = forward_ceilings(pipeline, load_image(root / entries[0].relpath), config.batch_size, forward_seconds)
     report["forward"] = forward
     echo(f"forward-only: {forward['images_per_s']:.1f} images/s")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    budget_sample = [e.relpath for e in entries[::max(1, len(entries) // 100)]][:100]
+    if resolve_device(config.device).type == "cpu":  # on a GPU the forward does not use the cores the decoding needs
+        report["cpu_budget"] = cpu_budget(forward["images_per_s"], preprocess_core_ms(pipeline, root, budget_sample),
+                                          cores)
+        echo(f"CPU budget: forward {report['cpu_budget']['forward_core_ms']:.1f} core-ms per image, preprocessing "
+             f"{report['cpu_budget']['preprocess_core_ms']:.1f}: embedding at most "
+             f"{report['cpu_budget']['embed_bound_vs_forward']:.2f} x forward-only")
     engines = {"local": None}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cache = Path(tmp) / "cache"
@@ -66,7 +83,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
         if camera_images:
             step = max(1, len(entries) // camera_images)
             report["camera"] = camera_figures(root, [e.relpath for e in entries[::step]][:camera_images], config,
-                                              pipeline, engines, Path(tmp) / "camera")
+                                              pipeline, engines, Path(tmp) / "camera", report.get("cpu_budget"))
             echo("camera photos: " + ", ".join(f"{name} {figures['camera_vs_small']:.2f} x small photos"
                                                for name, figures in report["camera"].items() if name in engines))
     build, naive, query = report["build"], report["naive"], report["query"]
