@@ -26,12 +26,12 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
               forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None, engine: str = "local",
               ray_address: str | None = None, camera_images: int = 100) -> dict:
     """All the figures for one configuration; `echo` gets a line per finished step."""
+    from models.runtime import resolve_device
     from pipeline.datasets import resolve_data
     from pipeline.engines import create_engine
     from pipeline.gallery import scan_gallery
     from pipeline.images import load_image
     from pipeline.pipeline import build_pipeline
-    from models.runtime import resolve_device
 
     echo = echo or (lambda line: None)
     root = resolve_data(gallery)
