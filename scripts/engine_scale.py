@@ -1,0 +1,49 @@
+"""Local against Ray engine on one gallery, end to end and embedding phase alone, each from a fresh cache:
+how Ray's fixed start-up (worker processes, each actor loading its models) amortises as the gallery grows.
+
+    HF_HUB_OFFLINE=1 LOOKALIKE_WEIGHTS=../shared/weights python scripts/engine_scale.py \
+        ../shared/data/tiny-imagenet-20.zip --classifier mobilenetv2 --embedder mobilenetv2 --runtime onnx
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@click.command()
+@click.argument("gallery")
+@click.option("--classifier", default="mobilenetv2")
+@click.option("--embedder", default="mobilenetv2")
+@click.option("--runtime", default="onnx")
+def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
+    from pipeline.build import build_cache
+    from pipeline.config import PipelineConfig
+    from pipeline.datasets import resolve_data
+    from pipeline.engines import create_engine
+    from pipeline.pipeline import build_pipeline
+
+    root = resolve_data(gallery)
+    config = PipelineConfig(classifier=classifier, embedder=embedder, device="cpu", runtime=runtime)
+    pipeline = build_pipeline(config)
+    ray_engine = create_engine("ray", config, None, pipeline)
+    ray_engine.connect()  # Ray itself starts before the clock, as in `speed --engine ray`
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, engine in (("local", None), ("ray", ray_engine)):
+            summary = build_cache(root, Path(tmp) / name, config, progress=False, pipeline=pipeline, engine=engine)
+            figures[name] = {"images": summary.embedded, "seconds": summary.seconds,
+                             "images_per_s": summary.images_per_s, "phases_s": summary.phases,
+                             "embed_images_per_s": summary.embedded / summary.phases["embed"]}
+    figures["ray_vs_local"] = figures["ray"]["images_per_s"] / figures["local"]["images_per_s"]
+    figures["ray_vs_local_embed"] = figures["ray"]["embed_images_per_s"] / figures["local"]["embed_images_per_s"]
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
