@@ -20,8 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @click.argument("gallery")
 @click.option("--classifier", default="mobilenetv2")
 @click.option("--embedder", default="mobilenetv2")
-@click.option("--runtime", default="onnx")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="onnx")
 def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
+    from models.errors import UserError, one_line
+
+    try:
+        print(json.dumps(compare(gallery, classifier, embedder, runtime), indent=1))
+    except (UserError, OSError) as err:  # a bad gallery or model name: one line, exit 1
+        raise click.ClickException(one_line(err)) from None
+
+
+def compare(gallery: str, classifier: str, embedder: str, runtime: str) -> dict:
+    """Figures of one local and one Ray build of `gallery`, each into a fresh cache."""
     from pipeline.build import build_cache
     from pipeline.config import PipelineConfig
     from pipeline.datasets import resolve_data
@@ -42,7 +52,7 @@ def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
                              "embed_images_per_s": summary.embedded / summary.phases["embed"]}
     figures["ray_vs_local"] = figures["ray"]["images_per_s"] / figures["local"]["images_per_s"]
     figures["ray_vs_local_embed"] = figures["ray"]["embed_images_per_s"] / figures["local"]["embed_images_per_s"]
-    print(json.dumps(figures, indent=1))
+    return figures
 
 
 if __name__ == "__main__":

@@ -100,3 +100,14 @@ def test_a_bug_is_one_line_naming_its_traceback_file_and_debug_shows_it(monkeypa
     assert "Traceback (most recent call last)" in written.read_text() and "broken" in written.read_text()
     debug = CliRunner().invoke(cli, ["--debug", "query", "x.jpg", "--cache", str(tmp_path)])
     assert isinstance(debug.exception, RuntimeError)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["/nonexistent/gallery"], "Error: FileNotFoundError: /nonexistent/gallery: data folder or zip does not exist"),
+    ([".", "--runtime", "fast"], "Error: Invalid value for '--runtime': 'fast' is not one of 'torch', 'onnx'."),
+])
+def test_engine_scale_script_refuses_bad_arguments_in_one_line(arguments, message):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "engine_scale.py"), *arguments],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message  # click's usage lines may come first
