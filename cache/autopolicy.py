@@ -12,7 +12,6 @@ tiny-imagenet-20 (mobilenetv2, no crop) this rule kept flat search's P@1 and MAP
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score
 from cache.policies import FLAT, BucketPolicy
 from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest_others
 from cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
+from models.machine import usable_cpus
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
 # gallery soft buckets M (at most the classes stored per image) and fused weights W.
@@ -37,7 +37,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
-WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+WORKERS = usable_cpus()  # validation threads
 
 
 @dataclass(frozen=True)

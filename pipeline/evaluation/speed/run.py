@@ -1,7 +1,6 @@
 """run_speed: every figure of one configuration, in order, into one report."""
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
               forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None, engine: str = "local",
               ray_address: str | None = None, camera_images: int = 100) -> dict:
     """All the figures for one configuration; `echo` gets a line per finished step."""
+    from models.machine import usable_cpus
     from models.runtime import resolve_device
     from pipeline.datasets import resolve_data
     from pipeline.engines import create_engine
@@ -45,11 +45,10 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
     forward = forward_ceilings(pipeline, load_image(root / entries[0].relpath), config.batch_size, forward_seconds)
     report["forward"] = forward
     echo(f"forward-only: {forward['images_per_s']:.1f} images/s")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     budget_sample = [e.relpath for e in entries[::max(1, len(entries) // 100)]][:100]
     if resolve_device(config.device).type == "cpu":  # on a GPU the forward does not use the cores the decoding needs
         report["cpu_budget"] = cpu_budget(forward["images_per_s"], preprocess_core_ms(pipeline, root, budget_sample),
-                                          cores)
+                                          usable_cpus())
         echo(f"CPU budget: forward {report['cpu_budget']['forward_core_ms']:.1f} core-ms per image, preprocessing "
              f"{report['cpu_budget']['preprocess_core_ms']:.1f}: embedding at most "
              f"{report['cpu_budget']['embed_bound_vs_forward']:.2f} x forward-only")
