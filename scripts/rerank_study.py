@@ -20,16 +20,19 @@ import numpy as np
 from cache.autopolicy import Score, choose_policy, not_worse, validation_split
 from cache.metrics import map_at_r, precision_at_k, rank_by_score
 from cache.policies import BucketPolicy
-from cache.rerank import LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
-from cache.search import class_agreement
-from cache.store import load_cache, select_rows
+from cache.buckets import class_agreement
+from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
+from cache.store import COLUMNS, load_cache
 from pipeline.datasets import load_labelled, split_queries
 
 DBA = ((1, 0.0), (2, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
 QE = ((0, 0.0), (2, 1.0), (3, 1.0), (5, 1.0), (5, 3.0), (10, 1.0), (10, 3.0))  # (k, alpha); k 0: no expansion
-POOL = 100  # candidates k-reciprocal re-ranking rescores
 K_RECIPROCAL = ((5, 2), (10, 4), (20, 6))  # (k1, k2), lambda 0.3
-POOL_OFFSET = 10.0  # pool rows sort above every other row (scores are within [-1, 1] + W)
+
+
+def select_rows(columns: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The given rows of every cache column, in memory."""
+    return {name: np.asarray(columns[name][rows]) for name in COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Setting:
         self.weight = policy.weight or 0.0
         g_classes, g_probs = np.asarray(gallery["classes"]), np.asarray(gallery["probs"])
         q_classes, q_probs = np.asarray(queries["classes"]), np.asarray(queries["probs"])
-        self.agreement = np.stack([class_agreement(c, p, g_classes, g_probs) for c, p in zip(q_classes, q_probs)])
+        self.agreement = class_agreement(q_classes, q_probs, g_classes, g_probs)
         if policy.uses_buckets:  # a gallery row is a candidate when one of its top M classes is among the query's
             used = np.broadcast_to(policy.classes_used(q_probs), len(q_classes))
             members = g_classes[:, :policy.gallery_classes]
