@@ -70,6 +70,17 @@ def test_upload_answers_as_query_json(client, cache, buckets):
     assert [r["thumbnail"] for r in answer["results"]] == [f"/api/thumbnails/{r['row']}" for r in expected["results"]]
 
 
+def test_a_camera_size_jpeg_upload_is_decoded_as_query_decodes_it(client, cache, tmp_path):
+    """A big JPEG is drafted to the pipeline's decode size by `query`; an upload must be decoded the same way."""
+    photo = tmp_path / "big.jpg"
+    with Image.open(cache.parent / "gallery" / "blue_squares" / "4.png") as image:
+        image.convert("RGB").resize((1600, 1200), Image.BICUBIC).save(photo, quality=50)  # under UPLOAD_LIMIT
+    [expected] = cli_json(str(photo), "--cache", str(cache))
+    response = client.post("/api/query", files={"file": ("big.jpg", photo.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    assert top(response.json()) == top(expected)
+
+
 def test_row_query_answers_as_query_json_on_that_gallery_image(client, cache):
     """The stored embedding answers as the image file does. A fixed policy: the cache's `auto` may re-rank, and on
     random tiny-model vectors (all at cosine ~0.99) its order flips on the last float bits (stored from a batch of

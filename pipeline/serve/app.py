@@ -129,7 +129,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             handle.write(data)
             handle.flush()
             try:
-                image = load_image(handle.name, max_pixels=MAX_UPLOAD_PIXELS)
+                image = load_image(handle.name, session.pipeline.decode_side, max_pixels=MAX_UPLOAD_PIXELS)
             except NotAnImage as err:
                 raise ApiError(415, f"{name}: {err.reason}") from None
             except ImageLoadError as err:
