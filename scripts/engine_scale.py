@@ -32,10 +32,10 @@ def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
 
 def compare(gallery: str, classifier: str, embedder: str, runtime: str) -> dict:
     """Figures of one local and one Ray build of `gallery`, each into a fresh cache."""
-    from pipeline.build import build_cache
     from pipeline.config import PipelineConfig
     from pipeline.datasets import resolve_data
     from pipeline.engines import create_engine
+    from pipeline.evaluation.speed.camera import build_figures
     from pipeline.pipeline import build_pipeline
 
     root = resolve_data(gallery)
@@ -46,10 +46,7 @@ def compare(gallery: str, classifier: str, embedder: str, runtime: str) -> dict:
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, engine in (("local", None), ("ray", ray_engine)):
-            summary = build_cache(root, Path(tmp) / name, config, progress=False, pipeline=pipeline, engine=engine)
-            figures[name] = {"images": summary.embedded, "seconds": summary.seconds,
-                             "images_per_s": summary.images_per_s, "phases_s": summary.phases,
-                             "embed_images_per_s": summary.embedded / summary.phases["embed"]}
+            figures[name] = build_figures(root, Path(tmp) / name, config, pipeline, engine)
     figures["ray_vs_local"] = figures["ray"]["images_per_s"] / figures["local"]["images_per_s"]
     figures["ray_vs_local_embed"] = figures["ray"]["embed_images_per_s"] / figures["local"]["embed_images_per_s"]
     return figures
