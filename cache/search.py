@@ -1,7 +1,6 @@
 """Searching a cache under a bucket policy: exact per-bucket search over memory-mapped rows, IVF above a measured size."""
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from cache.policies import BucketPolicy
 from cache.store import DBA_COLUMN, CacheData, release_pages
 from models.errors import UserError
+from models.files import atomic_write
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
 
@@ -176,14 +176,12 @@ class Searcher:
         release_pages(self.embeddings)
         index.nbytes = len(rows) * self.embeddings.shape[1] * 4
         if path is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             try:
-                faiss.write_index(index.index, str(tmp))
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp: faiss.write_index(index.index, str(tmp)))
                 index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
                 index.saved = True
             except (OSError, RuntimeError):
-                tmp.unlink(missing_ok=True)  # a read-only cache: keep the index in memory
+                pass  # a read-only cache: keep the index in memory
         return index
 
     def _index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
