@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from models.errors import UserError
+from models.files import user_cache_dir
 
 # Heavy imports (torch, timm, faiss, ultralytics) happen inside the commands: --help stays instant.
 
@@ -24,7 +25,7 @@ USER_ERRORS = (UserError, OSError)
 
 def _traceback_file() -> Path:
     """Where an unexpected error's full traceback is written (the user cache directory, else the temp folder)."""
-    folder = Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike")) / "errors"
+    folder = user_cache_dir() / "errors"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:

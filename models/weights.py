@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from models.errors import UserError
+from models.errors import UserError, one_line
 from models.files import sha256_of, user_cache_dir, write_text_atomic
 from models.registry import RANDOM, ModelSpec
 
@@ -63,7 +63,7 @@ def load_with_fallback(spec: ModelSpec, from_file: Callable[[Path], T], from_hub
         hint = (f"put {spec.weight_file} in $LOOKALIKE_WEIGHTS or " if spec.weight_file else "")
         raise WeightsUnavailable(
             f"cannot load {spec.library} model '{spec.name}': tried {'; '.join(places_tried(spec))}"
-            f" -> {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f" -> {one_line(err)}. "
             f"To fix: {hint}append @/path/to/weights to the model name"
         ) from err
 
