@@ -21,12 +21,9 @@ from pipeline.items import Item, Result
 
 
 class Stage(ABC):
-    """One job over a batch of items. `prepare` is per-image CPU work that may run in loader threads."""
+    """One job over a batch of items."""
 
     name: str
-
-    def prepare(self, item: Item) -> None:
-        """Per-image preprocessing; stages without any leave this as is."""
 
     @abstractmethod
     def __call__(self, items: list[Item]) -> list[Item]: ...
@@ -45,6 +42,8 @@ class TensorStage(Stage):
         self.pool = pool
 
     def prepare(self, item: Item) -> None:
+        """This stage's input from the item's image (the loader threads make it ahead, from Pipeline.transforms;
+        here when a crop made theirs stale)."""
         item.inputs[self.name] = self.transform(item.image)
 
     def _prepare_or_skip(self, item: Item) -> None:
