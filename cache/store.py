@@ -106,6 +106,7 @@ class CacheData:
     root: Path
     manifest: Manifest
     columns: dict[str, np.ndarray]
+    generation: Path | None = None  # the generation folder these rows were read from (None: held in memory)
 
     def __len__(self) -> int:
         return len(self.columns["paths"])
@@ -175,7 +176,7 @@ def _load_generation(root: Path, generation: Path, mmap_mode: str | None) -> Cac
         except ValueError as err:  # object arrays (pickles) and malformed headers
             raise CacheError(f"{where}: column {name} is unreadable ({err})") from None
     _check_columns(where, manifest, columns)
-    return CacheData(root, manifest, columns)
+    return CacheData(root, manifest, columns, generation)
 
 
 def load_cache(root: str | Path, mmap: bool = True, attempts: int = 5) -> CacheData:

@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from cache.store import current_generation
 from pipeline.images import ImageLoadError, NotAnImage, load_image
 from pipeline.items import Item
 from pipeline.query import answer_json
@@ -48,10 +47,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status)
 
 
-def _thumbnail_folder(cache_root: Path) -> Path:
-    """Beside the cache generation (rows are per generation, and go with it); a temporary folder when the
+def _thumbnail_folder(generation: Path) -> Path:
+    """Beside the loaded cache generation (rows are per generation, and go with it); a temporary folder when the
     cache is read-only."""
-    folder = current_generation(cache_root) / "thumbnails"
+    folder = generation / "thumbnails"
     try:
         folder.mkdir(exist_ok=True)
         if os.access(folder, os.W_OK):
@@ -86,7 +85,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
     """An app answering queries on `cache_dir`; the pipeline is loaded here, once."""
     session = QuerySession(cache_dir, overrides)
     thumbnails = Thumbnails(session.gallery_root, session.data.columns["paths"],
-                            _thumbnail_folder(session.data.root))
+                            _thumbnail_folder(session.data.generation))
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.session = session
