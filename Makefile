@@ -10,11 +10,13 @@ export LOOKALIKE_WEIGHTS ?= $(SHARED)/weights
 .PHONY: setup demo test clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Every extra, with the tested torch/torchvision pair (constraints.txt).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,onnx,serve,ray]'
-	$(PY) -c "import torchvision.ops, timm, open_clip, faiss, ultralytics, onnxruntime, fastapi, uvicorn, ray.data"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,onnx,serve,ray,crop,eval,train]'
+	$(PY) -c "import torchvision.ops, timm, open_clip, faiss, ultralytics, onnxruntime, fastapi, uvicorn, ray.data, \
+		matplotlib, sklearn, pytorch_metric_learning"
 	touch $@
 
 demo: setup

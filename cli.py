@@ -12,10 +12,20 @@ import time
 import traceback
 from pathlib import Path
 
+if __name__ == "__main__" and "lookalike" not in sys.modules:
+    # `python cli.py` in a checkout: this folder is the package `lookalike`, whatever copy is installed elsewhere.
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("lookalike", Path(__file__).with_name("__init__.py"),
+                                                   submodule_search_locations=[str(Path(__file__).parent)])
+    sys.modules["lookalike"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["lookalike"])
+
 import click
 
-from models.errors import UserError
-from models.files import user_cache_dir
+from lookalike import __version__
+from lookalike.models.errors import UserError
+from lookalike.models.files import user_cache_dir
 
 # Heavy imports (torch, timm, faiss, ultralytics) happen inside the commands: --help stays instant.
 
@@ -63,7 +73,7 @@ def one_line_errors(command):
 
 def pipeline_options(defaults: bool):
     """Options shared by build-cache and benchmark-like commands; query leaves them unset (cache decides)."""
-    from pipeline.config import PipelineConfig
+    from lookalike.pipeline.config import PipelineConfig
 
     base = PipelineConfig()
 
@@ -136,6 +146,7 @@ class DropErrorRecords(logging.Filter):
 
 
 @click.group(cls=OneLineGroup)
+@click.version_option(__version__, prog_name="lookalike")
 @click.option("--debug", is_flag=True, help="show the full traceback of an unexpected error")
 def cli(debug):
     """lookalike: find the five most similar images in a gallery."""
@@ -155,28 +166,26 @@ def cli(debug):
 @one_line_errors
 def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, ray_address, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
-    from pipeline.build import build_cache
-    from pipeline.config import PipelineConfig
-    from pipeline.engines import create_engine
+    import lookalike
+    from lookalike.pipeline.build import progress_bar
 
-    config = PipelineConfig(**options)
-    summary = build_cache(gallery, out, config, labels_file, bucket_by, rebuild,
-                          engine=create_engine(engine, config, ray_address))
-    for skipped in summary.skipped:
+    report = lookalike.build(gallery, out, labels=labels_file, bucket_by=bucket_by, rebuild=rebuild, engine=engine,
+                             ray_address=ray_address, progress=progress_bar(), **options)
+    for skipped in report.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
-    click.echo(summary.line())
+    click.echo(report.line())
 
 
-def _print_table(item, gallery_root: Path, buckets: str) -> None:
-    predicted = ", ".join(f"{p['name']} {p['prob']:.2f}" for p in item.predicted(3))
-    click.echo(f"\n{item.path}" + (f"  [predicted: {predicted}]" if predicted else ""))
-    click.echo(f"  buckets {buckets}: {item.candidates} gallery images compared")
-    if item.note:
-        click.echo(f"  note: {item.note}")
-    ranked = any(r.rank_score is not None for r in item.results)  # fused: ranked by more than the cosine
+def _print_table(answer) -> None:
+    predicted = ", ".join(f"{p.name} {p.prob:.2f}" for p in answer.predicted[:3])
+    click.echo(f"\n{answer.query}" + (f"  [predicted: {predicted}]" if predicted else ""))
+    click.echo(f"  buckets {answer.policy}: {answer.candidates} gallery images compared")
+    if answer.note:
+        click.echo(f"  note: {answer.note}")
+    ranked = any(r.rank_score is not None for r in answer.results)  # fused: ranked by more than the cosine
     click.echo(f"  {'rank':>4}  {'cosine':>6}" + (f"  {'ranked by':>9}" if ranked else "")
-               + f"  {'label':<16} {'bucket':<18} path (under {gallery_root})")
-    for r in item.results:
+               + f"  {'label':<16} {'bucket':<18} path (under {answer.gallery_root})")
+    for r in answer.results:
         rank_score = f"  {r.rank_score:9.3f}" if ranked else ""
         click.echo(f"  {r.rank:>4}  {r.score:6.3f}{rank_score}  {(r.label or '-')[:16]:<16} "
                    f"{(r.bucket or '-')[:18]:<18} {r.path}")
@@ -195,8 +204,8 @@ def _print_table(item, gallery_root: Path, buckets: str) -> None:
 @one_line_errors
 def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
     """Find the k most similar gallery images for each query image (or text, with a CLIP cache)."""
-    from pipeline.query import answer_json, open_query_pipeline
-    from pipeline.sheets import Tile, contact_sheet
+    import lookalike
+    from lookalike.pipeline.sheets import Tile, contact_sheet
 
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
@@ -204,30 +213,25 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
         raise UserError("give query images or --text, not both and not neither")
     if texts and sheet:
         raise UserError("--sheet shows query images; it cannot be used with --text")
-    overrides = dict(options, buckets=buckets, k=k)
+    index = lookalike.open(cache_dir, **options)
     if texts:
-        from pipeline.session import QuerySession
-
-        session = QuerySession(cache_dir, overrides)
-        items, used = session.texts(list(texts), k)
-        root = session.gallery_root
+        answers = index.query_text(list(texts), k)
     else:
-        pipeline, config = open_query_pipeline(cache_dir, overrides)
-        root, used = pipeline.stage("retrieve").searcher.data.gallery_root, config.buckets
-        items = list(pipeline.run(list(images)))
-    failed = [item for item in items if item.error]
-    for item in failed:
-        click.echo(f"error: {item.path}: {item.error}", err=True)
-    done = [item for item in items if not item.error]
+        answers = index.query(list(images), k, buckets)
+    failed = [answer for answer in answers if answer.error]
+    for answer in failed:
+        click.echo(f"error: {answer.query}: {answer.error}", err=True)
+    done = [answer for answer in answers if not answer.error]
     if as_json:
-        click.echo(json.dumps([answer_json(item, root, used) for item in done], indent=1))
+        click.echo(json.dumps([answer.to_json() for answer in done], indent=1))
     else:
-        for item in done:
-            _print_table(item, root, used)
+        for answer in done:
+            _print_table(answer)
     if sheet and done:
-        rows = [[Tile(item.path, "query\n" + (item.class_names[0] if item.class_names else ""))]
-                + [Tile(root / r.path, f"{r.rank}. {r.score:.3f}\n{r.label or r.bucket or ''}") for r in item.results]
-                for item in done]
+        rows = [[Tile(answer.query, "query\n" + (answer.predicted[0].name if answer.predicted else ""))]
+                + [Tile(answer.gallery_root / r.path, f"{r.rank}. {r.score:.3f}\n{r.label or r.bucket or ''}")
+                   for r in answer.results]
+                for answer in done]
         click.echo(f"contact sheet: {contact_sheet(rows, sheet)}", err=True)
     if failed:
         sys.exit(1)
@@ -246,12 +250,12 @@ def serve(cache_dir, host, port, device, runtime):
     try:
         import uvicorn
 
-        from pipeline.serve.app import create_app
+        from lookalike.pipeline.serve.app import create_app
     except ImportError as err:
         raise UserError(f"serve needs the 'serve' extra ({err.name} is missing): "
                          "pip install -e '.[serve]'") from None
     app = create_app(cache_dir, {"device": device, "runtime": runtime})
-    click.echo(f"lookalike: {len(app.state.session)} gallery images; open http://{host}:{port}/", err=True)
+    click.echo(f"lookalike: {len(app.state.index)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -264,9 +268,10 @@ def serve(cache_dir, host, port, device, runtime):
 @one_line_errors
 def duplicates(cache_dir, threshold, as_json, sheet):
     """Find groups of near-duplicate images (re-encodes, resizes, crops, small edits) in a cache."""
-    from pipeline.duplicates import cache_duplicates, duplicate_sheet
+    import lookalike
+    from lookalike.pipeline.duplicates import duplicate_sheet
 
-    report = cache_duplicates(cache_dir, threshold)
+    report = lookalike.open(cache_dir).duplicates(threshold)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -309,7 +314,7 @@ def _split(text: str | None) -> list[str] | None:
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
               buckets, crop, grid_file, device, out, engine, ray_address):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
-    from pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
+    from lookalike.pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
 
     lists = {"classifier": _split(classifier), "embedder": _split(embedder), "buckets": _split(buckets),
              "crop": _split(crop)}
@@ -318,7 +323,7 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
                            device, engine=engine, ray_address=ray_address)
-    from pipeline.evaluation.reports import markdown_table
+    from lookalike.pipeline.evaluation.reports import markdown_table
 
     click.echo(markdown_table(report))
     click.echo(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.json'}, pictures in {out}")
@@ -328,7 +333,7 @@ def train_options(command):
     """The training options, with TrainConfig's defaults (pipeline.training.config imports no torch)."""
     from dataclasses import fields
 
-    from pipeline.training.config import AUGMENTS, LOSSES, MINERS, TrainConfig
+    from lookalike.pipeline.training.config import AUGMENTS, LOSSES, MINERS, TrainConfig
 
     default = {f.name: f.default for f in fields(TrainConfig)}
     options = [
@@ -378,8 +383,8 @@ def train(resume, **options):
     """Fine-tune an embedder (contrastive or triplet loss); use it with --embedder ckpt:RUN_DIR."""
     from click.core import ParameterSource
 
-    from pipeline.training.config import TrainConfig, parse_size
-    from pipeline.training.loop import train as run_training
+    from lookalike.pipeline.training.config import TrainConfig, parse_size
+    from lookalike.pipeline.training.loop import train as run_training
 
     options["image_size"] = parse_size(options["image_size"])
     echo = functools.partial(click.echo, err=True)
@@ -415,8 +420,8 @@ def train(resume, **options):
 def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forward_seconds, camera_images, engine,
           ray_address, **options):
     """Measure forward-only, build-cache, naive build, query and search speed on this machine."""
-    from pipeline.config import PipelineConfig
-    from pipeline.evaluation.speed import format_report, run_speed
+    from lookalike.pipeline.config import PipelineConfig
+    from lookalike.pipeline.evaluation.speed import format_report, run_speed
 
     sizes = tuple(int(n) for n in _split(search_sizes) or [] if n != "none")
     echo = functools.partial(click.echo, err=True)
@@ -429,5 +434,10 @@ def speed(gallery, as_json, queries, naive_images, cold_runs, search_sizes, forw
         click.echo(format_report(report, " ".join(["python", "cli.py", *sys.argv[1:]])))
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `lookalike` console script and `python cli.py`."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

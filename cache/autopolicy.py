@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cache.buckets import class_agreement
-from cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
-from cache.policies import FLAT, BucketPolicy
-from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest_others
-from cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
-from models.machine import usable_cpus
+from lookalike.cache.buckets import class_agreement
+from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
+from lookalike.cache.policies import FLAT, BucketPolicy
+from lookalike.cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest_others
+from lookalike.cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
+from lookalike.models.machine import usable_cpus
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
 # gallery soft buckets M (at most the classes stored per image) and fused weights W.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.rerank import nearest_others
+from lookalike.cache.rerank import nearest_others
 
 LOCAL_K = 5  # neighbours that set an image's usual similarity (best of 3/5/10/20 on the tuning set)
 QUERY_CHUNK = 4096  # rows range-searched at once (bounds the result buffers)

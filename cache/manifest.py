@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from models.errors import UserError
+from lookalike.models.errors import UserError
 
 FORMAT_VERSION = 2  # 2: rows grouped by top-1 bucket; 1 (gallery order) is still read
 READABLE_VERSIONS = (1, 2)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.errors import UserError
+from lookalike.models.errors import UserError
 
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[0-9.]+))?)?"
                       r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?"

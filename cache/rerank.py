@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.metrics import rank_by_score
+from lookalike.cache.metrics import rank_by_score
 
 POOL = 100  # k-reciprocal re-ranks a query's best this many rows (faces MAP@R 0.745/0.771/0.780 at 20/50/100)
 POOL_OFFSET = 10.0  # re-ranked pool scores are lifted above every row outside the pool, which keep their order

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import rerank
-from cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
-from cache.policies import BucketPolicy
-from cache.store import DBA_COLUMN, CacheData, release_pages
-from models.errors import UserError
-from models.files import atomic_write
+from lookalike.cache import rerank
+from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
+from lookalike.cache.policies import BucketPolicy
+from lookalike.cache.store import DBA_COLUMN, CacheData, release_pages
+from lookalike.models.errors import UserError
+from lookalike.models.files import atomic_write
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.buckets import grouped_order
-from cache.manifest import CacheError, Manifest
-from models.files import atomic_write, fsync_dir, write_text_atomic
+from lookalike.cache.buckets import grouped_order
+from lookalike.cache.manifest import CacheError, Manifest
+from lookalike.models.files import atomic_write, fsync_dir, write_text_atomic
 
 # Per-image columns; every one has the image count as its first dimension.
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.

@@ -1,5 +1,5 @@
 """Model registry and factories: classifiers (timm), embedders (open_clip, timm, checkpoints), detectors (YOLO)."""
-from models.registry import NO_CLASSIFIER, PRESETS, RANDOM, ModelSpec, resolve_spec
-from models.weights import WeightsUnavailable
+from lookalike.models.registry import NO_CLASSIFIER, PRESETS, RANDOM, ModelSpec, resolve_spec
+from lookalike.models.weights import WeightsUnavailable
 
 __all__ = ["NO_CLASSIFIER", "PRESETS", "RANDOM", "ModelSpec", "WeightsUnavailable", "resolve_spec"]

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.registry import ModelSpec
-from models.timm_net import TimmNet, load_timm_net
+from lookalike.models.registry import ModelSpec
+from lookalike.models.timm_net import TimmNet, load_timm_net
 
 
 @dataclass

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.embedders import load_clip
-from models.errors import UserError
-from models.registry import ModelSpec
-from models.runtime import l2_normalize, resolve_device
+from lookalike.models.embedders import load_clip
+from lookalike.models.errors import UserError
+from lookalike.models.registry import ModelSpec
+from lookalike.models.runtime import l2_normalize, resolve_device
 
 MAX_TEXT_CHARS = 1000  # a longer text is refused; the tokenizer keeps its first 77 tokens anyway
 

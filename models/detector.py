@@ -7,17 +7,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.errors import UserError, one_line
-from models.registry import ModelSpec
-from models.runtime import resolve_device
-from models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
+from lookalike.models.errors import UserError, one_line
+from lookalike.models.files import user_config_dir
+from lookalike.models.registry import ModelSpec
+from lookalike.models.runtime import resolve_device
+from lookalike.models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
-
-
-def config_dir() -> Path:
-    """lookalike's own config folder ($LOOKALIKE_CONFIG_DIR, default ~/.config/lookalike)."""
-    return Path(os.environ.get("LOOKALIKE_CONFIG_DIR", Path.home() / ".config" / "lookalike"))
 
 
 def _import_ultralytics():
@@ -28,11 +24,15 @@ def _import_ultralytics():
     is forced on, also when ultralytics was imported before this set its environment variable.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir() / "ultralytics"))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(user_config_dir() / "ultralytics"))
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
-    import ultralytics
-    import ultralytics.nn.tasks
+    try:
+        import ultralytics
+        import ultralytics.nn.tasks
+    except ImportError as err:
+        raise UserError(f"--crop needs the 'crop' extra ({err.name} is missing): pip install 'lookalike[crop]' "
+                        "(ultralytics, AGPL-3.0)") from None
 
     ultralytics.nn.tasks.SAFE_LOAD = True
     return ultralytics

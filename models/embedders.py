@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.errors import UserError
-from models.onnx_runtime import check_runtime, onnx_forward
-from models.registry import RANDOM, ModelSpec
-from models.runtime import (
+from lookalike.models.errors import UserError
+from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.registry import RANDOM, ModelSpec
+from lookalike.models.runtime import (
     GpuPrecision,
     has_conv,
     l2_normalize,
@@ -21,8 +21,8 @@ from models.runtime import (
     seeded,
     to_model_input,
 )
-from models.timm_net import load_timm_net
-from models.weights import load_with_fallback, weights_identity
+from lookalike.models.timm_net import load_timm_net
+from lookalike.models.weights import load_with_fallback, weights_identity
 
 
 class Embedder(Protocol):
@@ -110,7 +110,7 @@ def create_embedder(spec: ModelSpec, device: str = "auto", runtime: str = "torch
     if spec.library == "open_clip":
         return ClipEmbedder(spec, device, runtime)
     if spec.library == "checkpoint":
-        from models.finetuned import CheckpointEmbedder
+        from lookalike.models.finetuned import CheckpointEmbedder
 
         return CheckpointEmbedder(Path(spec.model_id), device, runtime)
     raise UserError(f"{spec.name}: no embedder for library {spec.library}")

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.errors import UserError
-from models.registry import RANDOM, ModelSpec, resolve_spec
+from lookalike.models.errors import UserError
+from lookalike.models.registry import RANDOM, ModelSpec, resolve_spec
 
 SMALL_CNN = "small-cnn"
 PIXELS = "pixels"
@@ -106,7 +106,7 @@ def _timm_backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
     """A timm model without its classifier; starting weights (or @random) resolve as for every other model."""
     import timm
 
-    from models.timm_net import create_timm_model  # the one place that resolves timm weights
+    from lookalike.models.timm_net import create_timm_model  # the one place that resolves timm weights
 
     if pretrained:
         model = create_timm_model(spec)

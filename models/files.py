@@ -13,8 +13,19 @@ from pathlib import Path
 
 
 def user_cache_dir() -> Path:
-    """lookalike's per-user cache ($LOOKALIKE_CACHE_DIR, default ~/.cache/lookalike): ONNX exports, file hashes."""
-    return Path(os.environ.get("LOOKALIKE_CACHE_DIR", Path.home() / ".cache" / "lookalike"))
+    """lookalike's per-user cache: ONNX exports, file hashes, extracted datasets, error reports.
+    $LOOKALIKE_CACHE_DIR, else the platform's (XDG_CACHE_HOME/lookalike, ~/.cache/lookalike on Linux)."""
+    import platformdirs
+
+    return Path(os.environ.get("LOOKALIKE_CACHE_DIR") or platformdirs.user_cache_path("lookalike"))
+
+
+def user_config_dir() -> Path:
+    """lookalike's per-user config folder: $LOOKALIKE_CONFIG_DIR, else the platform's (XDG_CONFIG_HOME/lookalike,
+    ~/.config/lookalike on Linux)."""
+    import platformdirs
+
+    return Path(os.environ.get("LOOKALIKE_CONFIG_DIR") or platformdirs.user_config_path("lookalike"))
 
 
 def fsync_dir(path: Path) -> None:

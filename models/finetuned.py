@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.onnx_runtime import check_runtime, onnx_forward
-from models.registry import ModelSpec
-from models.run_directory import WEIGHTS_FILE, load_weights, read_run_config, rebuild_net
-from models.runtime import l2_normalize, resolve_device
-from models.weights import file_sha256
+from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.registry import ModelSpec
+from lookalike.models.run_directory import WEIGHTS_FILE, load_weights, read_run_config, rebuild_net
+from lookalike.models.runtime import l2_normalize, resolve_device
+from lookalike.models.weights import file_sha256
 
 
 class CheckpointEmbedder:

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import runtime as _runtime
-from models.errors import UserError, one_line
-from models.files import atomic_write, user_cache_dir, write_text_atomic
-from models.weights import file_sha256
+from lookalike.models import runtime as _runtime
+from lookalike.models.errors import UserError, one_line
+from lookalike.models.files import atomic_write, user_cache_dir, write_text_atomic
+from lookalike.models.weights import file_sha256
 
 RUNTIMES = ("torch", "onnx")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from models.errors import UserError
+from lookalike.models.errors import UserError
 
 Kind = Literal["classifier", "embedder", "detector"]
 Library = Literal["timm", "open_clip", "checkpoint", "ultralytics"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from torch import nn
 
-from models.embedding_nets import PIXELS, SMALL_CNN, EmbeddingNet, Preprocessing, build_net
-from models.errors import UserError, one_line
-from models.registry import ModelSpec
+from lookalike.models.embedding_nets import PIXELS, SMALL_CNN, EmbeddingNet, Preprocessing, build_net
+from lookalike.models.errors import UserError, one_line
+from lookalike.models.registry import ModelSpec
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -7,7 +7,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from models.errors import UserError
+from lookalike.models.errors import UserError
 
 T = TypeVar("T")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.onnx_runtime import check_runtime, onnx_forward
-from models.registry import RANDOM, ModelSpec
-from models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
-from models.weights import load_with_fallback, weights_identity
+from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.registry import RANDOM, ModelSpec
+from lookalike.models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
+from lookalike.models.weights import load_with_fallback, weights_identity
 
 
 def create_timm_model(spec: ModelSpec) -> torch.nn.Module:

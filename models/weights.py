@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from models.errors import UserError, one_line
-from models.files import sha256_of, user_cache_dir, write_text_atomic
-from models.registry import RANDOM, ModelSpec
+from lookalike.models.errors import UserError, one_line
+from lookalike.models.files import sha256_of, user_cache_dir, write_text_atomic
+from lookalike.models.registry import RANDOM, ModelSpec
 
 T = TypeVar("T")
 

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from tqdm import tqdm
 
-from cache import rerank
-from cache.autopolicy import choose_policy
-from cache.buckets import bucket_keys
-from cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
-from cache.store import (
+from lookalike.cache import rerank
+from lookalike.cache.autopolicy import choose_policy
+from lookalike.cache.buckets import bucket_keys
+from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
+from lookalike.cache.store import (
     COLUMNS,
     DBA_COLUMN,
     BuildLock,
@@ -33,13 +32,31 @@ from cache.store import (
     load_cache,
     write_generation,
 )
-from pipeline.config import PipelineConfig
-from pipeline.gallery import GalleryEntry, scan_gallery
-from pipeline.items import Item
-from pipeline.pipeline import DECODE_RULE, Pipeline, build_pipeline
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.pipeline import DECODE_RULE, Pipeline, build_pipeline
 
 CHUNK_ROWS = 256  # embedded rows saved together (the most a crash can lose)
 CHUNK_SECONDS = 30.0  # ... or after this long, for slow models
+
+Progress = Callable[[int, int], None]  # called with (images embedded so far, images to embed) after each batch
+
+
+def progress_bar(desc: str = "embedding") -> Progress:
+    """A Progress drawn as a tqdm bar on stderr (the command line's)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc=desc, unit="img")
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 class Engine(Protocol):
@@ -70,7 +87,9 @@ class LocalEngine:
 
 
 @dataclass
-class BuildSummary:
+class BuildReport:
+    """What a build did: images in the cache, embedded now, reused from before, removed, skipped (with reasons)."""
+
     images: int = 0
     embedded: int = 0
     reused: int = 0
@@ -150,21 +169,23 @@ class ChunkWriter:
         self.saved_at = time.monotonic()
 
 
-def _embed_missing(engine: Engine, todo: list[str], gallery: Path, writer: ChunkWriter, summary: BuildSummary,
-                   progress: bool) -> None:
+def _embed_missing(engine: Engine, todo: list[str], gallery: Path, writer: ChunkWriter, summary: BuildReport,
+                   progress: Progress | None) -> None:
     """Embed `todo` into pending chunks; on any interruption the finished items are saved first."""
-    bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
+    done = 0
 
     def on_batch(items: list[Item]) -> None:
+        nonlocal done
         writer.add([item for item in items if item.error is None])
         summary.skipped.extend({"path": item.path, "reason": item.error} for item in items if item.error)
-        bar.update(len(items))
+        done += len(items)
+        if progress:
+            progress(done, len(todo))
 
     try:
         engine.run(todo, gallery, on_batch)
     finally:
         writer.flush()  # Ctrl-C included: what was embedded is kept for the next run
-        bar.close()
 
 
 def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
@@ -188,8 +209,8 @@ def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
 
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
-                bucket_by: str = "classifier", rebuild: bool = False, progress: bool = True,
-                pipeline: Pipeline | None = None, engine: Engine | None = None) -> BuildSummary:
+                bucket_by: str = "classifier", rebuild: bool = False, progress: Progress | None = None,
+                pipeline: Pipeline | None = None, engine: Engine | None = None) -> BuildReport:
     """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time)."""
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
@@ -214,7 +235,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         labels = {e.relpath: e.label for e in entries}
         todo = [e.relpath for e in entries
                 if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
-        summary = BuildSummary(reused=len(entries) - len(todo), skipped=list(skipped))
+        summary = BuildReport(reused=len(entries) - len(todo), skipped=list(skipped))
         summary.removed = len(set(known) - set(labels)) if previous else 0
 
         topk = config.class_topk if config.uses_classifier else 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from models.registry import NO_CLASSIFIER
+from lookalike.models.registry import NO_CLASSIFIER
 
 # Fields that change what is stored in a cache (embeddings, classes, crops); the rest are query-time.
 CACHE_FIELDS = ("classifier", "embedder", "crop", "detector", "crop_margin", "crop_confidence", "class_topk")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.gallery import folder_label, list_images, read_label_map
+from lookalike.models.errors import UserError
+from lookalike.models.files import user_cache_dir
+from lookalike.pipeline.gallery import folder_label, list_images, read_label_map
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class LabelledSet:
 
 
 def datasets_dir() -> Path:
-    return Path(os.environ.get("LOOKALIKE_DATA_CACHE", Path.home() / ".cache" / "lookalike" / "datasets"))
+    """Where zips are extracted: $LOOKALIKE_DATA_CACHE, else datasets/ in lookalike's user cache."""
+    return Path(os.environ.get("LOOKALIKE_DATA_CACHE") or user_cache_dir() / "datasets")
 
 
 def extract_zip(archive: Path) -> Path:

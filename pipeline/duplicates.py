@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.duplicates import DuplicateGroup, find_duplicates
-from cache.store import CacheData, load_cache
-from models.errors import UserError
-from pipeline.sheets import Tile, contact_sheet
+from lookalike.cache.duplicates import DuplicateGroup, find_duplicates
+from lookalike.cache.store import CacheData
+from lookalike.models.errors import UserError
+from lookalike.pipeline.sheets import Tile, contact_sheet
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,11 @@ def default_rule(data: CacheData) -> Rule:
     return DEFAULTS[embedder]
 
 
-def cache_duplicates(cache_dir: str | Path, threshold: float | None = None) -> DuplicateReport:
-    """Near-duplicate groups of a cache; UserError for a cache without embeddings or a threshold outside (0, 1]."""
+def cache_duplicates(data: CacheData, threshold: float | None = None) -> DuplicateReport:
+    """Near-duplicate groups of a loaded cache; UserError for a cache without embeddings or a threshold outside
+    (0, 1]."""
     if threshold is not None and not 0 < threshold <= 1:
         raise UserError(f"--threshold {threshold}: must be a score in (0, 1]")
-    data = load_cache(cache_dir)
     if len(data) == 0 or data.columns["embeddings"].shape[1] == 0:
         raise UserError(f"{data.root}: the cache holds no embeddings; run build-cache on a gallery with images")
     rule = default_rule(data) if threshold is None else Rule(threshold)

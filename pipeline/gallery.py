@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-from models.errors import UserError
-from pipeline.images import IMAGE_EXTENSIONS
+from lookalike.models.errors import UserError
+from lookalike.pipeline.images import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)

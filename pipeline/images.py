@@ -1,13 +1,14 @@
 """Decoding images robustly: every file either becomes an RGB image or a one-line reason to skip it."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import UserError, one_line
+from lookalike.models.errors import UserError, one_line
 
 MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
 # Beyond this a file is skipped: resizing the short side to a model's input blows the long side up (a 375-byte
@@ -55,20 +56,38 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, decode_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, orient (EXIF) and convert one image to RGB, or raise ImageLoadError saying why not.
-    Images over `max_pixels` are refused from their header, before any pixel is decoded."""
-    path = Path(path)
+def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
+                                   f" the limit is {max_pixels / 1e6:.0f} MP)")
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ImageLoadError(path, f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT}:1)")
+
+
+def image_in_memory(image: Image.Image | np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A PIL image, or an HxWx3 uint8 array, as an RGB image under the same size limits as a file."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ImageLoadError(name, f"an array must be HxWx3 uint8 RGB, not {'x'.join(map(str, image.shape))} "
+                                       f"{image.dtype}")
+        image = Image.fromarray(image, "RGB")
+    _check_size(name, *image.size, max_pixels)
+    return _to_rgb(image)
+
+
+def load_image(source: str | Path | bytes, decode_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Open, orient (EXIF) and convert one image file (a path, or the file's bytes) to RGB, or raise ImageLoadError
+    saying why not, naming `name` (default: the path). Images over `max_pixels` are refused from their header,
+    before any pixel is decoded."""
+    in_memory = isinstance(source, bytes)
+    path = name or ("image bytes" if in_memory else Path(source))
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if in_memory else Path(source).stat().st_size) == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
-        with _pillow_open(path, formats=RASTER_FORMATS) as image:
+        with _pillow_open(io.BytesIO(source) if in_memory else source, formats=RASTER_FORMATS) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise ImageLoadError(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} MP;"
-                                           f" the limit is {max_pixels / 1e6:.0f} MP)")
-            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
-                raise ImageLoadError(path, f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT}:1)")
+            _check_size(path, width, height, max_pixels)
             if image.format == "JPEG" and max(width, height) > 2 * decode_side:
                 image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
             image.load()

@@ -41,9 +41,3 @@ class Item:
     results: list[Result] = field(default_factory=list)
     candidates: int | None = None  # how many gallery items were searched
     note: str | None = None
-
-    def predicted(self, limit: int = 5) -> list[dict]:
-        if self.classes is None:
-            return []
-        return [{"class": int(c), "name": name, "prob": round(float(p), 6)}
-                for c, name, p in zip(self.classes[:limit], self.class_names[:limit], self.probs[:limit])]

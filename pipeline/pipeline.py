@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 from PIL.Image import Image
 
-from cache.policies import parse_policy
-from cache.search import Searcher
-from models.classifier import Classifier
-from models.detector import Detector
-from models.embedders import create_embedder
-from models.errors import UserError, one_line
-from models.registry import resolve_spec
-from pipeline.config import PipelineConfig
-from pipeline.images import DECODE_SIDE, ImageLoadError, load_image
-from pipeline.items import Item
-from pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage, TensorStage
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.search import Searcher
+from lookalike.models.classifier import Classifier
+from lookalike.models.detector import Detector
+from lookalike.models.embedders import create_embedder
+from lookalike.models.errors import UserError, one_line
+from lookalike.models.registry import resolve_spec
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.images import DECODE_SIDE, MAX_PIXELS, ImageLoadError, load_image
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage, TensorStage
 
 # How big a JPEG is decoded (recorded in cache fingerprints): without a crop, at least DRAFT_FACTOR x the largest
 # model input side (DCT-domain downscale, then the model's own resize); with a crop, at least DECODE_SIDE, so a
@@ -56,12 +56,12 @@ def decode_side(stages: list[Stage]) -> int:
     return DRAFT_FACTOR * max(sides) if sides else DECODE_SIDE
 
 
-def load_item(path: str, root: Path | None, side: int,
-              transforms: dict[str, Callable[[Image], torch.Tensor]]) -> Item:
+def load_item(path: str, root: Path | None, side: int, transforms: dict[str, Callable[[Image], torch.Tensor]],
+              max_pixels: int = MAX_PIXELS) -> Item:
     """Decode one image and apply the per-image transforms (by stage name); unreadable -> `error` set."""
     item = Item(path)
     try:
-        item.image = load_image(root / path if root else path, side)
+        item.image = load_image(root / path if root else path, side, max_pixels)
         for name, transform in transforms.items():
             item.inputs[name] = transform(item.image)
     except ImageLoadError as err:

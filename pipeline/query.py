@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cache.manifest import CacheError, refuse_other_pipeline
-from cache.policies import resolve_auto
-from cache.search import Searcher
-from cache.store import CacheData, load_cache
-from pipeline.build import fingerprint
-from pipeline.config import CACHE_FIELDS, PipelineConfig
-from pipeline.items import Item
-from pipeline.pipeline import Pipeline, build_pipeline
+from lookalike.cache.manifest import CacheError, refuse_other_pipeline
+from lookalike.cache.policies import resolve_auto
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheData, load_cache
+from lookalike.pipeline.build import fingerprint
+from lookalike.pipeline.config import CACHE_FIELDS, PipelineConfig
+from lookalike.pipeline.pipeline import Pipeline, build_pipeline
 
 # What a query must share with the cache: the models, their weights and preprocessing. The JPEG decode rule only
 # changes how a query photo is decoded (on 12 MP photos cosine >= 0.9996 to the previous rule), so a cache built
@@ -42,18 +41,13 @@ def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     return config
 
 
-def open_query_pipeline(cache_dir: str | Path, overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
-    """The cache's pipeline with a retrieve stage, refused when its models are not the ones that built the cache."""
-    data = load_cache(cache_dir)
+def open_query_pipeline(cache: str | Path | CacheData,
+                        overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
+    """The cache's pipeline with a retrieve stage, refused when its models are not the ones that built the cache.
+    `cache` is a cache folder or one already loaded."""
+    data = cache if isinstance(cache, CacheData) else load_cache(cache)
     config = query_config(data, overrides or {})
     pipeline = build_pipeline(config, Searcher(data))
-    refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), cache_dir,
+    refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), data.root,
                           keys=QUERY_CHECKS)
     return pipeline, config
-
-
-def answer_json(item: Item, gallery_root: Path, buckets: str) -> dict:
-    """One query's answer as `query --json` prints it (and the serve API returns it)."""
-    return {"query": item.path, "predicted": item.predicted(), "buckets": buckets, "candidates": item.candidates,
-            "note": item.note,
-            "results": [dict(r.to_dict(), path=str(gallery_root / r.path)) for r in item.results]}

@@ -1,4 +1,4 @@
-"""QuerySession: a cache opened once for many queries (the serve app, `query --text`).
+"""QuerySession: a cache's pipeline loaded once for many queries (behind the public Index, pipeline/api.py).
 
 It answers decoded images, gallery rows ("more like this", from the stored embedding and classes) and,
 when the cache's embedder is CLIP, texts; each query may pick its own k and bucket policy. Queries from
@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.policies import parse_policy
-from models.clip_text import ClipTextEncoder, has_text_tower, require_text_tower
-from models.errors import UserError
-from models.registry import resolve_spec
-from pipeline.items import Item
-from pipeline.pipeline import run_stages
-from pipeline.query import open_query_pipeline, query_config
-from pipeline.stages import RetrieveStage
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.store import CacheData
+from lookalike.models.clip_text import ClipTextEncoder, has_text_tower, require_text_tower
+from lookalike.models.errors import UserError
+from lookalike.models.registry import resolve_spec
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.pipeline import run_stages
+from lookalike.pipeline.query import open_query_pipeline, query_config
+from lookalike.pipeline.stages import RetrieveStage
 
 # Texts search the whole gallery: choosing buckets for a text (e.g. zero-shot over the class names) would
 # need real CLIP weights to benchmark, and none are available here (README, "Search from a web page").
@@ -27,8 +28,8 @@ TEXT_BUCKETS = "flat"
 
 
 class QuerySession:
-    def __init__(self, cache_dir: str | Path, overrides: dict | None = None):
-        self.pipeline, self.config = open_query_pipeline(cache_dir, overrides)
+    def __init__(self, cache: str | Path | CacheData, overrides: dict | None = None):
+        self.pipeline, self.config = open_query_pipeline(cache, overrides)
         self.retrieve: RetrieveStage = self.pipeline.stage("retrieve")
         self.data = self.retrieve.searcher.data
         self.embedder_spec = resolve_spec(self.config.embedder, "embedder")

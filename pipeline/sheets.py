@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline.images import ImageLoadError, load_image
+from lookalike.pipeline.images import ImageLoadError, load_image
 
 TILE = 160
 CAPTION = 34

@@ -8,16 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from cache.buckets import bucket_keys
-from cache.policies import BucketPolicy
-from cache.search import WHOLE_GALLERY, Searcher
-from models.classifier import Classifier
-from models.detector import Detector, choose_box, pad_box
-from models.embedders import Embedder
-from models.errors import one_line
-from models.runtime import l2_normalize
-from pipeline.images import MAX_ASPECT
-from pipeline.items import Item, Result
+from lookalike.cache.buckets import bucket_keys
+from lookalike.cache.policies import BucketPolicy
+from lookalike.cache.search import WHOLE_GALLERY, Searcher
+from lookalike.models.classifier import Classifier
+from lookalike.models.detector import Detector, choose_box, pad_box
+from lookalike.models.embedders import Embedder
+from lookalike.models.errors import one_line
+from lookalike.models.runtime import l2_normalize
+from lookalike.pipeline.images import MAX_ASPECT
+from lookalike.pipeline.items import Item, Result
 
 
 class Stage(ABC):

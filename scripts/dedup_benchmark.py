@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
-from cache.duplicates import find_duplicates, similar_pairs
-from cache.store import load_cache
-from pipeline.build import build_cache
-from pipeline.config import PipelineConfig
-from pipeline.datasets import load_labelled
-from pipeline.images import load_image
+from lookalike.cache.duplicates import find_duplicates, similar_pairs
+from lookalike.cache.store import load_cache
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.datasets import load_labelled
+from lookalike.pipeline.images import load_image
 
 TRANSFORMS = ("resize", "jpeg", "crop", "rotate", "brightness_contrast", "text", "flip")
 SETS = {"tune": (0, 100, 1000), "test": (1, 200, 900)}  # seed, originals (x3 versions), distinct photos

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 @click.command()
 @click.argument("gallery")
@@ -22,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @click.option("--embedder", default="mobilenetv2")
 @click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="onnx")
 def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
-    from models.errors import UserError, one_line
+    from lookalike.models.errors import UserError, one_line
 
     try:
         print(json.dumps(compare(gallery, classifier, embedder, runtime), indent=1))
@@ -32,11 +30,11 @@ def main(gallery: str, classifier: str, embedder: str, runtime: str) -> None:
 
 def compare(gallery: str, classifier: str, embedder: str, runtime: str) -> dict:
     """Figures of one local and one Ray build of `gallery`, each into a fresh cache."""
-    from pipeline.config import PipelineConfig
-    from pipeline.datasets import resolve_data
-    from pipeline.engines import create_engine
-    from pipeline.evaluation.speed.camera import build_figures
-    from pipeline.pipeline import build_pipeline
+    from lookalike.pipeline.config import PipelineConfig
+    from lookalike.pipeline.datasets import resolve_data
+    from lookalike.pipeline.engines import create_engine
+    from lookalike.pipeline.evaluation.speed.camera import build_figures
+    from lookalike.pipeline.pipeline import build_pipeline
 
     root = resolve_data(gallery)
     config = PipelineConfig(classifier=classifier, embedder=embedder, device="cpu", runtime=runtime)

@@ -48,9 +48,8 @@ def free_port() -> int:
 def start_server(cache: str, runtime: str | None, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "cli.py", "serve", "--cache", cache, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--runtime", runtime] if runtime else []
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "w") as output:  # the server keeps its own copy of the descriptor
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and server.poll() is None:
         try:

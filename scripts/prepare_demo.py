@@ -5,7 +5,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from pipeline.datasets import load_labelled
+from lookalike.pipeline.datasets import load_labelled
 
 
 def main() -> None:

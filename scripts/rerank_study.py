@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.autopolicy import Score, choose_policy, not_worse, validation_split
-from cache.metrics import map_at_r, precision_at_k, rank_by_score
-from cache.policies import BucketPolicy
-from cache.buckets import class_agreement
-from cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
-from cache.store import COLUMNS, load_cache
-from pipeline.datasets import load_labelled, split_queries
+from lookalike.cache.autopolicy import Score, choose_policy, not_worse, validation_split
+from lookalike.cache.metrics import map_at_r, precision_at_k, rank_by_score
+from lookalike.cache.policies import BucketPolicy
+from lookalike.cache.buckets import class_agreement
+from lookalike.cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
+from lookalike.cache.store import COLUMNS, load_cache
+from lookalike.pipeline.datasets import load_labelled, split_queries
 
 DBA = ((1, 0.0), (2, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
 QE = ((0, 0.0), (2, 1.0), (3, 1.0), (5, 1.0), (5, 3.0), (10, 1.0), (10, 3.0))  # (k, alpha); k 0: no expansion

@@ -13,9 +13,9 @@ import time
 import numpy as np
 from rerank_study import Method, Setting, per_query_ms, select_rows
 
-from cache.autopolicy import choose_policy, validation_split
-from cache.store import load_cache
-from pipeline.datasets import load_labelled, split_queries
+from lookalike.cache.autopolicy import choose_policy, validation_split
+from lookalike.cache.store import load_cache
+from lookalike.pipeline.datasets import load_labelled, split_queries
 
 TIMED = (Method(), Method(20, 3.0, 10, 1.0), Method(k1=5, k2=2), Method(k1=20, k2=6))
 

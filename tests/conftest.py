@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.config import PipelineConfig
+from lookalike.pipeline.config import PipelineConfig
 
 ASSETS = Path(os.environ.get("LOOKALIKE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared"))
 TINY_CLASSIFIER = "timm:test_efficientnet@random"

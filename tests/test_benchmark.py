@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from cli import cli
+from lookalike.cli import cli
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 

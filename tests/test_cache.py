@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cache.store
-import pipeline.build
-from cache.policies import parse_policy
-from cache.search import Searcher
-from cache.store import CacheError, PendingChunks, load_cache
-from pipeline.build import build_cache
-from pipeline.items import Item
-from pipeline.pipeline import build_pipeline
-from pipeline.query import open_query_pipeline
+from lookalike.cache import store
+from lookalike.pipeline import build
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheError, PendingChunks, load_cache
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.pipeline import build_pipeline
+from lookalike.pipeline.query import open_query_pipeline
 from tests.conftest import draw_shape
 
 
 def test_querying_a_gallery_image_finds_itself_first(gallery, tiny_config, tmp_path):
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 18 and summary.embedded == 18 and not summary.skipped
     pipeline, _ = open_query_pipeline(tmp_path / "cache", {"buckets": "flat", "k": 3})
     [item] = list(pipeline.run([str(gallery / "blue_squares" / "2.png")]))
@@ -35,7 +35,7 @@ def test_bad_files_are_skipped_and_reported_not_fatal(gallery, tiny_config, tmp_
     (gallery / "red_circles" / "empty.jpg").write_bytes(b"")
     (gallery / "red_circles" / "notes.png").write_text("not an image")
     (gallery / "README.txt").write_text("ignored: not an image extension")
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 18
     assert {s["path"] for s in summary.skipped} == {"red_circles/empty.jpg", "red_circles/notes.png"}
     assert load_cache(tmp_path / "cache").manifest.skipped == summary.skipped
@@ -43,13 +43,13 @@ def test_bad_files_are_skipped_and_reported_not_fatal(gallery, tiny_config, tmp_
 
 def test_update_embeds_only_new_and_changed_and_drops_deleted(gallery, tiny_config, tmp_path):
     out = tmp_path / "cache"
-    build_cache(gallery, out, tiny_config, progress=False)
+    build_cache(gallery, out, tiny_config)
     draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=99)
     changed = gallery / "blue_squares" / "0.png"
     Image.new("RGB", (96, 96), "black").save(changed)
     os.utime(changed, ns=(10**18, 10**18))
     (gallery / "green_triangles" / "1.png").unlink()
-    summary = build_cache(gallery, out, tiny_config, progress=False)
+    summary = build_cache(gallery, out, tiny_config)
     assert (summary.embedded, summary.reused, summary.removed, summary.images) == (2, 16, 1, 18)
     data = load_cache(out)
     assert "green_triangles/1.png" not in data.columns["paths"].tolist()
@@ -80,11 +80,11 @@ def test_ctrl_c_saves_the_finished_images_and_the_rerun_resumes(gallery, tiny_co
     pipeline = build_pipeline(tiny_config)  # batches of 4 images
     undo = crash_on_third_batch(monkeypatch, pipeline)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(gallery, out, tiny_config, progress=False, pipeline=pipeline)
+        build_cache(gallery, out, tiny_config, pipeline=pipeline)
     assert not (out / "CURRENT").exists()
     assert pending_rows(out) == 8  # two finished batches, saved although far from a full chunk
     undo()
-    summary = build_cache(gallery, out, tiny_config, progress=False, pipeline=pipeline)
+    summary = build_cache(gallery, out, tiny_config, pipeline=pipeline)
     assert summary.reused == 8 and summary.embedded == 10 and summary.images == 18
     assert not (out / "pending").exists()
 
@@ -92,20 +92,20 @@ def test_ctrl_c_saves_the_finished_images_and_the_rerun_resumes(gallery, tiny_co
 def test_slow_builds_save_chunks_by_time(gallery, tmp_path, monkeypatch):
     """A few images embedded over more than CHUNK_SECONDS are saved then, not when CHUNK_ROWS are reached."""
     clock = {"now": 0.0}
-    monkeypatch.setattr(pipeline.build.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(build.time, "monotonic", lambda: clock["now"])
     paths = sorted(p.relative_to(gallery).as_posix() for p in gallery.rglob("*.png"))[:3]
     stats = {p: (gallery / p).stat() for p in paths}
-    writer = pipeline.build.ChunkWriter(PendingChunks(tmp_path / "cache", {}), dict.fromkeys(paths), stats, topk=0)
+    writer = build.ChunkWriter(PendingChunks(tmp_path / "cache", {}), dict.fromkeys(paths), stats, topk=0)
     writer.add([Item(paths[0], embedding=np.ones(4, np.float32))])
     assert pending_rows(tmp_path / "cache") == 0  # neither full nor old
-    clock["now"] = pipeline.build.CHUNK_SECONDS + 1
+    clock["now"] = build.CHUNK_SECONDS + 1
     writer.add([Item(p, embedding=np.ones(4, np.float32)) for p in paths[1:]])
     assert pending_rows(tmp_path / "cache") == 3
 
 
 def test_crash_while_publishing_keeps_the_last_good_cache(gallery, tiny_config, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    build_cache(gallery, out, tiny_config, progress=False)
+    build_cache(gallery, out, tiny_config)
     draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=7)
     real_save = np.save
     calls = {"n": 0}
@@ -116,24 +116,24 @@ def test_crash_while_publishing_keeps_the_last_good_cache(gallery, tiny_config, 
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(cache.store.np, "save", failing_save)
+    monkeypatch.setattr(store.np, "save", failing_save)
     with pytest.raises(OSError):
-        build_cache(gallery, out, tiny_config, progress=False)
-    monkeypatch.setattr(cache.store.np, "save", real_save)
+        build_cache(gallery, out, tiny_config)
+    monkeypatch.setattr(store.np, "save", real_save)
     assert len(load_cache(out)) == 18  # the previous generation, intact
-    assert build_cache(gallery, out, tiny_config, progress=False).embedded == 0  # new image came from pending
+    assert build_cache(gallery, out, tiny_config).embedded == 0  # new image came from pending
     assert len(load_cache(out)) == 19
 
 
 def test_another_pipeline_is_refused_naming_the_difference(gallery, tiny_config, tmp_path):
     out = tmp_path / "cache"
-    build_cache(gallery, out, tiny_config, progress=False)
+    build_cache(gallery, out, tiny_config)
     with pytest.raises(CacheError, match="test_resnet"):
-        build_cache(gallery, out, replace(tiny_config, embedder="timm:test_resnet@random"), progress=False)
+        build_cache(gallery, out, replace(tiny_config, embedder="timm:test_resnet@random"))
     with pytest.raises(CacheError, match="classifier 'timm:test_vit@random'"):
         open_query_pipeline(out, {"classifier": "timm:test_vit@random"})
     rebuilt = build_cache(gallery, out, replace(tiny_config, embedder="timm:test_resnet@random"),
-                          rebuild=True, progress=False)
+                          rebuild=True)
     assert rebuilt.embedded == 18
 
 
@@ -142,7 +142,7 @@ def test_bucket_by_label_uses_the_folder_class(tmp_path, tiny_config):
     for synset, colour in (("n02690373", (200, 0, 0)), ("n02128385", (0, 0, 200))):
         for i in range(3):
             draw_shape(root / synset / f"{i}.png", colour, "rectangle", seed=i)
-    build_cache(root, tmp_path / "cache", tiny_config, bucket_by="label", progress=False)
+    build_cache(root, tmp_path / "cache", tiny_config, bucket_by="label")
     data = load_cache(tmp_path / "cache")
     assert sorted(set(data.columns["label_classes"].tolist())) == [288, 404]
     assert data.manifest.class_names["404"] == "airliner"
@@ -153,7 +153,7 @@ def test_bucket_by_label_uses_the_folder_class(tmp_path, tiny_config):
 
 def test_bucket_by_label_refuses_labels_that_are_not_classes(gallery, tiny_config, tmp_path):
     with pytest.raises(ValueError, match="unknown: blue_squares"):
-        build_cache(gallery, tmp_path / "cache", tiny_config, bucket_by="label", progress=False)
+        build_cache(gallery, tmp_path / "cache", tiny_config, bucket_by="label")
 
 
 def test_label_map_and_unlabelled_galleries(tmp_path, tiny_config):
@@ -161,9 +161,9 @@ def test_label_map_and_unlabelled_galleries(tmp_path, tiny_config):
     for i in range(4):
         draw_shape(flat / f"img{i}.png", (200, 0, 0) if i < 2 else (0, 0, 200), "ellipse", seed=i)
     (tmp_path / "labels.json").write_text('{"img0.png": "red", "img1.png": "red", "img2.png": "blue"}')
-    build_cache(flat, tmp_path / "labelled", tiny_config, labels_file=tmp_path / "labels.json", progress=False)
+    build_cache(flat, tmp_path / "labelled", tiny_config, labels_file=tmp_path / "labels.json")
     assert load_cache(tmp_path / "labelled").columns["labels"].tolist() == ["red", "red", "blue", ""]
-    build_cache(flat, tmp_path / "plain", tiny_config, progress=False)
+    build_cache(flat, tmp_path / "plain", tiny_config)
     assert set(load_cache(tmp_path / "plain").columns["labels"].tolist()) == {""}
 
 
@@ -171,7 +171,7 @@ def test_symlinked_label_folders_are_followed(gallery, tiny_config, tmp_path):
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "circles").symlink_to(gallery / "red_circles", target_is_directory=True)
-    summary = build_cache(linked, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(linked, tmp_path / "cache", tiny_config)
     assert summary.images == 6 and set(load_cache(tmp_path / "cache").columns["labels"].tolist()) == {"circles"}
 
 
@@ -188,9 +188,9 @@ def test_new_weights_in_the_same_file_are_detected(gallery, tiny_config, tmp_pat
 
     save(1)
     config = replace(tiny_config, embedder=f"timm:test_vit@{weights}")
-    build_cache(gallery, tmp_path / "cache", config, progress=False)
+    build_cache(gallery, tmp_path / "cache", config)
     save(2)  # same path, other weights
     with pytest.raises(CacheError, match="weights: 'sha256:"):
-        build_cache(gallery, tmp_path / "cache", config, progress=False)
+        build_cache(gallery, tmp_path / "cache", config)
     with pytest.raises(CacheError, match="weights: 'sha256:"):  # a query refuses it with the same message
         open_query_pipeline(tmp_path / "cache", {})

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cache.store
-from cache.manifest import Manifest
-from cache.store import CacheError, empty_columns, load_cache, write_generation
-from pipeline.build import build_cache
+from lookalike.cache import store
+from lookalike.cache.manifest import Manifest
+from lookalike.cache.store import CacheError, empty_columns, load_cache, write_generation
+from lookalike.pipeline.build import build_cache
 from tests.conftest import draw_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,20 +29,20 @@ def crash_at(monkeypatch, point: str) -> None:
         raise Crash(point)
 
     if point == "staging":
-        real_write = cache.store._write_npy
-        monkeypatch.setattr(cache.store, "_write_npy",
+        real_write = store._write_npy
+        monkeypatch.setattr(store, "_write_npy",
                             lambda path, *a: die() if path.name == "embeddings.npy" else real_write(path, *a))
     elif point == "rename":
-        real_replace = cache.store.os.replace
-        monkeypatch.setattr(cache.store.os, "replace", lambda src, dst: die() if Path(src).is_dir()
+        real_replace = store.os.replace
+        monkeypatch.setattr(store.os, "replace", lambda src, dst: die() if Path(src).is_dir()
                             else real_replace(src, dst))
     elif point == "current":
-        real_text = cache.store.write_text_atomic
-        monkeypatch.setattr(cache.store, "write_text_atomic",
+        real_text = store.write_text_atomic
+        monkeypatch.setattr(store, "write_text_atomic",
                             lambda path, text: die() if path.name == "CURRENT" else real_text(path, text))
     elif point == "cleanup":
-        real_rmtree = cache.store.shutil.rmtree
-        monkeypatch.setattr(cache.store.shutil, "rmtree", lambda path, *a, **k: die()
+        real_rmtree = store.shutil.rmtree
+        monkeypatch.setattr(store.shutil, "rmtree", lambda path, *a, **k: die()
                             if Path(path).name.startswith(("gen-", "pending")) else real_rmtree(path, *a, **k))
 
 
@@ -52,36 +52,36 @@ def test_a_crash_at_any_publish_step_is_recovered_by_the_next_build(gallery, tin
                                                                     point, first_build):
     out = tmp_path / "cache"
     if not first_build:
-        build_cache(gallery, out, tiny_config, progress=False)
+        build_cache(gallery, out, tiny_config)
         draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=7)
     with monkeypatch.context() as patch:
         crash_at(patch, point)
         with pytest.raises(Crash):
-            build_cache(gallery, out, tiny_config, progress=False)
+            build_cache(gallery, out, tiny_config)
     if not first_build or point == "cleanup":
         assert len(load_cache(out)) in (18, 19)  # the last good generation (or the new one) answers
-    summary = build_cache(gallery, out, tiny_config, progress=False)
+    summary = build_cache(gallery, out, tiny_config)
     assert summary.embedded == 0  # nothing embedded again: the work was in pending/ or published
     assert len(load_cache(out)) == 19 - first_build
     assert sorted(p.name for p in out.glob("gen-*")) == [(out / "CURRENT").read_text()]  # no leftovers
     if point == "rename":  # the crash that used to block every later build, --rebuild included
-        assert build_cache(gallery, out, tiny_config, progress=False, rebuild=True).embedded == 19 - first_build
+        assert build_cache(gallery, out, tiny_config, rebuild=True).embedded == 19 - first_build
 
 
 def test_a_second_build_into_the_same_cache_is_refused_naming_the_holder(gallery, tiny_config, tmp_path):
     out = tmp_path / "cache"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from cache.store import BuildLock\n"
+        "import sys, time; from pathlib import Path; from lookalike.cache.store import BuildLock\n"
         f"with BuildLock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(CacheError, match=rf"another build is writing this cache \(pid {holder.pid} on "):
-            build_cache(gallery, out, tiny_config, progress=False)
+            build_cache(gallery, out, tiny_config)
     finally:
         holder.kill()
         holder.wait()
-    assert build_cache(gallery, out, tiny_config, progress=False).images == 18  # a dead holder frees the lock
+    assert build_cache(gallery, out, tiny_config).images == 18  # a dead holder frees the lock
 
 
 def small_columns(count: int, seed: int) -> dict[str, np.ndarray]:
@@ -99,7 +99,7 @@ def test_queries_never_fail_while_builds_publish(tmp_path):
     out = tmp_path / "cache"
     write_generation(out, Manifest({}, {}, str(tmp_path), 50, 8), small_columns(50, 0))
     writer = subprocess.Popen([sys.executable, "-c", (
-        "from pathlib import Path; from cache.manifest import Manifest; from cache.store import write_generation\n"
+        "from pathlib import Path; from lookalike.cache.manifest import Manifest; from lookalike.cache.store import write_generation\n"
         "from tests.test_cache_hardening import small_columns\n"
         f"for seed in range(1, 150):\n"
         f"    write_generation(Path({str(out)!r}), Manifest({{}}, {{}}, {str(tmp_path)!r}, 50, 8), "
@@ -119,7 +119,7 @@ def test_queries_never_fail_while_builds_publish(tmp_path):
 @pytest.fixture
 def built(gallery, tiny_config, tmp_path) -> Path:
     out = tmp_path / "cache"
-    build_cache(gallery, out, tiny_config, progress=False)
+    build_cache(gallery, out, tiny_config)
     return out / (out / "CURRENT").read_text()
 
 
@@ -163,16 +163,16 @@ def test_rows_are_stored_grouped_by_top1_bucket(built):
 
 def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypatch):
     """The previous generation is streamed into the new one: gathered a WRITE_ROWS slice at a time."""
-    monkeypatch.setattr(cache.store, "WRITE_ROWS", 64)
+    monkeypatch.setattr(store, "WRITE_ROWS", 64)
     out = tmp_path / "cache"
     write_generation(out, Manifest({}, {}, str(tmp_path), 500, 8), small_columns(500, 0))
     previous = load_cache(out)
     gathered = []
-    real_take = cache.store.StackedRows.take
-    monkeypatch.setattr(cache.store.StackedRows, "take",
+    real_take = store.StackedRows.take
+    monkeypatch.setattr(store.StackedRows, "take",
                         lambda self, rows: gathered.append(len(rows)) or real_take(self, rows))
     columns = {name: np.asarray(values) for name, values in previous.columns.items()}
-    columns["embeddings"] = cache.store.StackedRows([previous.columns["embeddings"]])
+    columns["embeddings"] = store.StackedRows([previous.columns["embeddings"]])
     write_generation(out, previous.manifest, columns)
     assert max(gathered) == 64 and sum(gathered) == 500
     again = load_cache(out)

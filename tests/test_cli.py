@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from lookalike.cli import cli
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_query_json_lists_ranked_results(built, gallery, tmp_path):
 
 
 def test_default_policy_is_the_one_the_cache_chose(built, gallery):
-    from cache.store import load_cache
+    from lookalike.cache.store import load_cache
 
     result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built), "--json"])
     assert result.exit_code == 0, result.output
@@ -91,7 +91,7 @@ def test_unavailable_model_is_one_line(gallery, tmp_path):
 
 
 def test_help_imports_no_heavy_library():
-    code = "import sys, cli; cli.cli(['--help'], standalone_mode=False); " \
+    code = "import sys; from lookalike import cli; cli.cli(['--help'], standalone_mode=False); " \
            "print(sorted(m for m in ('torch', 'timm', 'faiss', 'ultralytics', 'open_clip', 'ray') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert output.strip().endswith("[]")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import PipelineConfig
-from pipeline.images import DECODE_SIDE, load_image
-from pipeline.pipeline import DRAFT_FACTOR, build_pipeline, load_item, output_shape
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.images import DECODE_SIDE, load_image
+from lookalike.pipeline.pipeline import DRAFT_FACTOR, build_pipeline, load_item, output_shape
 
 
 def test_a_camera_sized_jpeg_is_decoded_near_the_model_input_size(tiny_config, tmp_path):
@@ -26,7 +26,7 @@ def test_a_camera_sized_jpeg_is_decoded_near_the_model_input_size(tiny_config, t
 def test_drafted_camera_photos_embed_as_the_previous_decode(assets, real_weights, tmp_path):
     """caltech photos re-encoded at 4000x3000: cosine >= 0.999 and the same top-1 class as the previous path
     (decoded at >= 1024 px, then the model's own resize)."""
-    from pipeline.datasets import load_labelled
+    from lookalike.pipeline.datasets import load_labelled
 
     data = load_labelled(assets / "data" / "caltech101-22.zip")
     paths = []

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.detector import Detector
-from models.registry import resolve_spec
-from pipeline.build import build_cache
-from pipeline.config import PipelineConfig
-from pipeline.query import open_query_pipeline
+from lookalike.models.detector import Detector
+from lookalike.models.registry import resolve_spec
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.query import open_query_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -19,7 +19,7 @@ def test_cuda_cache_answers_like_the_cpu_cache(gallery, tiny_config, tmp_path):
     answers = {}
     for device in ("cpu", "cuda"):
         config = PipelineConfig(**dict(tiny_config.to_dict(), device=device, buckets="flat"))
-        build_cache(gallery, tmp_path / device, config, progress=False)
+        build_cache(gallery, tmp_path / device, config)
         pipeline, used = open_query_pipeline(tmp_path / device, {"device": device})
         assert used.device == device
         answers[device] = list(pipeline.run(queries))
@@ -33,7 +33,7 @@ def test_cuda_cache_answers_like_the_cpu_cache(gallery, tiny_config, tmp_path):
 def test_cuda_detector_finds_the_same_boxes(real_weights, assets):
     from PIL import Image
 
-    from pipeline.datasets import load_labelled
+    from lookalike.pipeline.datasets import load_labelled
 
     data = load_labelled(assets / "data" / "caltech101-22.zip")
     photo = Image.open(data.root / data.paths[data.labels.index("dalmatian")]).convert("RGB")

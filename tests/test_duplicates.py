@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache.duplicates import find_duplicates, similar_pairs
-from cache.rerank import normalise
-from cache.store import load_cache, write_generation
-from cli import cli
+from lookalike.cache.duplicates import find_duplicates, similar_pairs
+from lookalike.cache.rerank import normalise
+from lookalike.cache.store import load_cache, write_generation
+from lookalike.cli import cli
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 THRESHOLD = "0.5"

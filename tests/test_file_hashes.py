@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from models import weights
-from models.files import user_cache_dir
-from models.weights import file_sha256
+from lookalike.models import weights
+from lookalike.models.files import user_cache_dir
+from lookalike.models.weights import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def refuse_to_hash(monkeypatch) -> None:
 
 
 def test_a_hash_made_by_another_process_is_not_recomputed(weight_file, monkeypatch):
-    script = f"from models.weights import file_sha256; print(file_sha256({str(weight_file)!r}))"
+    script = f"from lookalike.models.weights import file_sha256; print(file_sha256({str(weight_file)!r}))"
     another = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
     digest = another.stdout.strip()

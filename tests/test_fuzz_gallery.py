@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.store import load_cache
-from pipeline.build import build_cache
+from lookalike.cache.store import load_cache
+from lookalike.pipeline.build import build_cache
 from tests.conftest import SHAPES, draw_shape
 
 FORMATS = {"jpg": {"format": "JPEG", "quality": 85}, "png": {"format": "PNG"}, "webp": {"format": "WEBP"}}
@@ -61,7 +61,7 @@ def test_a_fuzzed_gallery_builds_and_accounts_for_every_file(tiny_config, tmp_pa
     files = sorted(p.name for p in gallery.iterdir())
     assert len(files) == 270
 
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     cached = load_cache(tmp_path / "cache").columns["paths"].tolist()
     skipped = [entry["path"] for entry in summary.skipped]
     assert len(cached) == len(set(cached)) and len(skipped) == len(set(skipped))

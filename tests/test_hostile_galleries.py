@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import images
-from pipeline.build import build_cache
-from pipeline.images import ImageLoadError, load_image
-from pipeline.pipeline import build_pipeline
+from lookalike.pipeline import images
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.images import ImageLoadError, load_image
+from lookalike.pipeline.pipeline import build_pipeline
 
 
 def skipped(summary) -> dict[str, str]:
@@ -32,7 +32,7 @@ def test_a_wide_panorama_is_still_used(tmp_path):
 
 def test_a_sliver_in_a_gallery_is_skipped_and_the_build_finishes(gallery, tiny_config, tmp_path):
     Image.new("L", (100_000, 1), 128).save(gallery / "red_circles" / "sliver.png")
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 18 and "extreme aspect ratio" in skipped(summary)["red_circles/sliver.png"]
 
 
@@ -45,7 +45,7 @@ def test_any_decoder_error_skips_that_image(gallery, tiny_config, tmp_path, monk
         return pillow_open(path, *args, **kwargs)
 
     monkeypatch.setattr(images, "_pillow_open", fragile_open)
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 15
     assert all("cannot decode (IndexError: a plugin bug" in reason for reason in skipped(summary).values())
 
@@ -62,7 +62,7 @@ def test_any_preprocessing_error_skips_that_image(gallery, tiny_config, tmp_path
         return transform(image)
 
     stage.transform = pipeline.transforms[stage.name] = fragile  # the loaders apply it, as the stage would
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, pipeline=pipeline)
     assert summary.images == 18
     assert skipped(summary) == {"blue_squares/odd.png": "cannot preprocess (RuntimeError: cannot broadcast this one)"}
 
@@ -73,7 +73,7 @@ def test_broken_and_looping_symlinks_are_skipped_and_reported(gallery, tiny_conf
     (folder / "ping.png").symlink_to(folder / "pong.png")
     (folder / "pong.png").symlink_to(folder / "ping.png")
     (folder / "again").symlink_to(gallery)  # a folder loop: red_circles/again/red_circles/again/...
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     reasons = skipped(summary)
     assert summary.images == 18 and len(reasons) == len(summary.skipped) == 4
     assert {"red_circles/gone.png", "red_circles/ping.png", "red_circles/pong.png"} < set(reasons)
@@ -81,7 +81,7 @@ def test_broken_and_looping_symlinks_are_skipped_and_reported(gallery, tiny_conf
 
 
 def test_each_real_file_is_indexed_once(gallery, tmp_path):
-    from pipeline.gallery import list_images
+    from lookalike.pipeline.gallery import list_images
 
     (gallery / "blue_squares" / "also-0.png").symlink_to(gallery / "blue_squares" / "0.png")
     (gallery / "green").symlink_to(gallery / "green_triangles", target_is_directory=True)
@@ -102,7 +102,7 @@ def test_an_unreadable_folder_is_reported(gallery, tiny_config, tmp_path, monkey
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir_as_another_user)  # chmod 000 does not stop root
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 12
     assert skipped(summary) == {"blue_squares": "unreadable folder (Permission denied)"}
 
@@ -110,7 +110,7 @@ def test_an_unreadable_folder_is_reported(gallery, tiny_config, tmp_path, monkey
 def test_heic_and_heif_photos_are_indexed(gallery, tiny_config, tmp_path):
     Image.new("RGB", (64, 48), (200, 30, 30)).save(gallery / "red_circles" / "phone.heic")
     Image.new("RGB", (64, 48), (30, 60, 220)).save(gallery / "blue_squares" / "phone.HEIF", format="HEIF")
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
     assert summary.images == 20 and summary.skipped == []
 
 
@@ -130,8 +130,8 @@ def test_postscript_under_an_image_name_never_reaches_ghostscript(tmp_path, monk
 
 def test_a_crop_whose_preprocessing_fails_skips_that_image(gallery, tiny_config, tmp_path, monkeypatch):
     """Preprocessing that runs after the crop stage (inputs made stale by cropping) skips the one image too."""
-    from pipeline.pipeline import build_pipeline
-    from pipeline.stages import Stage, TensorStage
+    from lookalike.pipeline.pipeline import build_pipeline
+    from lookalike.pipeline.stages import Stage, TensorStage
 
     class StaleInputs(Stage):
         """Stands in for a crop: what the loaders prepared no longer fits the image."""
@@ -153,6 +153,6 @@ def test_a_crop_whose_preprocessing_fails_skips_that_image(gallery, tiny_config,
         real_prepare(self, item)
 
     monkeypatch.setattr(TensorStage, "prepare", prepare)
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, pipeline=pipeline)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, pipeline=pipeline)
     assert summary.images == 17 and [s["path"] for s in summary.skipped] == [bad.relative_to(gallery).as_posix()]
     assert "cannot preprocess (MemoryError: a sliver blown up by resizing)" in summary.skipped[0]["reason"]

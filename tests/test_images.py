@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageLoadError, load_image
+from lookalike.pipeline.images import ImageLoadError, load_image
 
 
 def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:

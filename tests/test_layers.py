@@ -1,4 +1,5 @@
-"""The layers point down only (models <- cache <- pipeline <- evaluation, training <- cli), with no import cycles."""
+"""The layers point down only (models <- cache <- pipeline <- evaluation, training <- cli), with no import cycles,
+and the code imports itself as `lookalike`, never through a generic top-level name."""
 from __future__ import annotations
 
 import ast
@@ -33,17 +34,26 @@ def project_modules() -> dict[str, Path]:
     return found
 
 
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Project modules imported anywhere in the file (inside functions too: a lazy import is still a dependency)."""
-    found = set()
+def imported_names(path: Path) -> list[str]:
+    """Every module name a file imports, anywhere in it (a lazy import is still a dependency); relative imports
+    are resolved against the file's own package."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    names = []
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        found |= {name for name in names if name in modules}
-    return found
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(["lookalike", *package[:len(package) - node.level + 1], *([base] if base else [])])
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules (named without the `lookalike.` prefix) that a file imports."""
+    found = {name.removeprefix("lookalike.") for name in imported_names(path) if name.startswith("lookalike.")}
+    return found & set(modules)
 
 
 def graph() -> dict[str, set[str]]:
@@ -82,3 +92,20 @@ def test_the_checks_see_real_imports():
     edges = graph()
     assert "cache.store" in edges["cache.search"] and "pipeline.build" in edges["pipeline.query"]
     assert layer("pipeline.evaluation.speed") == "pipeline.evaluation" and "cli" in edges
+
+
+def test_nothing_imports_a_generic_top_level_name():
+    """`models`, `pipeline`, `cache` and `cli` exist only as `lookalike.*`: an import by the bare name would load a
+    second copy from the checkout, or a user's own package of that name."""
+    files = [*project_modules().values(), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")]
+    bare = [f"{path.relative_to(ROOT)}: {name}" for path in files for name in imported_names(path)
+            if name.split(".")[0] in PACKAGES]
+    assert bare == []
+
+
+def test_scripts_import_only_the_library():
+    """Scripts sit above everything: they may use any layer, and nothing imports them."""
+    modules = project_modules()
+    used = {name for path in (ROOT / "scripts").glob("*.py") for name in imports_of(path, modules)}
+    assert used and all(layer(name) in ALLOWED["cli"] for name in used)
+    assert not any("scripts" in name for path in modules.values() for name in imported_names(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache import metrics as m
+from lookalike.cache import metrics as m
 
 # Query 0: relevant at ranks 1 and 3 of 5, R = 2.  Query 1: relevant at rank 2, R = 3 (2 never retrieved).
 RELEVANCE = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=bool)

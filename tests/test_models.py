@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.classifier import Classifier
-from models.detector import choose_box, pad_box
-from models.embedders import create_embedder
-from models.registry import PRESETS, RANDOM, resolve_spec
-from models.weights import WeightsUnavailable, local_weights
+from lookalike.models.classifier import Classifier
+from lookalike.models.detector import choose_box, pad_box
+from lookalike.models.embedders import create_embedder
+from lookalike.models.registry import PRESETS, RANDOM, resolve_spec
+from lookalike.models.weights import WeightsUnavailable, local_weights
 
 
 def test_mobilenetv2_preset_describes_the_converted_weights():

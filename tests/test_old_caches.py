@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cache.manifest import CacheError
-from cache.store import load_cache
-from cli import cli
-from pipeline.build import build_cache
+from lookalike.cache.manifest import CacheError
+from lookalike.cache.store import load_cache
+from lookalike.cli import cli
+from lookalike.pipeline.build import build_cache
 
 FORMAT1 = Path(__file__).parent / "fixtures" / "format1-cache"
 
@@ -41,6 +41,6 @@ def test_a_format_1_cache_answers_queries(old_cache, gallery):
 
 def test_updating_a_format_1_cache_says_what_to_run(old_cache, gallery, tiny_config):
     with pytest.raises(CacheError, match="decode.*build-cache --rebuild"):
-        build_cache(gallery, old_cache, tiny_config, progress=False)
-    assert build_cache(gallery, old_cache, tiny_config, progress=False, rebuild=True).images == 18
+        build_cache(gallery, old_cache, tiny_config)
+    assert build_cache(gallery, old_cache, tiny_config, rebuild=True).images == 18
     assert load_cache(old_cache).manifest.format_version == 2

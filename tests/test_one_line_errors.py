@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from lookalike.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,8 @@ def bad_run_dir(tmp_path: Path, change) -> Path:
     """A run directory of a tiny timm embedder whose config.json `change` edits."""
     from safetensors.torch import save_file
 
-    from models.embedding_nets import build_net, describe_backbone
-    from models.run_directory import FORMAT_VERSION
+    from lookalike.models.embedding_nets import build_net, describe_backbone
+    from lookalike.models.run_directory import FORMAT_VERSION
 
     model = describe_backbone("timm:test_efficientnet@random", (32, 32))
     net, _ = build_net(model, 8, pretrained=False)
@@ -86,12 +86,11 @@ def test_a_bad_run_config_is_one_line(gallery, tmp_path, change, message):
 
 def test_a_bug_is_one_line_naming_its_traceback_file_and_debug_shows_it(monkeypatch, tmp_path):
     """Anything that is not a user error is a bug: one line pointing at the full traceback, or --debug raises it."""
-    import pipeline.query
-
+    from lookalike.pipeline import query
     def broken(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr(pipeline.query, "open_query_pipeline", broken)
+    monkeypatch.setattr(query, "open_query_pipeline", broken)
     result = CliRunner().invoke(cli, ["query", "x.jpg", "--cache", str(tmp_path)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from models import onnx_runtime, runtime, timm_net
-from models.classifier import Classifier
-from models.embedders import create_embedder
-from models.registry import resolve_spec
-from models.runtime import outputs_match, seeded
+from lookalike.cli import cli
+from lookalike.models import onnx_runtime, runtime, timm_net
+from lookalike.models.classifier import Classifier
+from lookalike.models.embedders import create_embedder
+from lookalike.models.registry import resolve_spec
+from lookalike.models.runtime import outputs_match, seeded
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
 
 

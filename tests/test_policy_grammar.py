@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cache.policies import BucketPolicy, parse_policy
+from lookalike.cache.policies import BucketPolicy, parse_policy
 
 # Generation speed depends on the machine's load, not on the grammar: no time limits.
 RELAXED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

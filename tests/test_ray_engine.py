@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.store import load_cache
-from pipeline.build import build_cache
-from pipeline.config import PipelineConfig
+from lookalike.cache.store import load_cache
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.config import PipelineConfig
 from tests.conftest import ASSETS, draw_shape
 
 ray = pytest.importorskip("ray", reason="Ray Data is an optional extra: pip install -e '.[ray]'")
-from pipeline.engines.ray_engine import RayEngine
+from lookalike.pipeline.engines.ray_engine import RayEngine
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 def test_ray_engine_builds_the_local_engines_cache_incrementally(ray_local, gallery, tiny_config, tmp_path):
     add_bad_files(gallery)
-    local = build_cache(gallery, tmp_path / "local", tiny_config, progress=False)
-    remote = build_cache(gallery, tmp_path / "ray", tiny_config, progress=False, engine=RayEngine(tiny_config))
+    local = build_cache(gallery, tmp_path / "local", tiny_config)
+    remote = build_cache(gallery, tmp_path / "ray", tiny_config, engine=RayEngine(tiny_config))
     assert (remote.images, remote.embedded, remote.buckets) == (local.images, local.embedded, local.buckets) == \
         (18, 18, local.buckets)
     assert sorted(s["path"] for s in remote.skipped) == ["blue_squares/not_an_image.jpg", "red_circles/truncated.jpg"]
@@ -71,7 +71,7 @@ def test_ray_engine_builds_the_local_engines_cache_incrementally(ray_local, gall
     draw_shape(gallery / "red_circles" / "new.png", (220, 30, 30), "ellipse", seed=7)
     draw_shape(gallery / "blue_squares" / "0.png", (30, 60, 220), "rectangle", seed=8)
     for out, engine in ((tmp_path / "local", None), (tmp_path / "ray", RayEngine(tiny_config))):
-        summary = build_cache(gallery, out, tiny_config, progress=False, engine=engine)
+        summary = build_cache(gallery, out, tiny_config, engine=engine)
         assert (summary.embedded, summary.reused, summary.images) == (2, 17, 19)
     assert_same_cache(tmp_path / "local", tmp_path / "ray")
 
@@ -91,12 +91,12 @@ def test_interrupted_ray_build_resumes_from_saved_chunks(ray_local, gallery, tin
 
     monkeypatch.setattr(RayEngine, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, engine=engine)
+        build_cache(gallery, tmp_path / "cache", tiny_config, engine=engine)
     assert not (tmp_path / "cache" / "CURRENT").exists()
     saved = sum(len(np.load(chunk)["paths"]) for chunk in (tmp_path / "cache" / "pending").glob("chunk-*.npz"))
     assert saved == 8  # what was delivered before the interrupt, all of it (the interrupt flushes)
     monkeypatch.setattr(RayEngine, "run", original)
-    summary = build_cache(gallery, tmp_path / "cache", tiny_config, progress=False, engine=engine)
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config, engine=engine)
     assert (summary.reused, summary.embedded, summary.images) == (saved, 18 - saved, 18)
 
 
@@ -139,7 +139,7 @@ def test_killed_actor_is_replaced_and_every_image_embedded_once(ray_local, tiny_
 
 
 def test_a_worker_with_other_models_is_refused_in_one_line(ray_local, gallery, tiny_config, monkeypatch):
-    from models.errors import UserError
+    from lookalike.models.errors import UserError
 
     engine = RayEngine(tiny_config)
     driver = engine.describe()
@@ -151,7 +151,7 @@ def test_a_worker_with_other_models_is_refused_in_one_line(ray_local, gallery, t
 
 @pytest.mark.real
 def test_both_engines_agree_on_real_photos(ray_local, real_weights, tmp_path):
-    from pipeline.datasets import load_labelled
+    from lookalike.pipeline.datasets import load_labelled
 
     data = load_labelled(ASSETS / "data" / "caltech101-22.zip")
     gallery = tmp_path / "gallery"
@@ -159,8 +159,8 @@ def test_both_engines_agree_on_real_photos(ray_local, real_weights, tmp_path):
         (gallery / path).parent.mkdir(parents=True, exist_ok=True)
         (gallery / path).symlink_to(data.root / path)
     config = PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device="cpu")
-    build_cache(gallery, tmp_path / "local", config, progress=False)
-    build_cache(gallery, tmp_path / "ray", config, progress=False, engine=RayEngine(config))
+    build_cache(gallery, tmp_path / "local", config)
+    build_cache(gallery, tmp_path / "ray", config, engine=RayEngine(config))
     local, remote = load_cache(tmp_path / "local"), load_cache(tmp_path / "ray")
     assert local.manifest.fingerprint == remote.manifest.fingerprint and len(local) == len(remote) >= 30
     assert local.columns["paths"].tolist() == remote.columns["paths"].tolist()
@@ -178,7 +178,7 @@ def test_two_node_cluster_builds_the_same_cache_through_the_cli(ray_local, galle
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", RAY_ADDRESS="")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ADDRESS="")
         command = [sys.executable, str(ROOT / "cli.py"), "build-cache", "--gallery", str(gallery), "--out",
                    str(tmp_path / "ray"), "--engine", "ray", "--ray-address", cluster.address,
                    "--classifier", tiny_config.classifier, "--embedder", tiny_config.embedder, "--device", "cpu",
@@ -188,20 +188,20 @@ def test_two_node_cluster_builds_the_same_cache_through_the_cli(ray_local, galle
         assert "18 images in cache (18 embedded" in result.stdout
     finally:
         cluster.shutdown()
-    build_cache(gallery, tmp_path / "local", tiny_config, progress=False)
+    build_cache(gallery, tmp_path / "local", tiny_config)
     assert_same_cache(tmp_path / "local", tmp_path / "ray")
 
 
 def test_cli_refuses_a_ray_address_without_the_ray_engine(gallery, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "build-cache", "--gallery", str(gallery),
                              "--out", str(tmp_path / "c"), "--ray-address", "auto"],
-                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120,
+                            capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 1 and result.stderr.strip() == "error: --ray-address needs --engine ray"
 
 
 def test_speed_times_the_ray_engine_against_the_local_one(ray_local, gallery, tiny_config, tmp_path):
-    from pipeline.evaluation.speed import run_speed
+    from lookalike.pipeline.evaluation.speed import run_speed
 
     report = run_speed(gallery, tiny_config, queries=2, naive_images=2, cold_runs=1, reference_queries=0,
                        search_sizes=(), forward_seconds=0.2, workdir=tmp_path, engine="ray", camera_images=2)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models.detector import Detector
-from models.registry import resolve_spec
-from pipeline.build import build_cache
-from pipeline.config import PipelineConfig
-from pipeline.datasets import load_labelled, split_queries
-from pipeline.pipeline import build_pipeline
-from pipeline.query import open_query_pipeline
+from lookalike.models.detector import Detector
+from lookalike.models.registry import resolve_spec
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.datasets import load_labelled, split_queries
+from lookalike.pipeline.pipeline import build_pipeline
+from lookalike.pipeline.query import open_query_pipeline
 
 pytestmark = pytest.mark.real
 CLASSES = ("Leopards", "airplanes", "grand_piano", "llama", "pizza", "revolver", "starfish", "umbrella")
@@ -33,9 +33,9 @@ def test_mobilenetv2_cache_returns_the_right_labels(caltech_part, real_weights, 
         (gallery_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (gallery_dir / path).symlink_to(gallery.root / path)
     config = PipelineConfig(classifier="mobilenetv2", embedder="mobilenetv2", device="cpu")
-    summary = build_cache(gallery_dir, tmp_path / "cache", config, progress=False)
+    summary = build_cache(gallery_dir, tmp_path / "cache", config)
     assert summary.images == len(gallery) and summary.buckets >= len(CLASSES)
-    again = build_cache(gallery_dir, tmp_path / "cache", config, progress=False)
+    again = build_cache(gallery_dir, tmp_path / "cache", config)
     assert (again.embedded, again.reused) == (0, len(gallery))  # same pipeline: nothing embedded twice
     for policy in ("flat", "topk:3"):
         pipeline, _ = open_query_pipeline(tmp_path / "cache", {"buckets": policy})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.metrics import map_at_r, precision_at_k, rank_by_score, relevance_matrix
-from cache.rerank import LeaveOneOutDBA, alpha_qe, dba, k_reciprocal, nearest, normalise
+from lookalike.cache.metrics import map_at_r, precision_at_k, rank_by_score, relevance_matrix
+from lookalike.cache.rerank import LeaveOneOutDBA, alpha_qe, dba, k_reciprocal, nearest, normalise
 
 
 def clustered(seed: int, clusters: int = 12, per_cluster: int = 15, dim: int = 32, noise: float = 1.2):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.autopolicy import FLAT, choose_policy, rerank_scores
-from cache.metrics import map_at_r, precision_at_k
-from cache.policies import parse_policy
-from cache.rerank import alpha_qe, dba
-from cache.search import Searcher
-from cache.store import CacheData, empty_columns, load_cache
-from pipeline.build import build_cache
+from lookalike.cache.autopolicy import FLAT, choose_policy, rerank_scores
+from lookalike.cache.metrics import map_at_r, precision_at_k
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.rerank import alpha_qe, dba
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheData, empty_columns, load_cache
+from lookalike.pipeline.build import build_cache
 from tests.test_fusion import gallery_columns
 
 
@@ -80,10 +80,9 @@ def test_auto_adopts_reranking_where_it_gains_and_not_where_nothing_can():
 
 
 def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config, tmp_path, monkeypatch):
-    import pipeline.build
-
-    monkeypatch.setattr(pipeline.build, "choose_policy", lambda columns: parse_policy("flat+dba:3+qe:2"))
-    build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    from lookalike.pipeline import build
+    monkeypatch.setattr(build, "choose_policy", lambda columns: parse_policy("flat+dba:3+qe:2"))
+    build_cache(gallery, tmp_path / "cache", tiny_config)
     data = load_cache(tmp_path / "cache")
     assert data.manifest.default_policy == "flat+dba:3+qe:2" and data.manifest.dba == [3, 0.0]
     embeddings = np.asarray(data.columns["embeddings"])

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.buckets import class_agreement
-from cache.policies import BucketPolicy, parse_policy
-from cache.search import Searcher
-from cache.store import CacheData, empty_columns
+from lookalike.cache.buckets import class_agreement
+from lookalike.cache.policies import BucketPolicy, parse_policy
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheData, empty_columns
 
 
 def unit(*values):

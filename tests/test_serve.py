@@ -15,10 +15,10 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient
 
-from cli import cli
-from pipeline.build import build_cache
-from pipeline.config import PipelineConfig
-from pipeline.serve.app import create_app
+from lookalike.cli import cli
+from lookalike.pipeline.build import build_cache
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.serve.app import create_app
 from tests.conftest import SHAPES, TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
 
 UPLOAD_LIMIT = 64 << 10
@@ -155,7 +155,7 @@ def test_bad_input_gets_its_status_and_a_json_message(client, send, status, mess
 
 
 def test_thumbnail_of_a_path_outside_the_gallery_is_refused(cache):
-    from pipeline.serve.thumbnails import Thumbnails
+    from lookalike.pipeline.serve.thumbnails import Thumbnails
 
     thumbnails = Thumbnails(cache.parent / "gallery", np.array(["red_circles/0.png", "../cache/CURRENT"]),
                             cache.parent / "thumbs-escape")
@@ -192,13 +192,13 @@ def clip_cache(tmp_path_factory) -> Path:
 
 def test_text_query_with_a_clip_cache(clip_cache):
     """Random CLIP weights: the answer is the gallery ranked by cosine to the text tower's vector."""
-    from cache.store import load_cache
+    from lookalike.cache.store import load_cache
 
     client = TestClient(create_app(clip_cache, {"device": "cpu"}))
     assert client.get("/api/info").json()["text_queries"] is True
     answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
     assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
-    vector = client.app.state.session.text.embed(["a red circle"])[0]
+    vector = client.app.state.index.session.text.embed(["a red circle"])[0]
     assert np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
     data = load_cache(clip_cache)
     cosine = np.asarray(data.columns["embeddings"]) @ vector

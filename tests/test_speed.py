@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cache.search as search
-import cache.store
-from cache.policies import parse_policy
-from cache.search import WHOLE_GALLERY, ExactIndex, IVFIndex, Searcher
-from cache.store import CacheData, load_cache
-from pipeline.evaluation.speed import make_synthetic_cache, synthetic
-from pipeline.evaluation.speed.report import format_report
+from lookalike.cache import search
+from lookalike.cache import store
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.search import WHOLE_GALLERY, ExactIndex, IVFIndex, Searcher
+from lookalike.cache.store import CacheData, load_cache
+from lookalike.pipeline.evaluation.speed import make_synthetic_cache, synthetic
+from lookalike.pipeline.evaluation.speed.report import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("forward_images_per_s", "build_images_per_s", "naive_images_per_s", "build_vs_forward", "build_vs_naive",
@@ -39,7 +39,7 @@ def recall_at_5(searcher: Searcher, truth: Searcher, queries: np.ndarray) -> flo
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime, runs_as", [("torch", "torch float32"), ("onnx", "onnxruntime")])
 def test_speed_json_has_every_figure(gallery, tiny_config, runtime, runs_as):
-    from cli import cli
+    from lookalike.cli import cli
 
     args = ["speed", "--gallery", str(gallery), "--classifier", tiny_config.classifier, "--embedder",
             tiny_config.embedder, "--device", "cpu", "--batch-size", "4", "--queries", "3", "--naive-images", "4",
@@ -132,11 +132,11 @@ def run_python(code: str) -> str:
 
 
 def test_query_without_crop_never_imports_ultralytics(gallery, tiny_config, tmp_path):
-    from pipeline.build import build_cache
+    from lookalike.pipeline.build import build_cache
 
-    build_cache(gallery, tmp_path / "cache", tiny_config, progress=False)
+    build_cache(gallery, tmp_path / "cache", tiny_config)
     image = next(gallery.rglob("*.png"))
-    code = ("import sys; import cli\n"
+    code = ("import sys; from lookalike import cli\n"
             f"sys.argv = ['cli.py', 'query', {str(image)!r}, '--cache', {str(tmp_path / 'cache')!r}, '--json']\n"
             "try:\n    cli.cli()\nexcept SystemExit as end:\n    assert end.code in (0, None), end.code\n"
             "print('ultralytics' in sys.modules, 'torch' in sys.modules)")
@@ -159,7 +159,7 @@ def mapped_mib(filename: str) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
 def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache.store, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
+    monkeypatch.setattr(store, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
     make_synthetic_cache(tmp_path / "cache", 20_000)
     data = load_cache(tmp_path / "cache")
     searcher = Searcher(data)

@@ -13,15 +13,15 @@ import torch
 from click.testing import CliRunner
 from conftest import SHAPES, draw_shape
 
-from models.embedders import create_embedder
-from models.embedding_nets import Preprocessing
-from models.finetuned import CheckpointEmbedder
-from models.registry import resolve_spec
-from pipeline.images import load_image
-from pipeline.training import loop
-from pipeline.training.config import TrainConfig
-from pipeline.training.loop import CURVES_FILE, METRICS_FILE, STATE_FILE, decode, retrieval_metrics, split_data, train
-from pipeline.training.objective import Objective, balanced_counts
+from lookalike.models.embedders import create_embedder
+from lookalike.models.embedding_nets import Preprocessing
+from lookalike.models.finetuned import CheckpointEmbedder
+from lookalike.models.registry import resolve_spec
+from lookalike.pipeline.images import load_image
+from lookalike.pipeline.training import loop
+from lookalike.pipeline.training.config import TrainConfig
+from lookalike.pipeline.training.loop import CURVES_FILE, METRICS_FILE, STATE_FILE, decode, retrieval_metrics, split_data, train
+from lookalike.pipeline.training.objective import Objective, balanced_counts
 
 RUN_FILES = ("config.json", "model.safetensors", STATE_FILE, METRICS_FILE, CURVES_FILE)
 LABELS = torch.tensor([0, 0, 1])
@@ -257,7 +257,7 @@ def test_garbled_weights_are_a_value_error(shapes, tmp_path):
 
 
 def test_train_command_and_the_checkpoint_as_a_cache_embedder(shapes, tmp_path):
-    from cli import cli
+    from lookalike.cli import cli
 
     run = tmp_path / "run"
     runner = CliRunner()

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from models import runtime
-from models.detector import Detector
-from models.errors import UserError
-from models.registry import resolve_spec
+from lookalike.cli import cli
+from lookalike.models import runtime
+from lookalike.models.detector import Detector
+from lookalike.models.errors import UserError
+from lookalike.models.registry import resolve_spec
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 
@@ -80,8 +80,8 @@ def test_genuine_yolo_checkpoint_still_loads(real_weights):
 
 
 def test_onnx_export_leaves_the_eager_model_unchanged(tmp_path, monkeypatch):
-    from models.runtime import seeded
-    from models.timm_net import TimmNet
+    from lookalike.models.runtime import seeded
+    from lookalike.models.timm_net import TimmNet
 
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "fresh"))  # no export yet: this process makes it
     spec = resolve_spec(TINY_CLASSIFIER, "classifier")
@@ -95,7 +95,7 @@ def test_onnx_export_leaves_the_eager_model_unchanged(tmp_path, monkeypatch):
 
 
 def test_a_model_giving_non_finite_embeddings_is_refused_not_stored(gallery, tmp_path, monkeypatch):
-    from models.timm_net import TimmNet
+    from lookalike.models.timm_net import TimmNet
 
     forward = TimmNet.forward
 
@@ -116,7 +116,7 @@ def test_a_model_giving_non_finite_embeddings_is_refused_not_stored(gallery, tmp
 
 
 def test_zero_vectors_are_refused_at_the_embedder_level():
-    from models.embedders import l2_normalize
+    from lookalike.models.embedders import l2_normalize
 
     with pytest.raises(UserError, match="m: gave a zero or non-finite embedding for 1 of 2 images"):
         l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), "m")
@@ -143,7 +143,7 @@ def onnx_dir(tmp_path, monkeypatch) -> Path:
 
 def onnx_and_torch(tmp_path):
     """A tiny classifier under ONNX Runtime and in torch, and photo-like drawn images for both."""
-    from models.timm_net import TimmNet
+    from lookalike.models.timm_net import TimmNet
     from tests.test_onnx_runtime import drawn_batch
 
     spec = resolve_spec(TINY_CLASSIFIER, "classifier")
@@ -159,7 +159,7 @@ def assert_same_answers(fast, eager, batch):
 
 
 def test_an_export_is_written_with_its_hash_beside_it(onnx_dir, tmp_path):
-    from models.files import sha256_of
+    from lookalike.models.files import sha256_of
 
     onnx_and_torch(tmp_path)
     [export] = onnx_dir.glob("*.onnx")
@@ -183,7 +183,7 @@ def test_a_damaged_export_is_exported_again_not_abandoned(onnx_dir, tmp_path, da
 
 
 def test_a_planted_export_that_agrees_on_noise_only_is_caught(onnx_dir, tmp_path):
-    from models import onnx_runtime
+    from lookalike.models import onnx_runtime
 
     first, _, _ = onnx_and_torch(tmp_path)
     [export] = onnx_dir.glob("*.onnx")

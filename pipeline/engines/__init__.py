@@ -1,8 +1,8 @@
 """Engines that embed a gallery for build-cache: the local Pipeline (in this process), or RayEngine."""
 from __future__ import annotations
 
-from models.errors import UserError
-from pipeline.config import PipelineConfig
+from lookalike.models.errors import UserError
+from lookalike.pipeline.config import PipelineConfig
 
 ENGINES = ("local", "ray")
 
@@ -16,7 +16,7 @@ def create_engine(name: str, config: PipelineConfig, address: str | None = None,
     if name != "ray":
         raise UserError(f"--engine {name}: use {' or '.join(ENGINES)}")
     try:
-        from pipeline.engines.ray_engine import RayEngine
+        from lookalike.pipeline.engines.ray_engine import RayEngine
     except ImportError as err:
         raise UserError(f"--engine ray needs Ray Data ({err}); pip install -e '.[ray]'") from None
     return RayEngine(config, address, pipeline=pipeline)

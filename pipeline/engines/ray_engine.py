@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.config import PipelineConfig
-from pipeline.items import Item
-from pipeline.pipeline import Pipeline, build_pipeline, load_item, output_shape
+from lookalike.models.errors import UserError
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.pipeline import Pipeline, build_pipeline, load_item, output_shape
 
 RETRIES = 3  # per batch, after its worker or actor process died (Ray Data's default: for ever); a decode error
 # is an answer (the Item's `error`), not a failure
@@ -64,7 +64,7 @@ class _Models:
         self.pipeline = build_pipeline(PipelineConfig.from_dict(config))
         found = self.pipeline.describe()
         if found != expected:
-            from cache.manifest import differences
+            from lookalike.cache.manifest import differences
 
             raise UserError(f"a Ray worker's models differ from the driver's ({'; '.join(differences(expected, found)[:3])}); "
                             "install the same lookalike and weights on every node")

@@ -17,22 +17,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.autopolicy import fit_weights
-from cache.metrics import cmc_curve, compute_metrics
-from cache.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
-from cache.search import Searcher
-from cache.store import load_cache
-from models.errors import UserError
-from models.registry import NO_CLASSIFIER
-from models.weights import WeightsUnavailable
-from pipeline.build import build_cache, fingerprint
-from pipeline.config import PipelineConfig
-from pipeline.datasets import LabelledSet, load_labelled, split_queries
-from pipeline.engines import create_engine
-from pipeline.evaluation import reports
-from pipeline.evaluation.environment import environment
-from pipeline.items import Item
-from pipeline.pipeline import build_pipeline
+from lookalike.cache.autopolicy import fit_weights
+from lookalike.cache.metrics import cmc_curve, compute_metrics
+from lookalike.cache.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import load_cache
+from lookalike.models.errors import UserError
+from lookalike.models.registry import NO_CLASSIFIER
+from lookalike.models.weights import WeightsUnavailable
+from lookalike.pipeline.build import build_cache, fingerprint, progress_bar
+from lookalike.pipeline.config import PipelineConfig
+from lookalike.pipeline.datasets import LabelledSet, load_labelled, split_queries
+from lookalike.pipeline.engines import create_engine
+from lookalike.pipeline.evaluation import reports
+from lookalike.pipeline.evaluation.environment import environment
+from lookalike.pipeline.items import Item
+from lookalike.pipeline.pipeline import build_pipeline
 
 CMC_DEPTH = 20
 
@@ -109,7 +109,7 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
     # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
     key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
     cache_dir = out / "caches" / key
-    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline,
+    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline, progress=progress_bar(),
                           engine=create_engine(engine, config, ray_address, pipeline))
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]

@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cache.policies import REFERENCE_POLICY  # noqa: E402
-from pipeline.sheets import Tile, contact_sheet  # noqa: E402
+from lookalike.cache.policies import REFERENCE_POLICY  # noqa: E402
+from lookalike.pipeline.sheets import Tile, contact_sheet  # noqa: E402
 
 TABLE_METRICS = ("P@1", "P@5", "MAP@R", "mAP@10", "R-precision", "recall@5", "mean_rank", "MRR",
                  "bucket_hit_rate", "candidate_fraction")

@@ -19,12 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from pipeline.images import ImageLoadError, NotAnImage, load_image
-from pipeline.items import Item
-from pipeline.query import answer_json
-from pipeline.serve.limits import BodyLimit
-from pipeline.serve.thumbnails import Thumbnails
-from pipeline.session import QuerySession
+from lookalike.pipeline.api import Answer, Index
+from lookalike.pipeline.images import ImageLoadError, NotAnImage
+from lookalike.pipeline.serve.limits import BodyLimit
+from lookalike.pipeline.serve.thumbnails import Thumbnails
 
 MAX_UPLOAD_BYTES = 20 << 20  # a phone photo is 2-8 MB
 MAX_UPLOAD_PIXELS = 50_000_000  # checked from the header: a small file that decodes to gigabytes is refused
@@ -83,12 +81,11 @@ def _buckets(value) -> str | None:
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     """An app answering queries on `cache_dir`; the pipeline is loaded here, once."""
-    session = QuerySession(cache_dir, overrides)
-    thumbnails = Thumbnails(session.gallery_root, session.data.columns["paths"],
-                            _thumbnail_folder(session.data.generation))
+    index = Index(cache_dir, **(overrides or {})).load()
+    thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.session = session
+    app.state.index = index
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
 
     @app.exception_handler(ApiError)
@@ -108,8 +105,8 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         log.error("%s %s failed", request.method, request.url.path, exc_info=err)
         return _error(500, f"internal error ({type(err).__name__}); the server log has the details")
 
-    def answer(item: Item, used: str) -> dict:
-        result = answer_json(item, session.gallery_root, used)
+    def answer(found: Answer) -> dict:
+        result = found.to_json()
         for r in result["results"]:
             r["thumbnail"] = f"/api/thumbnails/{r['row']}"
         return result
@@ -124,27 +121,20 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             raise ApiError(400, str(err)) from None
 
     def upload_query(data: bytes, name: str, buckets: str | None, k: int | None) -> dict:
-        with tempfile.NamedTemporaryFile(prefix="lookalike-upload-") as handle:
-            handle.write(data)
-            handle.flush()
-            try:
-                image = load_image(handle.name, session.pipeline.decode_side, max_pixels=MAX_UPLOAD_PIXELS)
-            except NotAnImage as err:
-                raise ApiError(415, f"{name}: {err.reason}") from None
-            except ImageLoadError as err:
-                raise ApiError(400, f"{name}: {err.reason}") from None
-        items, used = session.images([Item(name, image=image)], buckets, k)
-        if items[0].error:  # decoded, but the model's preprocessing refused it
-            raise ApiError(400, f"{name}: {items[0].error}")
-        return answer(items[0], used)
+        try:
+            found = index.query(data, k, buckets, max_pixels=MAX_UPLOAD_PIXELS)
+        except NotAnImage as err:
+            raise ApiError(415, f"{name}: {err.reason}") from None
+        except ImageLoadError as err:  # undecodable, too large, or refused by the model's preprocessing
+            raise ApiError(400, f"{name}: {err.reason}") from None
+        found.query = name
+        return answer(found)
 
     def row_query(row: int, buckets: str | None, k: int | None) -> dict:
-        item, used = session.row(row, buckets, k)
-        return answer(item, used)
+        return answer(index.more_like(row, k, buckets))
 
     def text_query(text: str, k: int | None) -> dict:
-        items, used = session.texts([text], k)
-        return answer(items[0], used)
+        return answer(index.query_text(text, k))
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -152,18 +142,16 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"ok": True, "gallery_images": len(session)}
+        return {"ok": True, "gallery_images": len(index)}
 
     @app.get("/api/info")
     async def info() -> dict:
-        manifest, config = session.data.manifest, session.config
-        return {"gallery_images": len(session), "gallery_root": str(session.gallery_root),
-                "pipeline": {"classifier": config.classifier, "embedder": config.embedder, "crop": config.crop,
-                             "runtime": config.runtime},
-                "policy": config.buckets, "policies": list(POLICIES) if config.uses_classifier else ["flat"],
-                "k": config.k, "max_k": MAX_K, "text_queries": session.text is not None,
-                "max_upload_bytes": max_upload_bytes, "built": manifest.built,
-                "fingerprint": manifest.fingerprint}
+        config = index.session.config
+        about = index.info
+        about["pipeline"]["runtime"] = config.runtime
+        return dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
+                    k=config.k, max_k=MAX_K, text_queries=index.session.text is not None,
+                    max_upload_bytes=max_upload_bytes)
 
     @app.get("/api/thumbnails/{row}")
     async def thumbnail(row: str) -> FileResponse:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.files import atomic_write
-from pipeline.images import load_image
+from lookalike.models.files import atomic_write
+from lookalike.pipeline.images import load_image
 
 THUMB_SIDE = 320  # pixels, longest side: sharp in a ~160 px grid cell on a 2x screen
 

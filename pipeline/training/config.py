@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.errors import UserError
+from lookalike.models.errors import UserError
 
 LOSSES = ("contrastive", "triplet")
 MINERS = ("batch-hard", "semi-hard", "all")

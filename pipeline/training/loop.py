@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.metrics import METRICS, leave_one_out
-from models.embedding_nets import EmbeddingNet, Preprocessing, build_net, describe_backbone, is_pretrained
-from models.errors import UserError
-from models.files import atomic_write
-from models.run_directory import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_run_config
-from models.runtime import l2_normalize, resolve_device
-from pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
-from pipeline.images import ImageLoadError, load_image
-from pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio
-from pipeline.training.objective import Objective
+from lookalike.cache.metrics import METRICS, leave_one_out
+from lookalike.models.embedding_nets import EmbeddingNet, Preprocessing, build_net, describe_backbone, is_pretrained
+from lookalike.models.errors import UserError
+from lookalike.models.files import atomic_write
+from lookalike.models.run_directory import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_run_config
+from lookalike.models.runtime import l2_normalize, resolve_device
+from lookalike.pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
+from lookalike.pipeline.images import ImageLoadError, load_image
+from lookalike.pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio
+from lookalike.pipeline.training.objective import Objective
 
 VAL_METRICS = ("P@1", "MAP@R", "R-precision", "mean_rank")
 STATE_FILE = "last.pt"

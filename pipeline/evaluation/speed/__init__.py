@@ -11,8 +11,8 @@ Figures (all on the machine it runs on, with its thread count):
 - "camera photos": a sample of the gallery re-encoded as 12 MP JPEGs (4000x3000), built against the same
   sample at its own size, with each engine measured.
 """
-from pipeline.evaluation.speed.report import format_report
-from pipeline.evaluation.speed.run import run_speed
-from pipeline.evaluation.speed.synthetic import make_synthetic_cache, synthetic
+from lookalike.pipeline.evaluation.speed.report import format_report
+from lookalike.pipeline.evaluation.speed.run import run_speed
+from lookalike.pipeline.evaluation.speed.synthetic import make_synthetic_cache, synthetic
 
 __all__ = ["format_report", "make_synthetic_cache", "run_speed", "synthetic"]

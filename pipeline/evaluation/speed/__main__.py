@@ -1,12 +1,12 @@
-"""`python -m pipeline.evaluation.speed TASK JSON_ARGUMENTS`: one measurement in a fresh process (children.py)."""
+"""`python -m lookalike.pipeline.evaluation.speed TASK JSON_ARGUMENTS`: one measurement in a fresh process (children.py)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluation.speed.measure import naive_build, warm_queries
-from pipeline.evaluation.speed.synthetic import incremental_publish_benchmark, make_synthetic_cache, search_benchmark
+from lookalike.pipeline.evaluation.speed.measure import naive_build, warm_queries
+from lookalike.pipeline.evaluation.speed.synthetic import incremental_publish_benchmark, make_synthetic_cache, search_benchmark
 
 TASKS = {
     "naive-build": lambda config, root, paths: naive_build(config, Path(root), paths),

@@ -26,9 +26,9 @@ def camera_galleries(root: Path, relpaths: list[str], folder: Path) -> tuple[Pat
 
 def build_figures(gallery: Path, cache: Path, config, pipeline, engine=None) -> dict:
     """One build-cache of `gallery` into `cache`, timed: end to end, its phases and the embedding phase alone."""
-    from pipeline.build import build_cache
+    from lookalike.pipeline.build import build_cache
 
-    summary = build_cache(gallery, cache, config, progress=False, pipeline=pipeline, engine=engine)
+    summary = build_cache(gallery, cache, config, pipeline=pipeline, engine=engine)
     return {"images": summary.embedded, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
             "skipped": len(summary.skipped), "phases_s": summary.phases,
             "embed_images_per_s": summary.embedded / summary.phases["embed"]}
@@ -38,7 +38,7 @@ def camera_figures(root: Path, relpaths: list[str], config, pipeline, engines: d
                    budget: dict | None = None) -> dict:
     """Build images/s of camera photos against the same photos at their own size, for each engine; on a CPU
     (`budget`: cpu_budget of the small photos) also each kind's preprocessing core-ms and the ratio the CPU allows."""
-    from pipeline.evaluation.speed.measure import preprocess_core_ms
+    from lookalike.pipeline.evaluation.speed.measure import preprocess_core_ms
 
     small, camera = camera_galleries(root, relpaths, folder)
     figures = {"images": len(relpaths), "size": list(CAMERA_SIZE)}

@@ -1,5 +1,5 @@
 """Measurements that need a fresh process (clean memory figures, no thread pools or page cache left by a build)
-run as `python -m pipeline.evaluation.speed TASK JSON_ARGUMENTS`: a module entry with named tasks, no source strings."""
+run as `python -m lookalike.pipeline.evaluation.speed TASK JSON_ARGUMENTS`: a module entry with named tasks, no source strings."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def run_child(task: str, timeout: float = 1800, **arguments) -> dict | list:
     """Run one task of __main__.TASKS in a new Python process; its result is the last line it prints (JSON)."""
-    result = subprocess.run([sys.executable, "-m", "pipeline.evaluation.speed", task, json.dumps(arguments)],
+    result = subprocess.run([sys.executable, "-m", "lookalike.pipeline.evaluation.speed", task, json.dumps(arguments)],
                             capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if result.returncode != 0:

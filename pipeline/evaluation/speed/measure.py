@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.evaluation.speed.children import ROOT, run_child
+from lookalike.models.errors import UserError
+from lookalike.pipeline.evaluation.speed.children import ROOT, run_child
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -22,7 +22,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def _model_calls(pipeline) -> list[tuple]:
     """(name, transform, batched forward, model) for every model stage, as the stages call them."""
-    from pipeline.stages import ClassifyStage, EmbedStage
+    from lookalike.pipeline.stages import ClassifyStage, EmbedStage
 
     calls = []
     for stage in pipeline.stages:
@@ -76,7 +76,7 @@ def preprocess_core_ms(pipeline, root: Path, paths: list[str]) -> float:
     `paths` after one warm-up, thread CPU time)."""
     import torch
 
-    from pipeline.pipeline import load_item
+    from lookalike.pipeline.pipeline import load_item
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the loader threads
@@ -103,9 +103,9 @@ def naive_embedder(pipeline):
     """One image at a time, as the reference notebooks: fresh fp32 NCHW copies of the models, no_grad."""
     import torch
 
-    from models.runtime import l2_normalize
-    from pipeline.images import load_image
-    from pipeline.stages import ClassifyStage, EmbedStage
+    from lookalike.models.runtime import l2_normalize
+    from lookalike.pipeline.images import load_image
+    from lookalike.pipeline.stages import ClassifyStage, EmbedStage
 
     steps = []
     for stage in pipeline.stages:
@@ -150,8 +150,8 @@ def naive_embedder(pipeline):
 
 def naive_build(config: dict, root: Path, paths: list[str]) -> dict:
     """The naive build of `paths`, timed in this process (call it in a fresh one: see warm_queries)."""
-    from pipeline.config import PipelineConfig
-    from pipeline.pipeline import build_pipeline
+    from lookalike.pipeline.config import PipelineConfig
+    from lookalike.pipeline.pipeline import build_pipeline
 
     run = naive_embedder(build_pipeline(PipelineConfig(**dict(config, runtime="torch"))))  # eager, by definition
     run(root / paths[0])  # warm-up, not counted
@@ -180,7 +180,7 @@ def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
 
 def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
     """Milliseconds of each query, one image at a time, in this process after two warm-up queries."""
-    from pipeline.query import open_query_pipeline
+    from lookalike.pipeline.query import open_query_pipeline
 
     pipeline, _ = open_query_pipeline(cache, overrides)
     list(pipeline.run(paths[:2]))
@@ -197,7 +197,7 @@ def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
 def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int, reference_queries: int,
                   naive_run=None, device: str = "auto", runtime: str = "torch") -> dict:
     """Warm and cold query latency with the given device and runtime (a cache records neither)."""
-    from pipeline.query import open_query_pipeline
+    from lookalike.pipeline.query import open_query_pipeline
 
     overrides = {"device": device, "runtime": runtime}
     pipeline, config = open_query_pipeline(cache, overrides)

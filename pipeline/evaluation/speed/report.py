@@ -1,7 +1,7 @@
 """The speed report as Markdown: the command, the versions and threads, then one table per part."""
 from __future__ import annotations
 
-from pipeline.evaluation.speed.synthetic import SYNTHETIC_BUCKETS, SYNTHETIC_DIM
+from lookalike.pipeline.evaluation.speed.synthetic import SYNTHETIC_BUCKETS, SYNTHETIC_DIM
 
 
 def format_report(report: dict, command: str) -> str:

@@ -5,11 +5,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.errors import UserError
-from pipeline.evaluation.environment import environment
-from pipeline.evaluation.speed.camera import build_figures, camera_figures
-from pipeline.evaluation.speed.children import run_child
-from pipeline.evaluation.speed.measure import (
+from lookalike.models.errors import UserError
+from lookalike.pipeline.evaluation.environment import environment
+from lookalike.pipeline.evaluation.speed.camera import build_figures, camera_figures
+from lookalike.pipeline.evaluation.speed.children import run_child
+from lookalike.pipeline.evaluation.speed.measure import (
     agreement,
     cpu_budget,
     forward_ceilings,
@@ -17,7 +17,7 @@ from pipeline.evaluation.speed.measure import (
     preprocess_core_ms,
     query_latency,
 )
-from pipeline.evaluation.speed.synthetic import search_sizes_benchmark
+from lookalike.pipeline.evaluation.speed.synthetic import search_sizes_benchmark
 
 
 def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int = 200, cold_runs: int = 3,
@@ -25,13 +25,13 @@ def run_speed(gallery: str | Path, config, queries: int = 50, naive_images: int 
               forward_seconds: float = 4.0, workdir: str | Path | None = None, echo=None, engine: str = "local",
               ray_address: str | None = None, camera_images: int = 100) -> dict:
     """All the figures for one configuration; `echo` gets a line per finished step."""
-    from models.machine import usable_cpus
-    from models.runtime import resolve_device
-    from pipeline.datasets import resolve_data
-    from pipeline.engines import create_engine
-    from pipeline.gallery import scan_gallery
-    from pipeline.images import load_image
-    from pipeline.pipeline import build_pipeline
+    from lookalike.models.machine import usable_cpus
+    from lookalike.models.runtime import resolve_device
+    from lookalike.pipeline.datasets import resolve_data
+    from lookalike.pipeline.engines import create_engine
+    from lookalike.pipeline.gallery import scan_gallery
+    from lookalike.pipeline.images import load_image
+    from lookalike.pipeline.pipeline import build_pipeline
 
     echo = echo or (lambda line: None)
     root = resolve_data(gallery)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.rerank import normalise
-from pipeline.evaluation.speed.children import run_child
-from pipeline.evaluation.speed.measure import percentile
+from lookalike.cache.rerank import normalise
+from lookalike.pipeline.evaluation.speed.children import run_child
+from lookalike.pipeline.evaluation.speed.measure import percentile
 
 SYNTHETIC_DIM = 512
 SYNTHETIC_BUCKETS = 1000
@@ -47,8 +47,8 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
 
 def make_synthetic_cache(folder: Path, count: int) -> None:
     """A real cache generation (written by cache.store) holding `count` synthetic rows."""
-    from cache.manifest import Manifest
-    from cache.store import write_generation
+    from lookalike.cache.manifest import Manifest
+    from lookalike.cache.store import write_generation
 
     vectors, classes, _ = synthetic(count)
     columns = {
@@ -77,9 +77,9 @@ def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int 
     """Latency per query of top1, topk:3 and flat on a synthetic cache, memory, and IVF recall@5."""
     import faiss  # noqa: F401  (its libraries are mapped before the baseline, as torch's are in a query process)
 
-    from cache.policies import parse_policy
-    from cache.search import EXACT_MAX_ROWS, ExactIndex, Searcher
-    from cache.store import load_cache
+    from lookalike.cache.policies import parse_policy
+    from lookalike.cache.search import EXACT_MAX_ROWS, ExactIndex, Searcher
+    from lookalike.cache.store import load_cache
 
     before = _memory()
     data = load_cache(folder)
@@ -139,9 +139,9 @@ def search_benchmark(folder: Path, bucket_queries: int = 200, flat_queries: int 
 def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
     """Peak memory of an incremental build adding `added` rows to the synthetic cache in `folder`: the same merge,
     `auto` choice and publish as build-cache (the new rows arrive as a pending chunk, as embedded images do)."""
-    from cache.store import load_cache
-    from pipeline.build import _merge
-    from pipeline.gallery import GalleryEntry
+    from lookalike.cache.store import load_cache
+    from lookalike.pipeline.build import _merge
+    from lookalike.pipeline.gallery import GalleryEntry
 
     before = _memory()
     previous = load_cache(folder)
@@ -152,8 +152,8 @@ def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
     entries = [GalleryEntry(p, None) for p in previous.columns["paths"].tolist() + chunk["paths"].tolist()]
     started = time.perf_counter()
     columns, rows = _merge(previous, [chunk], entries)
-    from cache.autopolicy import choose_policy
-    from cache.store import write_generation
+    from lookalike.cache.autopolicy import choose_policy
+    from lookalike.cache.store import write_generation
 
     choose_policy(columns)
     write_generation(folder, replace(previous.manifest, count=rows), columns)
