@@ -89,8 +89,9 @@ def pipeline_options(defaults: bool):
             click.option("--crop/--no-crop", default=default("crop"), help="crop to the main object (YOLO)"),
             click.option("--detector", default=default("detector"), help="yolov8n or a .pt path"),
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda"),
-            click.option("--runtime", type=click.Choice(["torch", "onnx"]), default=default("runtime"),
-                         help="onnx: ONNX Runtime on the CPU, used where it matches torch [default: torch]"),
+            click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default=default("runtime"),
+                         help="auto: ONNX Runtime on a CPU for each model whose export matches torch (a query runs "
+                              "the cache's checked exports without torch), torch on a GPU [default: auto]"),
             click.option("--batch-size", default=base.batch_size, show_default=True, type=click.IntRange(min=1)),
         ]
         for option in reversed(options):
@@ -242,8 +243,8 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
 @click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 lets other machines in")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default=None,
-              help="onnx: ONNX Runtime on the CPU, used where it matches torch [default: torch]")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default=None,
+              help="auto: the cache's checked ONNX exports on the CPU, else torch [default: auto]")
 @one_line_errors
 def serve(cache_dir, host, port, device, runtime):
     """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""

@@ -37,6 +37,9 @@ class Manifest:
     dba: list | None = None  # [K, a] of the DBA vectors stored as column `dba` (the default policy's +dba)
     labels_file: str | None = None
     skipped: list[dict] = field(default_factory=list)  # {path, reason} of files left out
+    # Per model stage, the ONNX export that embedded the rows, checked against eager torch: {"file", "sha256",
+    # "preprocess" steps, and for a classifier "class_names"}. A query runs exactly these bytes, without torch.
+    exports: dict[str, dict] = field(default_factory=dict)
     built: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -80,7 +83,7 @@ class Manifest:
     def check(self, where: str) -> None:
         """Types and values a query relies on."""
         expected = {"fingerprint": dict, "config": dict, "gallery_root": str, "count": int, "dim": int,
-                    "class_names": dict, "default_policy": str, "skipped": list}
+                    "class_names": dict, "default_policy": str, "skipped": list, "exports": dict}
         for name, kind in expected.items():
             if not isinstance(getattr(self, name), kind) or isinstance(getattr(self, name), bool):
                 raise CacheError(f"{where}: manifest.json field {name} is not a {kind.__name__}")

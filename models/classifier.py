@@ -1,22 +1,11 @@
 """ImageNet classifiers (any timm model): top-k classes with probabilities and readable names."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
+from lookalike.models.outputs import Prediction, top_classes
 from lookalike.models.registry import ModelSpec
 from lookalike.models.timm_net import TimmNet, load_timm_net
-
-
-@dataclass
-class Prediction:
-    """Top-k classes of a batch: indices and probabilities [B, k], plus the pooled features."""
-
-    classes: np.ndarray
-    probs: np.ndarray
-    pooled: torch.Tensor
 
 
 class Classifier:
@@ -36,11 +25,14 @@ class Classifier:
     def describe(self) -> dict:
         return self.net.describe()
 
+    def export_record(self) -> dict | None:
+        """The net's checked export (models/timm_net.py) plus every class name, so a query needs no timm."""
+        record = self.net.export_record()
+        return dict(record, class_names=[self.class_name(i) for i in range(self.net.num_classes)]) if record else None
+
     def predict(self, batch: torch.Tensor, k: int) -> Prediction:
         pooled, logits = self.net.forward(batch)
-        probs = logits.softmax(dim=-1)
-        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-        return Prediction(top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float32), pooled)
+        return top_classes(logits, pooled, k)
 
     def class_name(self, index: int) -> str:
         """Readable class name ('airliner'), or the index when the label set is unknown."""

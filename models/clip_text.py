@@ -10,21 +10,11 @@ import torch
 
 from lookalike.models.embedders import load_clip
 from lookalike.models.errors import UserError
-from lookalike.models.registry import ModelSpec
-from lookalike.models.runtime import l2_normalize, resolve_device
+from lookalike.models.registry import ModelSpec, require_text_tower
+from lookalike.models.outputs import l2_normalize
+from lookalike.models.runtime import resolve_device
 
 MAX_TEXT_CHARS = 1000  # a longer text is refused; the tokenizer keeps its first 77 tokens anyway
-
-
-def has_text_tower(spec: ModelSpec) -> bool:
-    return spec.library == "open_clip"
-
-
-def require_text_tower(spec: ModelSpec) -> None:
-    """UserError naming the embedder when it cannot embed text."""
-    if not has_text_tower(spec):
-        raise UserError(f"text queries need a CLIP embedder (open_clip, with a text tower); "
-                        f"the embedder '{spec.name}' embeds images only")
 
 
 class ClipTextEncoder:

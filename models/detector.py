@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -10,7 +9,6 @@ from PIL import Image
 from lookalike.models.errors import UserError, one_line
 from lookalike.models.files import user_config_dir
 from lookalike.models.registry import ModelSpec
-from lookalike.models.runtime import resolve_device
 from lookalike.models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
@@ -67,6 +65,8 @@ class Detector:
     def __init__(self, spec: ModelSpec, device: str = "auto", confidence: float = 0.25):
         self.spec = spec
         self.confidence = confidence
+        from lookalike.models.runtime import resolve_device
+
         self.device = str(resolve_device(device))
         path = local_weights(spec)
         ultralytics = _import_ultralytics()

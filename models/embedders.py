@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from lookalike.models.errors import UserError
-from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.onnx_runtime import onnx_forward, resolve_runtime
+from lookalike.models.preprocess import describe_transform
 from lookalike.models.registry import RANDOM, ModelSpec
+from lookalike.models.outputs import l2_normalize
 from lookalike.models.runtime import (
     GpuPrecision,
     has_conv,
-    l2_normalize,
     prepare_for_inference,
     resolve_device,
     seeded,
@@ -34,6 +35,8 @@ class Embedder(Protocol):
 
     def embed(self, batch: torch.Tensor) -> np.ndarray: ...
 
+    def export_record(self) -> dict | None: ...
+
     def describe(self) -> dict: ...
 
 
@@ -48,6 +51,9 @@ class TimmEmbedder:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         return l2_normalize(self.net.forward(batch)[0], self.spec.name)
+
+    def export_record(self) -> dict | None:
+        return self.net.export_record()
 
     def describe(self) -> dict:
         return self.net.describe()
@@ -79,7 +85,6 @@ class ClipEmbedder:
     def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
         self.spec = spec
         self.device = resolve_device(device)
-        check_runtime(runtime, self.device)
         model, transform, self.preprocessing = load_clip(spec)
         self.transform = transform
         self.visual = prepare_for_inference(model.visual, self.device)
@@ -88,8 +93,14 @@ class ClipEmbedder:
         self.image_size = model.visual.image_size
         self.precision = GpuPrecision(self.device, logits=(False,))  # half precision only where it matches fp32
         size = tuple(np.broadcast_to(np.atleast_1d(self.image_size), 2).tolist())
-        self.onnx = onnx_forward(runtime, self.visual, (3, *size), self.describe, logits=(False,),
+        self.onnx = onnx_forward(resolve_runtime(runtime, self.device), self.visual, (3, *size), self.describe, logits=(False,),
                                  name=spec.name)
+
+    def export_record(self) -> dict | None:
+        """The checked ONNX export of the image tower with its preprocessing as data, or None (see TimmNet)."""
+        record = self.onnx.record() if self.onnx is not None else None
+        steps = describe_transform(self.transform)
+        return dict(record, preprocess=steps) if record and steps else None
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.onnx_runtime import onnx_forward, resolve_runtime
 from lookalike.models.registry import ModelSpec
 from lookalike.models.run_directory import WEIGHTS_FILE, load_weights, read_run_config, rebuild_net
-from lookalike.models.runtime import l2_normalize, resolve_device
+from lookalike.models.outputs import l2_normalize
+from lookalike.models.runtime import resolve_device
 from lookalike.models.weights import file_sha256
 
 
@@ -28,9 +29,12 @@ class CheckpointEmbedder:
         self.spec = ModelSpec(name=f"ckpt:{run_dir}", library="checkpoint", model_id=str(run_dir))
         self.transform = self.preprocessing
         self.dim = self.net.dim
-        check_runtime(runtime, self.device)
-        self.onnx = onnx_forward(runtime, self.net, (self.preprocessing.channels, *self.preprocessing.size),
+        self.onnx = onnx_forward(resolve_runtime(runtime, self.device), self.net, (self.preprocessing.channels, *self.preprocessing.size),
                                  self.describe, logits=(False,), name=self.spec.name)
+
+    def export_record(self) -> None:
+        """None: a fine-tuned net's preprocessing is its own, so its queries run in torch (README, Runtimes)."""
+        return None
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         if self.onnx is not None:

@@ -1,4 +1,4 @@
-"""`--runtime onnx`: a model's forward exported once to ONNX and run by ONNX Runtime on the CPU.
+"""`--runtime onnx` (and `auto` on a CPU): a model's forward exported once to ONNX and run by ONNX Runtime.
 
 Why: on this project's 2-core CPU, ONNX Runtime forwards mobilenetv2 about 4x as fast as eager torch
 (102-114 vs 27 images/s batched in two runs; BENCHMARKS.md, Speed). Used only where it gives the same
@@ -9,7 +9,9 @@ runs in torch and says why on stderr.
 Exports are kept in $LOOKALIKE_CACHE_DIR/onnx (default ~/.cache/lookalike/onnx), keyed by the model's
 identity (spec, weight hash, preprocessing), so a process exports a model once per weight file. An export is
 data, never trusted as such: it is written atomically with its sha256 beside it (`<key>.onnx.sha256`), and one
-whose bytes no longer match that hash, or that fails the check, is exported again from the model.
+whose bytes no longer match that hash, or that fails the check, is exported again from the model. A checked
+export's sha256 (of the bytes the session was made from) goes into the cache's manifest (`record`), and a query
+runs that export alone, without torch (models/recorded.py).
 """
 from __future__ import annotations
 
@@ -24,39 +26,34 @@ import torch
 
 from lookalike.models import runtime as _runtime
 from lookalike.models.errors import UserError, one_line
-from lookalike.models.files import atomic_write, user_cache_dir, write_text_atomic
+from lookalike.models.files import atomic_write, write_text_atomic
+from lookalike.models.onnx_session import export_dir, read_hashed, session_from_bytes
 from lookalike.models.weights import file_sha256
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx")
 
 
-def check_runtime(runtime: str, device: torch.device) -> None:
-    """ValueError for an unknown runtime, or onnx on a GPU (ONNX Runtime here is the CPU build)."""
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """'torch' or 'onnx' for `runtime` on `device`: 'auto' is ONNX Runtime on a CPU (each model still checked
+    against eager fp32, falling back to torch by itself) and torch on a GPU (half precision where it matches).
+    UserError for an unknown runtime, or onnx on a GPU (ONNX Runtime here is the CPU build)."""
     if runtime not in RUNTIMES:
-        raise UserError(f"--runtime {runtime}: use {' or '.join(RUNTIMES)}")
+        raise UserError(f"--runtime {runtime}: use {', '.join(RUNTIMES)}")
     if runtime == "onnx" and device.type != "cpu":
         raise UserError(f"--runtime onnx runs on the CPU; on {device.type} use --runtime torch "
                          "(half-precision autocast)")
-
-
-def export_dir() -> Path:
-    return user_cache_dir() / "onnx"
+    if runtime == "auto":
+        return "onnx" if device.type == "cpu" else "torch"
+    return runtime
 
 
 class OnnxSession:
-    """An ONNX Runtime session that takes a float32 NCHW batch and returns float32 CPU tensors."""
+    """An ONNX Runtime session that takes a float32 NCHW batch and returns float32 CPU tensors. `sha256` is that of
+    the bytes the session was made from."""
 
     def __init__(self, path: Path, threads: int):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle threads sleep instead of spinning: spinning took the cores from the image-decoding threads and
-        # from torch (naive build 30 -> 13 images/s, warm query 29 -> 63 ms in one process; BENCHMARKS.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        data, self.sha256 = read_hashed(path)
+        self.session = session_from_bytes(data, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -121,6 +118,13 @@ class OnnxForward:
     def in_use(self) -> bool:
         return self.session is not None
 
+    def record(self) -> dict | None:
+        """The export as a cache's manifest records it (file name, sha256 of the bytes loaded), once it gave eager
+        torch's answers on a real batch; None before that, or when the model runs in torch."""
+        if self.session is None or not self.checked:
+            return None
+        return {"file": self.path.name, "sha256": self.session.sha256}
+
     def _open(self, fresh: bool) -> None:
         if fresh:
             _export(self.module, self.example, self.path, len(self.logits))
@@ -163,8 +167,8 @@ class OnnxForward:
 
 def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: Callable[[], dict],
                  logits: Sequence[bool], name: str) -> OnnxForward | None:
-    """ONNX Runtime in place of `module` when `runtime` is 'onnx' (it falls back to torch by itself); else None
-    (the caller runs `module` in torch). `logits[i]` says whether output i holds class logits (top-1 must agree).
+    """ONNX Runtime in place of `module` when `runtime` (resolved: resolve_runtime) is 'onnx' (it falls back to
+    torch by itself); else None (the caller runs `module` in torch). `logits[i]` says whether output i holds class logits (top-1 must agree).
     `identity` (the model's description, which hashes its weight file) is called only when an export is keyed."""
     if runtime != "onnx":
         return None

@@ -112,3 +112,14 @@ def resolve_spec(text: str, kind: Kind) -> ModelSpec:
         choices = ", ".join(sorted(presets) + ([NO_CLASSIFIER] if kind == "classifier" else []))
         raise UserError(f"unknown {kind} '{text}': use one of {choices}, or {forms}")
     return replace(spec, weights=weights) if weights else spec
+
+
+def has_text_tower(spec: ModelSpec) -> bool:
+    return spec.library == "open_clip"
+
+
+def require_text_tower(spec: ModelSpec) -> None:
+    """UserError naming the embedder when it cannot embed text."""
+    if not has_text_tower(spec):
+        raise UserError(f"text queries need a CLIP embedder (open_clip, with a text tower); "
+                        f"the embedder '{spec.name}' embeds images only")

@@ -4,25 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 from lookalike.models.errors import UserError
 
 T = TypeVar("T")
-
-
-def l2_normalize(features: torch.Tensor, model: str) -> np.ndarray:
-    """Unit-length float32 rows on the CPU: the one normalisation every embedding goes through. UserError when
-    `model` gave a zero or non-finite vector, which no normalisation can turn into a meaningful embedding (stored,
-    it would match nothing or everything)."""
-    features = features.detach().float().cpu()
-    norms = features.norm(dim=-1)
-    broken = int((~torch.isfinite(norms) | (norms == 0)).sum())
-    if broken:
-        raise UserError(f"{model}: gave a zero or non-finite embedding for {broken} of {len(features)} images; "
-                        "its weights or runtime are broken (try --runtime torch or other weights)")
-    return (features / norms[:, None]).numpy()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

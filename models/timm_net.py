@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lookalike.models.onnx_runtime import check_runtime, onnx_forward
+from lookalike.models.onnx_runtime import onnx_forward, resolve_runtime
+from lookalike.models.onnx_session import export_dir
+from lookalike.models.preprocess import describe_transform
 from lookalike.models.registry import RANDOM, ModelSpec
 from lookalike.models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
 from lookalike.models.weights import load_with_fallback, weights_identity
@@ -53,7 +55,7 @@ class TimmNet:
     def __init__(self, spec: ModelSpec, device: torch.device, runtime: str = "torch"):
         import timm.data
 
-        check_runtime(runtime, device)
+        runtime = resolve_runtime(runtime, device)
         self.spec = spec
         self.device = device
         model = create_timm_model(spec)
@@ -61,6 +63,7 @@ class TimmNet:
         self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(**self.data_config)
         self.imagenet_subset = timm.data.infer_imagenet_subset(model)
         self.num_features = model.num_features
+        self.num_classes = model.num_classes
         self.channels_last = has_conv(model)
         self.model = prepare_for_inference(model, device)
         self.features_and_logits = FeaturesAndLogits(self.model)
@@ -73,6 +76,13 @@ class TimmNet:
         return {"spec": self.spec.describe(), "weights": weights_identity(self.spec),
                 "preprocessing": json.loads(json.dumps(self.data_config, default=list))}
 
+    def export_record(self) -> dict | None:
+        """The checked ONNX export with its preprocessing as data (outputs: pooled features, logits), for the
+        cache's manifest; None when the model runs in torch or its transform has steps ArrayTransform lacks."""
+        record = self.onnx.record() if self.onnx is not None else None
+        steps = describe_transform(self.transform)
+        return dict(record, preprocess=steps) if record and steps else None
+
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled features, class logits) for a preprocessed batch, both float32 on the CPU."""
@@ -84,10 +94,11 @@ class TimmNet:
 
 
 @lru_cache(maxsize=4)
-def _load(spec_json: str, device: str, runtime: str) -> TimmNet:
+def _load(spec_json: str, device: str, runtime: str, exports: str) -> TimmNet:
     return TimmNet(ModelSpec(**json.loads(spec_json)), torch.device(device), runtime)
 
 
 def load_timm_net(spec: ModelSpec, device: str = "auto", runtime: str = "torch") -> TimmNet:
-    """The process-wide TimmNet for `spec`: a classifier and an embedder naming the same model share it."""
-    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)), runtime)
+    """The process-wide TimmNet for `spec`: a classifier and an embedder naming the same model share it (per export
+    folder too, since its ONNX export lives there)."""
+    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)), runtime, str(export_dir()))

@@ -21,7 +21,7 @@ from lookalike.pipeline.duplicates import DuplicateReport, cache_duplicates
 from lookalike.pipeline.images import MAX_PIXELS, ImageLoadError, image_in_memory, load_image
 from lookalike.pipeline.items import Item, Result
 from lookalike.pipeline.pipeline import load_item
-from lookalike.pipeline.session import QuerySession
+from lookalike.pipeline.session import QuerySession, query_policy
 
 # A query image: a file path, the file's bytes, a PIL image, or an HxWx3 uint8 RGB array.
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -123,6 +123,7 @@ class Index:
         """The k most similar gallery images to an image, or to each of several (then a list comes back).
         `buckets` is a bucket policy (default: the cache's own choice). One unusable image raises ImageLoadError;
         in a list, its Answer carries the `error` instead. Images over `max_pixels` are refused from their header."""
+        query_policy(self.data, buckets, k)  # a bad policy or k fails before the models load
         one = _is_one(images)
         inputs = [images] if one else list(images)
         session = self.session
@@ -167,6 +168,7 @@ class Index:
 
     def more_like(self, row: int, k: int | None = 5, buckets: str | None = None) -> Answer:
         """Gallery row `row` as the query, from its stored embedding and classes (it finds itself first)."""
+        query_policy(self.data, buckets, k)
         item, used = self.session.row(row, buckets, k)
         return Answer.of(item, self.gallery_root, used)
 

@@ -266,7 +266,8 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
             class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
             fused_weight=fused_weight, dba=dba, labels_file=str(labels_file) if labels_file else None,
-            skipped=summary.skipped, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
+            built=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_generation(out, manifest, columns)
         pending.clear()
     summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
@@ -274,6 +275,14 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _exports(pipeline: Pipeline, previous: CacheData | None, summary: BuildReport) -> dict[str, dict]:
+    """The checked ONNX exports that embedded this build's rows; the previous generation's when none were embedded
+    (no model ran, so none was checked)."""
+    if summary.embedded == 0 and previous is not None:
+        return previous.manifest.exports
+    return pipeline.export_records()
 
 
 def _class_names(columns: dict, pipeline: Pipeline, bucket_by: str) -> dict[str, str]:

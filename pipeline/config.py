@@ -21,7 +21,7 @@ class PipelineConfig:
     buckets: str = "auto"  # the policy chosen on the gallery at build time (cache/autopolicy.py)
     k: int = 5
     device: str = "auto"
-    runtime: str = "torch"  # or 'onnx': ONNX Runtime on the CPU where it matches torch (models/onnx_runtime.py)
+    runtime: str = "auto"  # ONNX Runtime on a CPU where it matches torch, torch on a GPU (models/onnx_runtime.py)
     batch_size: int = 32
     workers: int = 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -33,7 +32,7 @@ class Item:
     image: Image.Image | None = None
     error: str | None = None
     box: tuple[float, float, float, float] | None = None
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed tensors per stage
+    inputs: dict = field(default_factory=dict)  # per stage: its preprocessed input (array or tensor)
     classes: np.ndarray | None = None  # top-k class indices, most probable first
     probs: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)

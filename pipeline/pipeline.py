@@ -1,25 +1,22 @@
 """Pipeline: an ordered list of stages run over batches, with image decoding overlapped in threads."""
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from PIL.Image import Image
 
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.models.classifier import Classifier
-from lookalike.models.detector import Detector
-from lookalike.models.embedders import create_embedder
 from lookalike.models.errors import UserError, one_line
 from lookalike.models.registry import resolve_spec
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.images import DECODE_SIDE, MAX_PIXELS, ImageLoadError, load_image
 from lookalike.pipeline.items import Item
-from lookalike.pipeline.stages import ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage, TensorStage
+from lookalike.pipeline.stages import Batch, ClassifyStage, CropStage, EmbedStage, RetrieveStage, Stage, TensorStage
 
 # How big a JPEG is decoded (recorded in cache fingerprints): without a crop, at least DRAFT_FACTOR x the largest
 # model input side (DCT-domain downscale, then the model's own resize); with a crop, at least DECODE_SIDE, so a
@@ -29,9 +26,9 @@ DECODE_RULE = f"jpeg draft to {DRAFT_FACTOR}x the model input side; {DECODE_SIDE
 
 
 def _single_threaded_torch() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")  # the torch path imported it before any image is decoded; ONNX queries never do
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def loader_pool(workers: int) -> ThreadPoolExecutor:
@@ -41,7 +38,7 @@ def loader_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, workers), initializer=_single_threaded_torch)
 
 
-def output_shape(transform: Callable[[Image], torch.Tensor]) -> tuple[int, ...]:
+def output_shape(transform: Callable[[Image], Batch]) -> tuple[int, ...]:
     """The tensor shape a per-image transform makes, whatever library made it (probed on a tiny image)."""
     from PIL import Image as PILImage
 
@@ -56,7 +53,7 @@ def decode_side(stages: list[Stage]) -> int:
     return DRAFT_FACTOR * max(sides) if sides else DECODE_SIDE
 
 
-def load_item(path: str, root: Path | None, side: int, transforms: dict[str, Callable[[Image], torch.Tensor]],
+def load_item(path: str, root: Path | None, side: int, transforms: dict[str, Callable[[Image], Batch]],
               max_pixels: int = MAX_PIXELS) -> Item:
     """Decode one image and apply the per-image transforms (by stage name); unreadable -> `error` set."""
     item = Item(path)
@@ -95,6 +92,14 @@ class Pipeline:
         """What the stages that shape a stored row do (models, weights, preprocessing): the cache fingerprint's core.
         The retrieve stage stores nothing and is left out."""
         return {stage.name: stage.describe() for stage in self.stages if not isinstance(stage, RetrieveStage)}
+
+    def export_records(self) -> dict[str, dict]:
+        """Each model stage's checked ONNX export, for the manifest; empty unless every stage has one (a query
+        then runs them without torch) and no stage runs only in torch (the crop's detector)."""
+        if any(isinstance(stage, CropStage) for stage in self.stages):
+            return {}
+        records = {stage.name: stage.export_record() for stage in self.stages if isinstance(stage, TensorStage)}
+        return records if records and all(records.values()) else {}
 
     def _load(self, path: str, root: Path | None) -> Item:
         return load_item(path, root, self.decode_side, self.transforms)
@@ -142,30 +147,67 @@ def run_stages(stages: list[Stage], items: list[Item]) -> list[Item]:
     return items
 
 
-def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> Pipeline:
-    """Crop -> classify -> embed (-> retrieve when a searcher is given), from one config.
-
-    When the classifier and the embedder name the same model, one forward serves both.
-    """
-    policy = parse_policy(config.buckets) if searcher is not None else None  # a bad policy fails before models load
+def _query_policy(config: PipelineConfig, searcher: Searcher | None):
+    """The parsed bucket policy when the pipeline retrieves (parsed before any model loads), else None."""
+    policy = parse_policy(config.buckets) if searcher is not None else None
     if policy is not None and policy.uses_buckets and not config.uses_classifier:
         raise UserError(f"bucket policy '{config.buckets}' needs a classifier; use --buckets flat")
-    pool = loader_pool(config.workers)
-    stages: list[Stage] = []
-    if config.crop:
-        stages.append(CropStage(Detector(resolve_spec(config.detector, "detector"), config.device,
-                                         config.crop_confidence), config.crop_margin))
+    return policy
+
+
+def _assemble(config: PipelineConfig, searcher: Searcher | None, policy, pool: ThreadPoolExecutor,
+              make_classifier: Callable, make_embedder: Callable, crop: list[Stage]) -> Pipeline:
+    """Crop stages, then classify -> embed (one forward for both when they name the same model) -> retrieve."""
+    stages = list(crop)
     embed_spec = resolve_spec(config.embedder, "embedder")
     classifier = None
     if config.uses_classifier:
         classifier_spec = resolve_spec(config.classifier, "classifier")
-        classifier = Classifier(classifier_spec, config.device, config.runtime)
+        classifier = make_classifier(classifier_spec)
         stages.append(ClassifyStage(classifier, config.class_topk, pool, embed=classifier_spec == embed_spec))
     if classifier is None or classifier.spec != embed_spec:
-        stages.append(EmbedStage(create_embedder(embed_spec, config.device, config.runtime), pool))
+        stages.append(EmbedStage(make_embedder(embed_spec), pool))
     if searcher is not None:
         names = searcher.data.manifest.class_names
         stages.append(RetrieveStage(searcher, policy, config.k,
                                     lambda key: names.get(str(key), classifier.class_name(key)
                                                           if classifier else str(key))))
     return Pipeline(stages, config.batch_size, config.workers, pool)
+
+
+def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> Pipeline:
+    """Crop -> classify -> embed (-> retrieve when a searcher is given), from one config, with the models in torch
+    (or ONNX Runtime, checked against torch: `config.runtime`)."""
+    from lookalike.models.classifier import Classifier
+    from lookalike.models.detector import Detector
+    from lookalike.models.embedders import create_embedder
+
+    policy = _query_policy(config, searcher)
+    crop = [CropStage(Detector(resolve_spec(config.detector, "detector"), config.device, config.crop_confidence),
+                      config.crop_margin)] if config.crop else []
+    return _assemble(config, searcher, policy, loader_pool(config.workers),
+                     lambda spec: Classifier(spec, config.device, config.runtime),
+                     lambda spec: create_embedder(spec, config.device, config.runtime), crop)
+
+
+def recorded_pipeline(config: PipelineConfig, searcher: Searcher) -> Pipeline:
+    """The cache's models as the ONNX exports its build checked and recorded, with a retrieve stage: no torch.
+    ExportRefused when the cache records none, or any of them cannot be used as recorded."""
+    from lookalike.models.recorded import ExportRefused, RecordedClassifier, RecordedEmbedder
+
+    exports = searcher.data.manifest.exports
+    policy = _query_policy(config, searcher)
+    if not exports:
+        raise ExportRefused("the cache records no checked ONNX export (built before exports were recorded, with "
+                            "--runtime torch, on a GPU, with --crop or by the Ray engine)")
+
+    def recorded(kind: str, make: Callable) -> Callable:
+        def load(spec):
+            if kind not in exports:
+                raise ExportRefused(f"the cache records no export for its {kind} stage")
+            return make(exports[kind], spec)
+
+        return load
+
+    return _assemble(config, searcher, policy, loader_pool(config.workers), recorded("classify", RecordedClassifier),
+                     recorded("embed", RecordedEmbedder), crop=[])

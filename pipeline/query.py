@@ -5,6 +5,7 @@ fingerprint is checked against the manifest's, with the message build-cache give
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from lookalike.cache.search import Searcher
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.build import fingerprint
 from lookalike.pipeline.config import CACHE_FIELDS, PipelineConfig
-from lookalike.pipeline.pipeline import Pipeline, build_pipeline
+from lookalike.pipeline.pipeline import Pipeline, build_pipeline, recorded_pipeline
 
 # What a query must share with the cache: the models, their weights and preprocessing. The JPEG decode rule only
 # changes how a query photo is decoded (on 12 MP photos cosine >= 0.9996 to the previous rule), so a cache built
@@ -41,12 +42,26 @@ def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     return config
 
 
+def runs_recorded_exports(config: PipelineConfig) -> bool:
+    """Whether a query tries the cache's recorded ONNX exports first: on the CPU, unless --runtime torch. With
+    `--device auto` too, even where a GPU is present: one photo's answer is mostly start-up, which torch would add."""
+    return config.runtime in ("auto", "onnx") and config.device in ("auto", "cpu")
+
+
 def open_query_pipeline(cache: str | Path | CacheData,
                         overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
-    """The cache's pipeline with a retrieve stage, refused when its models are not the ones that built the cache.
-    `cache` is a cache folder or one already loaded."""
+    """The cache's pipeline with a retrieve stage: its recorded ONNX exports where they can be used (no torch),
+    else its models in torch, refused when they are not the ones that built the cache. `cache` is a cache folder
+    or one already loaded."""
     data = cache if isinstance(cache, CacheData) else load_cache(cache)
     config = query_config(data, overrides or {})
+    if runs_recorded_exports(config):
+        from lookalike.models.recorded import ExportRefused
+
+        try:
+            return recorded_pipeline(config, Searcher(data)), config
+        except ExportRefused as err:
+            print(f"lookalike: {err}; loading the models in torch", file=sys.stderr)
     pipeline = build_pipeline(config, Searcher(data))
     refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), data.root,
                           keys=QUERY_CHECKS)

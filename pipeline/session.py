@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache.policies import parse_policy
+from lookalike.cache.policies import BucketPolicy, parse_policy
 from lookalike.cache.store import CacheData
-from lookalike.models.clip_text import ClipTextEncoder, has_text_tower, require_text_tower
 from lookalike.models.errors import UserError
-from lookalike.models.registry import resolve_spec
+from lookalike.models.registry import has_text_tower, require_text_tower, resolve_spec
 from lookalike.pipeline.items import Item
 from lookalike.pipeline.pipeline import run_stages
+from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.query import open_query_pipeline, query_config
 from lookalike.pipeline.stages import RetrieveStage
 
@@ -27,14 +27,23 @@ from lookalike.pipeline.stages import RetrieveStage
 TEXT_BUCKETS = "flat"
 
 
+def query_policy(data: CacheData, buckets: str | None, k: int | None) -> tuple[PipelineConfig, BucketPolicy]:
+    """A query's config and parsed bucket policy (the cache's `auto` choice when `buckets` is None): UserError for
+    a bad policy or k, before any model loads."""
+    if k is not None and k < 1:
+        raise UserError(f"k {k}: must be at least 1")
+    config = query_config(data, {"buckets": buckets, "k": k})
+    return config, parse_policy(config.buckets)
+
+
 class QuerySession:
     def __init__(self, cache: str | Path | CacheData, overrides: dict | None = None):
         self.pipeline, self.config = open_query_pipeline(cache, overrides)
         self.retrieve: RetrieveStage = self.pipeline.stage("retrieve")
         self.data = self.retrieve.searcher.data
         self.embedder_spec = resolve_spec(self.config.embedder, "embedder")
-        self.text = ClipTextEncoder(self.embedder_spec, self.config.device) \
-            if has_text_tower(self.embedder_spec) else None
+        self.text_queries = has_text_tower(self.embedder_spec)
+        self._text_encoder = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -46,12 +55,8 @@ class QuerySession:
 
     def retriever(self, buckets: str | None, k: int | None) -> tuple[RetrieveStage, str]:
         """A retrieve stage for this query's policy and k (the cache's `auto` choice when None)."""
-        if k is not None and k < 1:
-            raise UserError(f"k {k}: must be at least 1")
-        config = query_config(self.data, {"buckets": buckets, "k": k})
-        stage = RetrieveStage(self.retrieve.searcher, parse_policy(config.buckets), config.k,
-                              self.retrieve.bucket_name)
-        return stage, config.buckets
+        config, policy = query_policy(self.data, buckets, k)
+        return RetrieveStage(self.retrieve.searcher, policy, config.k, self.retrieve.bucket_name), config.buckets
 
     def images(self, items: list[Item], buckets: str | None = None, k: int | None = None) -> tuple[list[Item], str]:
         """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
@@ -75,10 +80,18 @@ class QuerySession:
             [item] = retrieve([item])
         return item, used
 
+    @property
+    def text(self):
+        """The CLIP text tower, loaded at the first text query (it needs torch); UserError for a non-CLIP cache."""
+        require_text_tower(self.embedder_spec)
+        if self._text_encoder is None:
+            from lookalike.models.clip_text import ClipTextEncoder
+
+            self._text_encoder = ClipTextEncoder(self.embedder_spec, self.config.device)
+        return self._text_encoder
+
     def texts(self, texts: list[str], k: int | None = None) -> tuple[list[Item], str]:
         """Texts embedded by the CLIP text tower and searched flat; UserError for a non-CLIP cache."""
-        if self.text is None:
-            require_text_tower(self.embedder_spec)
         retrieve, used = self.retriever(TEXT_BUCKETS, k)
         with self._lock:
             vectors = self.text.embed(texts)

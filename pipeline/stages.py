@@ -4,20 +4,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from PIL import Image
 
 from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.policies import BucketPolicy
 from lookalike.cache.search import WHOLE_GALLERY, Searcher
-from lookalike.models.classifier import Classifier
-from lookalike.models.detector import Detector, choose_box, pad_box
-from lookalike.models.embedders import Embedder
+from lookalike.models.detector import choose_box, pad_box
 from lookalike.models.errors import one_line
-from lookalike.models.runtime import l2_normalize
+from lookalike.models.outputs import l2_normalize
 from lookalike.pipeline.images import MAX_ASPECT
 from lookalike.pipeline.items import Item, Result
+
+if TYPE_CHECKING:  # the models: torch ones, or a cache's recorded ONNX exports (models/recorded.py)
+    from lookalike.models.classifier import Classifier
+    from lookalike.models.detector import Detector
+    from lookalike.models.embedders import Embedder
+
+Batch = np.ndarray  # or a torch.Tensor: each model's transform decides
 
 
 class Stage(ABC):
@@ -36,10 +42,14 @@ class Stage(ABC):
 class TensorStage(Stage):
     """A stage whose model eats a batch made by its own per-image transform."""
 
-    def __init__(self, name: str, transform: Callable[[Image.Image], torch.Tensor], pool: ThreadPoolExecutor):
+    def __init__(self, name: str, transform: Callable[[Image.Image], Batch], pool: ThreadPoolExecutor):
         self.name = name
         self.transform = transform
         self.pool = pool
+
+    @abstractmethod
+    def export_record(self) -> dict | None:
+        """This stage's model as a checked ONNX export (models/onnx_runtime.py), or None when it runs in torch."""
 
     def prepare(self, item: Item) -> None:
         """This stage's input from the item's image (the loader threads make it ahead, from Pipeline.transforms;
@@ -52,13 +62,20 @@ class TensorStage(Stage):
         except Exception as err:  # noqa: BLE001 - one image that cannot be preprocessed is skipped, never the batch
             item.error = f"cannot preprocess ({one_line(err)})"
 
-    def batch(self, items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
+    def batch(self, items: list[Item]) -> tuple[list[Item], Batch | None]:
         """The items whose input is ready and their stacked batch. Inputs missing (a crop made the loader's copy
         stale) are prepared here; an image whose preprocessing fails gets `error` and is left out."""
         missing = [item for item in items if self.name not in item.inputs]
         list(self.pool.map(self._prepare_or_skip, missing))
         ready = [item for item in items if item.error is None]
-        return ready, torch.stack([item.inputs.pop(self.name) for item in ready]) if ready else None
+        if not ready:
+            return ready, None
+        inputs = [item.inputs.pop(self.name) for item in ready]
+        if isinstance(inputs[0], np.ndarray):
+            return ready, np.stack(inputs)
+        import torch
+
+        return ready, torch.stack(inputs)
 
 
 class CropStage(Stage):
@@ -116,6 +133,9 @@ class ClassifyStage(TensorStage):
     def describe(self) -> dict:
         return {"classifier": self.classifier.describe(), "k": self.classes_kept, "embeds": self.embed}
 
+    def export_record(self) -> dict | None:
+        return self.classifier.export_record()
+
 
 class EmbedStage(TensorStage):
     """L2-normalised embeddings."""
@@ -133,6 +153,9 @@ class EmbedStage(TensorStage):
 
     def describe(self) -> dict:
         return {"embedder": self.embedder.describe()}
+
+    def export_record(self) -> dict | None:
+        return self.embedder.export_record()
 
 
 class RetrieveStage(Stage):

@@ -7,7 +7,6 @@ how Ray's fixed start-up (worker processes, each actor loading its models) amort
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 

@@ -86,11 +86,12 @@ def test_a_bad_run_config_is_one_line(gallery, tmp_path, change, message):
 
 def test_a_bug_is_one_line_naming_its_traceback_file_and_debug_shows_it(monkeypatch, tmp_path):
     """Anything that is not a user error is a bug: one line pointing at the full traceback, or --debug raises it."""
-    from lookalike.pipeline import query
+    from lookalike.pipeline import api
+
     def broken(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr(query, "open_query_pipeline", broken)
+    monkeypatch.setattr(api, "load_cache", broken)
     result = CliRunner().invoke(cli, ["query", "x.jpg", "--cache", str(tmp_path)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1

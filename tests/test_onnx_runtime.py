@@ -66,9 +66,11 @@ def test_outputs_match_names_the_difference():
 
 def test_onnx_on_a_gpu_is_refused_clearly():
     with pytest.raises(ValueError, match="--runtime onnx runs on the CPU"):
-        onnx_runtime.check_runtime("onnx", torch.device("cuda"))
-    with pytest.raises(ValueError, match="use torch or onnx"):
-        onnx_runtime.check_runtime("tvm", torch.device("cpu"))
+        onnx_runtime.resolve_runtime("onnx", torch.device("cuda"))
+    with pytest.raises(ValueError, match="use auto, torch, onnx"):
+        onnx_runtime.resolve_runtime("tvm", torch.device("cpu"))
+    assert onnx_runtime.resolve_runtime("auto", torch.device("cuda")) == "torch"
+    assert onnx_runtime.resolve_runtime("auto", torch.device("cpu")) == "onnx"
 
 
 def test_cache_built_with_onnx_answers_like_torch(gallery, tmp_path):

@@ -116,7 +116,7 @@ def test_a_model_giving_non_finite_embeddings_is_refused_not_stored(gallery, tmp
 
 
 def test_zero_vectors_are_refused_at_the_embedder_level():
-    from lookalike.models.embedders import l2_normalize
+    from lookalike.models.outputs import l2_normalize
 
     with pytest.raises(UserError, match="m: gave a zero or non-finite embedding for 1 of 2 images"):
         l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), "m")

@@ -137,7 +137,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         return answer(index.query_text(text, k))
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
+    async def home() -> HTMLResponse:
         return HTMLResponse(page)
 
     @app.get("/healthz")
@@ -150,7 +150,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         about = index.info
         about["pipeline"]["runtime"] = config.runtime
         return dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
-                    k=config.k, max_k=MAX_K, text_queries=index.session.text is not None,
+                    k=config.k, max_k=MAX_K, text_queries=index.session.text_queries,
                     max_upload_bytes=max_upload_bytes)
 
     @app.get("/api/thumbnails/{row}")

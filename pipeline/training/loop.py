@@ -30,7 +30,8 @@ from lookalike.models.embedding_nets import EmbeddingNet, Preprocessing, build_n
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
 from lookalike.models.run_directory import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_run_config
-from lookalike.models.runtime import l2_normalize, resolve_device
+from lookalike.models.outputs import l2_normalize
+from lookalike.models.runtime import resolve_device
 from lookalike.pipeline.datasets import LabelledSet, load_labelled, split_labels, split_queries
 from lookalike.pipeline.images import ImageLoadError, load_image
 from lookalike.pipeline.training.config import DEFAULT_LR, RESUME_OVERRIDES, TrainConfig, parse_ratio

@@ -103,7 +103,7 @@ def naive_embedder(pipeline):
     """One image at a time, as the reference notebooks: fresh fp32 NCHW copies of the models, no_grad."""
     import torch
 
-    from lookalike.models.runtime import l2_normalize
+    from lookalike.models.outputs import l2_normalize
     from lookalike.pipeline.images import load_image
     from lookalike.pipeline.stages import ClassifyStage, EmbedStage
 

@@ -1,0 +1,46 @@
+"""What every model's raw output becomes, in numpy: unit-length embeddings and top-k classes.
+
+Torch-free, so the torch path and a cache's recorded ONNX exports (models/recorded.py) share one rule each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lookalike.models.errors import UserError
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of a batch: indices and probabilities [B, k], plus the pooled features [B, D]."""
+
+    classes: np.ndarray
+    probs: np.ndarray
+    pooled: np.ndarray
+
+
+def l2_normalize(features, model: str) -> np.ndarray:
+    """Unit-length float32 rows: the one normalisation every embedding goes through (`features` is a numpy array or
+    a CPU tensor). UserError when `model` gave a zero or non-finite vector, which no normalisation can turn into a
+    meaningful embedding (stored, it would match nothing or everything)."""
+    if hasattr(features, "detach"):  # a torch tensor, on any device, in any precision
+        features = features.detach().float().cpu().numpy()
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=-1)
+    broken = int((~np.isfinite(norms) | (norms == 0)).sum())
+    if broken:
+        raise UserError(f"{model}: gave a zero or non-finite embedding for {broken} of {len(features)} images; "
+                        "its weights or runtime are broken (try --runtime torch or other weights)")
+    return features / norms[:, None]
+
+
+def top_classes(logits, pooled, k: int) -> Prediction:
+    """The k most probable classes of each row of `logits` (softmax), most probable first; ties go to the lower
+    class index."""
+    logits = np.asarray(logits, dtype=np.float32)
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = exp / exp.sum(axis=-1, keepdims=True)
+    classes = np.argsort(-probs, axis=-1, kind="stable")[:, :min(k, probs.shape[-1])]
+    return Prediction(classes.astype(np.int32), np.take_along_axis(probs, classes, axis=-1).astype(np.float32),
+                      np.asarray(pooled, dtype=np.float32))
