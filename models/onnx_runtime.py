@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,9 +77,11 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs:
     names = [f"out{i}" for i in range(outputs)]
     modes = {submodule: submodule.training for submodule in module.modules()}
     try:
-        atomic_write(path, lambda tmp: torch.onnx.export(
-            module, (example,), str(tmp), input_names=["images"], output_names=names,
-            dynamic_axes={name: {0: "batch"} for name in ["images", *names]}, opset_version=17, dynamo=False))
+        with warnings.catch_warnings():  # the tracer's warnings say nothing a user can act on: the check decides
+            warnings.simplefilter("ignore")
+            atomic_write(path, lambda tmp: torch.onnx.export(
+                module, (example,), str(tmp), input_names=["images"], output_names=names,
+                dynamic_axes={name: {0: "batch"} for name in ["images", *names]}, opset_version=17, dynamo=False))
     finally:
         for submodule, training in modes.items():
             submodule.training = training
@@ -175,5 +178,5 @@ def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[in
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise UserError("--runtime onnx needs onnxruntime and onnx: pip install 'lookalike[onnx]'") from None
+        raise UserError("--runtime onnx needs onnxruntime and onnx (lookalike's own dependencies): pip install lookalike") from None
     return OnnxForward(module, input_shape, identity(), logits, name)
