@@ -191,15 +191,12 @@ def build_pipeline(config: PipelineConfig, searcher: Searcher | None = None) -> 
 
 
 def recorded_pipeline(config: PipelineConfig, searcher: Searcher) -> Pipeline:
-    """The cache's models as the ONNX exports its build checked and recorded, with a retrieve stage: no torch.
-    ExportRefused when the cache records none, or any of them cannot be used as recorded."""
+    """The cache's models as the ONNX exports its build checked and recorded (Manifest.exports), with a retrieve
+    stage: no torch. ExportRefused when any of them cannot be used as recorded."""
     from lookalike.models.recorded import ExportRefused, RecordedClassifier, RecordedEmbedder
 
     exports = searcher.data.manifest.exports
     policy = _query_policy(config, searcher)
-    if not exports:
-        raise ExportRefused("the cache records no checked ONNX export (built before exports were recorded, with "
-                            "--runtime torch, on a GPU, with --crop or by the Ray engine)")
 
     def recorded(kind: str, make: Callable) -> Callable:
         def load(spec):

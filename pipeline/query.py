@@ -42,10 +42,12 @@ def query_config(data: CacheData, overrides: dict) -> PipelineConfig:
     return config
 
 
-def runs_recorded_exports(config: PipelineConfig) -> bool:
-    """Whether a query tries the cache's recorded ONNX exports first: on the CPU, unless --runtime torch. With
-    `--device auto` too, even where a GPU is present: one photo's answer is mostly start-up, which torch would add."""
-    return config.runtime in ("auto", "onnx") and config.device in ("auto", "cpu")
+def runs_recorded_exports(config: PipelineConfig, data: CacheData) -> bool:
+    """Whether a query runs the cache's recorded ONNX exports: when the build recorded them (every model checked,
+    no crop), on the CPU, unless --runtime torch. With `--device auto` too, even where a GPU is present: one photo's
+    answer is mostly start-up, which torch would add."""
+    return (bool(data.manifest.exports) and not config.crop and config.runtime in ("auto", "onnx")
+            and config.device in ("auto", "cpu"))
 
 
 def open_query_pipeline(cache: str | Path | CacheData,
@@ -55,7 +57,7 @@ def open_query_pipeline(cache: str | Path | CacheData,
     or one already loaded."""
     data = cache if isinstance(cache, CacheData) else load_cache(cache)
     config = query_config(data, overrides or {})
-    if runs_recorded_exports(config):
+    if runs_recorded_exports(config, data):
         from lookalike.models.recorded import ExportRefused
 
         try:

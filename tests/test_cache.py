@@ -192,5 +192,8 @@ def test_new_weights_in_the_same_file_are_detected(gallery, tiny_config, tmp_pat
     save(2)  # same path, other weights
     with pytest.raises(CacheError, match="weights: 'sha256:"):
         build_cache(gallery, tmp_path / "cache", config)
-    with pytest.raises(CacheError, match="weights: 'sha256:"):  # a query refuses it with the same message
-        open_query_pipeline(tmp_path / "cache", {})
+    with pytest.raises(CacheError, match="weights: 'sha256:"):  # a torch query refuses it with the same message
+        open_query_pipeline(tmp_path / "cache", {"runtime": "torch"})
+    # The default query runs the exports the build checked and recorded: the cache's own model, not the new file.
+    pipeline, _ = open_query_pipeline(tmp_path / "cache", {})
+    assert type(pipeline.stage("embed").embedder).__name__ == "RecordedEmbedder"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lookalike.models.outputs import l2_normalize
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.images import DECODE_SIDE, load_image
 from lookalike.pipeline.pipeline import DRAFT_FACTOR, build_pipeline, load_item, output_shape
@@ -39,7 +40,7 @@ def test_drafted_camera_photos_embed_as_the_previous_decode(assets, real_weights
     def embed(side: int) -> tuple[np.ndarray, np.ndarray]:
         batch = torch.stack([stage.transform(load_image(path, side)) for path in paths])
         prediction = stage.classifier.predict(batch, 1)
-        return torch.nn.functional.normalize(prediction.pooled, dim=-1).numpy(), prediction.classes[:, 0]
+        return l2_normalize(prediction.pooled, "mobilenetv2"), prediction.classes[:, 0]
 
     (before, before_top1), (now, now_top1) = embed(DECODE_SIDE), embed(pipeline.decode_side)
     assert np.sum(before * now, axis=1).min() >= 0.999

@@ -180,7 +180,7 @@ def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
 
 def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
     """Milliseconds of each query, one image at a time, in this process after two warm-up queries."""
-    from lookalike.pipeline.query import open_query_pipeline
+    from lookalike.pipeline.query import open_query_pipeline, runs_recorded_exports
 
     pipeline, _ = open_query_pipeline(cache, overrides)
     list(pipeline.run(paths[:2]))
@@ -197,7 +197,7 @@ def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
 def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int, reference_queries: int,
                   naive_run=None, device: str = "auto", runtime: str = "torch") -> dict:
     """Warm and cold query latency with the given device and runtime (a cache records neither)."""
-    from lookalike.pipeline.query import open_query_pipeline
+    from lookalike.pipeline.query import open_query_pipeline, runs_recorded_exports
 
     overrides = {"device": device, "runtime": runtime}
     pipeline, config = open_query_pipeline(cache, overrides)
@@ -213,8 +213,10 @@ def query_latency(cache: Path, images: list[Path], queries: int, cold_runs: int,
                         "--device", device, "--runtime", runtime],
                        check=True, capture_output=True, env=env, cwd=ROOT)
         cold.append(time.perf_counter() - t)
+    recorded = runs_recorded_exports(config, pipeline.stage("retrieve").searcher.data)
     result = {"buckets": config.buckets, "warm_ms_p50": percentile(warm, 50), "warm_ms_p95": percentile(warm, 95),
-              "cold_s": statistics.median(cold), "cold_runs": cold_runs, "queries": queries}
+              "cold_s": statistics.median(cold), "cold_runs": cold_runs, "queries": queries,
+              "path": "the cache's ONNX exports, no torch" if recorded else "torch"}
     classify = pipeline.stage("classify")
     if naive_run is not None and classify is not None and reference_queries:
         # The reference approach: classify the query, then embed its predicted class's gallery images now.

@@ -36,7 +36,8 @@ def format_report(report: dict, command: str) -> str:
         f"| query warm ({q['queries']} queries, buckets {q['buckets']}) | p50 {q['warm_ms_p50']:.1f} ms, "
         f"p95 {q['warm_ms_p95']:.1f} ms = {report['query_warm_vs_forward']:.2f} x the summed batch-1 forwards "
         f"({report['forward']['batch1_ms_sum']:.1f} ms) |",
-        f"| query cold (new `cli.py query` process, median of {q['cold_runs']}) | {q['cold_s']:.2f} s |",
+        f"| query cold (new `cli.py query` process, median of {q['cold_runs']}; {q.get('path', 'torch')}) | "
+        f"{q['cold_s']:.2f} s |",
     ]
     if "cpu_budget" in report:
         b = report["cpu_budget"]
