@@ -10,8 +10,8 @@ the same gallery in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -40,13 +40,15 @@ def median_seconds(command: list[str], runs: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def build_rate(lookalike: str, gallery: str, runtime: str, classifier: str, embedder: str) -> float:
-    """images/s of a fresh build-cache (as its summary line reports it)."""
+def build_figures(gallery: str, runtime: str, classifier: str, embedder: str) -> dict:
+    """A fresh build of `gallery` in a process of its own: images/s and its phases (BuildReport)."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([lookalike, "build-cache", "--gallery", gallery, "--out", str(Path(tmp) / "cache"),
-                                 "--classifier", classifier, "--embedder", embedder, "--runtime", runtime],
-                                check=True, capture_output=True, text=True)
-    return float(re.search(r"([\d.]+) images/s", result.stdout).group(1))
+        code = ("import json, lookalike\n"
+                f"r = lookalike.build({gallery!r}, {str(Path(tmp) / 'cache')!r}, classifier={classifier!r}, "
+                f"embedder={embedder!r}, runtime={runtime!r})\n"
+                "print(json.dumps(dict(images_per_s=r.images_per_s, seconds=r.seconds, phases=r.phases)))")
+        result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -75,10 +77,16 @@ def main() -> None:
         print(f"| `{' '.join(['lookalike', *command[1:2]])}` {name} | **{median:.2f}** | "
               f"{', '.join(f'{t:.2f}' for t in times)} | {peak_rss_mb(command):.0f} MB |")
     if args.gallery:
-        auto = build_rate(lookalike, args.gallery, "auto", args.classifier, args.embedder)
-        eager = build_rate(lookalike, args.gallery, "torch", args.classifier, args.embedder)
-        print(f"\nbuild-cache of {args.gallery}: default (--runtime auto) {auto:.1f} images/s, --runtime torch "
-              f"{eager:.1f} images/s: **{auto / eager:.2f}x**")
+        print(f"\n| build-cache of {args.gallery} | images/s | seconds | phases (embed, choose_policy, the rest: "
+              "model load, scan, publish) |\n|---|---|---|---|")
+        rates = {}
+        for runtime in ("auto", "torch"):
+            figures = build_figures(args.gallery, runtime, args.classifier, args.embedder)
+            rates[runtime] = figures["images_per_s"]
+            print(f"| --runtime {runtime}{' (the default)' if runtime == 'auto' else ''} | "
+                  f"{figures['images_per_s']:.1f} | {figures['seconds']:.1f} | "
+                  f"{', '.join(f'{k} {v:.1f} s' for k, v in figures['phases'].items())} |")
+        print(f"\ndefault build / eager torch build, same run: **{rates['auto'] / rates['torch']:.2f}x**")
 
 
 if __name__ == "__main__":
