@@ -253,8 +253,7 @@ def serve(cache_dir, host, port, device, runtime):
 
         from lookalike.pipeline.serve.app import create_app
     except ImportError as err:
-        raise UserError(f"serve needs the 'serve' extra ({err.name} is missing): "
-                         "pip install -e '.[serve]'") from None
+        raise UserError(f"serve needs {err.name}, one of lookalike's dependencies: pip install lookalike") from None
     app = create_app(cache_dir, {"device": device, "runtime": runtime})
     click.echo(f"lookalike: {len(app.state.index)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
