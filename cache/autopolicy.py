@@ -22,7 +22,15 @@ from threadpoolctl import threadpool_limits
 from lookalike.cache.buckets import class_agreement
 from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
 from lookalike.cache.policies import FLAT, BucketPolicy
-from lookalike.cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest_others
+from lookalike.cache.rerank import (
+    POOL,
+    POOL_OFFSET,
+    LeaveOneOutDBA,
+    alpha_qe,
+    copies_first,
+    k_reciprocal,
+    nearest_others,
+)
 from lookalike.cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
 from lookalike.models.machine import usable_cpus
 
@@ -245,7 +253,7 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
     own = (np.arange(len(queries)), queries)
     # Every DBA of the family from one k-NN pass; each held-out row's changed vectors are computed once per DBA.
-    dbas = {p.dba or (1, 0.0) for p in policies}
+    dbas = {(1, 0.0)} | {p.dba or (1, 0.0) for p in policies}  # (1, 0.0): the plain cosine, for copies_first
     depth = min(max(k for k, _ in dbas), len(vectors) - 1)
     neighbours = nearest_others(vectors, depth) if depth > 1 else None
     augmented = {dba: LeaveOneOutDBA(vectors, *dba, neighbours=neighbours) for dba in dbas}
@@ -279,6 +287,7 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                 mutual = k_reciprocal(vectors[held_out], rows_of(base, pools[rows], held_out), *policy.krecip)
                 pool_bonus = np.take_along_axis(bonus[rows], pools[rows], 1) if np.ndim(bonus) else 0.0
                 np.put_along_axis(final[rows], pools[rows], POOL_OFFSET + mutual + pool_bonus, 1)
+        final = copies_first(final, plain[(1, 0.0)])  # as the search ranks: exact copies of the query first
         relevance = relevance_matrix(rank_by_score(final, int(n_relevant.max())), codes[queries], codes)
         return Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1), relevance[:, 0], 1.0)
 

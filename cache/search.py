@@ -264,6 +264,8 @@ class Searcher:
             columns = self.data.columns
             bonus = weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
         cosine = vectors @ query
+        plain = cosine if policy.dba is None else np.asarray(
+            self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
         if policy.qe:
             best = _top_k(cosine + bonus, min(policy.qe[0], len(rows)))
             expanded = rerank.alpha_qe(query, vectors[best], cosine[best], policy.qe[1], len(best))
@@ -274,7 +276,7 @@ class Searcher:
             with _one_blas_thread():
                 mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
             ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
-        best = _top_k(ranking, k)
+        best = _top_k(rerank.copies_first(ranking, plain), k)
         stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
         release_pages(matrix)
         release_pages(self.embeddings)
