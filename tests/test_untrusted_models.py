@@ -195,3 +195,53 @@ def test_a_planted_export_that_agrees_on_noise_only_is_caught(onnx_dir, tmp_path
     assert runtime.outputs_match(planted(batch), eager.forward(batch), (False, True)) is not None
     assert_same_answers(fast, eager, batch)
     assert fast.onnx.in_use  # exported again from the model, checked on the photos, then used
+
+
+class OtherBatchSizesNegated(torch.nn.Module):
+    """`net`'s outputs at even batch sizes, negated at odd ones: a planted export that agrees on a first batch of 32."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        sign = 1 - 2 * (x.shape[0] % 2)
+        return tuple(out * sign for out in self.net(x))
+
+
+def test_a_planted_export_that_misbehaves_at_other_batch_sizes_is_caught(onnx_dir, tmp_path):
+    """The check runs the first real batch, a batch of one and an odd-sized batch."""
+    from lookalike.models import onnx_runtime
+
+    first, _, _ = onnx_and_torch(tmp_path)
+    [export] = onnx_dir.glob("*.onnx")
+    onnx_runtime._export(OtherBatchSizesNegated(first.features_and_logits), first.onnx.example, export, 2)
+    fast, eager, batch = onnx_and_torch(tmp_path)
+    assert len(batch) % 2 == 0
+    planted = onnx_runtime.OnnxSession(export, 1)
+    assert runtime.outputs_match(planted(batch), eager.forward(batch), (False, True)) is None  # the old check passed
+    assert_same_answers(fast, eager, batch[:3])
+    assert fast.onnx.in_use and fast.onnx.record()["sha256"] != planted.sha256  # exported again, and recorded so
+
+
+@pytest.mark.parametrize("shared", ["writable by others", "another user's"])
+def test_exports_are_trusted_only_from_a_private_folder(tmp_path, monkeypatch, capsys, shared):
+    """A shared export folder (anyone could plant an export there) is never read: exports go to a private folder."""
+    import os
+
+    from lookalike.models import onnx_session
+
+    folder = tmp_path / "shared-cache" / "onnx"
+    folder.mkdir(parents=True)
+    if shared == "writable by others":
+        folder.chmod(0o777)
+    else:
+        os.chown(folder, 12345, -1)
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "shared-cache"))
+    onnx_session._private_export_dir.cache_clear()
+    fast, eager, batch = onnx_and_torch(tmp_path)
+    assert_same_answers(fast, eager, batch)
+    assert fast.onnx.in_use and not fast.onnx.path.is_relative_to(folder) and list(folder.iterdir()) == []
+    assert onnx_session.not_private(fast.onnx.path.parent) is None
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "private" in line]
+    assert str(folder) in line and ("writable by other users" in line or "belongs to user id 12345" in line)
