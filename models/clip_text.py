@@ -26,7 +26,7 @@ class ClipTextEncoder:
         require_text_tower(spec)
         self.spec = spec
         self.device = resolve_device(device)
-        model, _, _ = load_clip(spec)
+        model, _, _, _ = load_clip(spec)
         model.visual = None  # not needed for text; frees most of the image tower's memory
         self.model = model.eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(spec.model_id)

@@ -9,7 +9,7 @@ from PIL import Image
 from lookalike.models.errors import UserError, one_line
 from lookalike.models.files import user_config_dir
 from lookalike.models.registry import ModelSpec
-from lookalike.models.weights import WeightsUnavailable, local_weights, places_tried, weights_identity
+from lookalike.models.weights import WeightsUnavailable, hub_identity, local_weights, pinned_copy, places_tried
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
@@ -72,7 +72,11 @@ class Detector:
         ultralytics = _import_ultralytics()
         try:
             # YOLO('yolov8n.pt') with no local file would try a download: offline, that fails.
-            self.model = ultralytics.YOLO(str(path) if path else spec.model_id)
+            if path is None:
+                self.model, self.weights = ultralytics.YOLO(spec.model_id), hub_identity(spec)
+            else:
+                with pinned_copy(path) as (copy, sha256):
+                    self.model, self.weights = ultralytics.YOLO(str(copy)), "sha256:" + sha256
         except Exception as err:
             if path is not None:
                 raise UserError(f"{path}: not a plain YOLO checkpoint; lookalike loads weights only, never code "
@@ -83,7 +87,7 @@ class Detector:
             ) from err
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "confidence": self.confidence}
+        return {"spec": self.spec.describe(), "weights": self.weights, "confidence": self.confidence}
 
     def detect(self, images: list[Image.Image]) -> list[np.ndarray]:
         """Boxes [n, 4] per image, in that image's pixel coordinates."""

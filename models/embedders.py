@@ -23,7 +23,7 @@ from lookalike.models.runtime import (
     to_model_input,
 )
 from lookalike.models.timm_net import load_timm_net
-from lookalike.models.weights import load_with_fallback, weights_identity
+from lookalike.models.weights import load_with_fallback
 
 
 class Embedder(Protocol):
@@ -59,8 +59,9 @@ class TimmEmbedder:
         return self.net.describe()
 
 
-def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], dict]:
-    """An open_clip model (both towers), its image transform and the tag's preprocessing settings.
+def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], dict, str]:
+    """An open_clip model (both towers), its image transform, the tag's preprocessing settings and the weights'
+    identity (the sha256 of the bytes loaded, 'random' or the hub tag).
     The one place a CLIP spec becomes a model: the image embedder and the text encoder both use it."""
     import open_clip
 
@@ -73,10 +74,10 @@ def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image],
         return open_clip.create_model_and_transforms(spec.model_id, pretrained=pretrained, **options)
 
     if spec.weights == RANDOM:
-        model, _, transform = seeded(lambda: create(None))
+        (model, _, transform), weights = seeded(lambda: create(None)), RANDOM
     else:
-        model, _, transform = load_with_fallback(spec, lambda path: create(str(path)), lambda: create(spec.tag))
-    return model, transform, preprocessing
+        (model, _, transform), weights = load_with_fallback(spec, lambda path: create(str(path)), lambda: create(spec.tag))
+    return model, transform, preprocessing, weights
 
 
 class ClipEmbedder:
@@ -85,7 +86,7 @@ class ClipEmbedder:
     def __init__(self, spec: ModelSpec, device: str = "auto", runtime: str = "torch"):
         self.spec = spec
         self.device = resolve_device(device)
-        model, transform, self.preprocessing = load_clip(spec)
+        model, transform, self.preprocessing, self.weights = load_clip(spec)
         self.transform = transform
         self.visual = prepare_for_inference(model.visual, self.device)
         self.channels_last = has_conv(self.visual)
@@ -110,7 +111,7 @@ class ClipEmbedder:
         return l2_normalize(features.cpu(), self.spec.name)
 
     def describe(self) -> dict:
-        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec), "preprocessing": self.preprocessing,
+        return {"spec": self.spec.describe(), "weights": self.weights, "preprocessing": self.preprocessing,
                 "image_size": list(np.atleast_1d(self.image_size).tolist())}
 
 

@@ -109,7 +109,7 @@ def _timm_backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
     from lookalike.models.timm_net import create_timm_model  # the one place that resolves timm weights
 
     if pretrained:
-        model = create_timm_model(spec)
+        model, _ = create_timm_model(spec)
         model.reset_classifier(0)
         return model
     return timm.create_model(spec.model_id, pretrained=False, num_classes=0, **spec.create_kwargs)

@@ -55,6 +55,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def read_hashed(path: Path) -> tuple[bytes, str]:
+    """A file's bytes and their hex sha256, from one read."""
+    data = Path(path).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def sha256_of(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

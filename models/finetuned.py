@@ -11,7 +11,6 @@ from lookalike.models.registry import ModelSpec
 from lookalike.models.run_directory import WEIGHTS_FILE, load_weights, read_run_config, rebuild_net
 from lookalike.models.outputs import l2_normalize
 from lookalike.models.runtime import resolve_device
-from lookalike.models.weights import file_sha256
 
 
 class CheckpointEmbedder:
@@ -22,7 +21,7 @@ class CheckpointEmbedder:
         config = read_run_config(run_dir)
         self.weights_path = run_dir / WEIGHTS_FILE
         self.net, self.preprocessing = rebuild_net(run_dir, config)
-        load_weights(self.net, self.weights_path)
+        self.weights_sha256 = load_weights(self.net, self.weights_path)
         self.device = resolve_device(device)
         self.net = self.net.eval().to(self.device)
         self.model = config["model"]
@@ -46,4 +45,4 @@ class CheckpointEmbedder:
         """What changes an embedding: the network, its preprocessing and the weights' hash (not the path)."""
         return {"library": "checkpoint", "model": self.model, "embedding_size": self.dim,
                 "preprocessing": self.preprocessing.describe(),
-                "weights_sha256": file_sha256(self.weights_path)}
+                "weights_sha256": self.weights_sha256}

@@ -28,7 +28,8 @@ import torch
 from lookalike.models import runtime as _runtime
 from lookalike.models.errors import UserError, one_line
 from lookalike.models.files import atomic_write, write_text_atomic
-from lookalike.models.onnx_session import export_dir, read_hashed, session_from_bytes
+from lookalike.models.files import read_hashed
+from lookalike.models.onnx_session import export_dir, session_from_bytes
 from lookalike.models.weights import file_sha256
 
 RUNTIMES = ("auto", "torch", "onnx")

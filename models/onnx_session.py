@@ -5,7 +5,6 @@ replaced between hashing and loading cannot slip in.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import sys
@@ -51,12 +50,6 @@ def export_dir() -> Path:
     (0700). When it is not private (a shared folder where anyone could plant an export), a private temporary
     folder for this process instead, said once on stderr."""
     return _private_export_dir(str(user_cache_dir() / "onnx"))
-
-
-def read_hashed(path: Path) -> tuple[bytes, str]:
-    """A file's bytes and their hex sha256, from one read."""
-    data = Path(path).read_bytes()
-    return data, hashlib.sha256(data).hexdigest()
 
 
 def session_from_bytes(model: bytes, threads: int):

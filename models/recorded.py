@@ -13,7 +13,8 @@ import numpy as np
 
 from lookalike.models.errors import one_line
 from lookalike.models.machine import usable_cpus
-from lookalike.models.onnx_session import export_dir, read_hashed, session_from_bytes
+from lookalike.models.files import read_hashed
+from lookalike.models.onnx_session import export_dir, session_from_bytes
 from lookalike.models.outputs import Prediction, l2_normalize, top_classes
 from lookalike.models.preprocess import ArrayTransform
 from lookalike.models.registry import ModelSpec

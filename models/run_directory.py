@@ -9,6 +9,7 @@ from torch import nn
 
 from lookalike.models.embedding_nets import PIXELS, SMALL_CNN, EmbeddingNet, Preprocessing, build_net
 from lookalike.models.errors import UserError, one_line
+from lookalike.models.files import read_hashed
 from lookalike.models.registry import ModelSpec
 
 CONFIG_FILE = "config.json"
@@ -67,14 +68,18 @@ def rebuild_net(run_dir: Path, config: dict) -> tuple[EmbeddingNet, Preprocessin
                         f"({one_line(err)})") from None
 
 
-def load_weights(net: nn.Module, path: Path) -> None:
-    """Strictly load a safetensors state dict; a garbled or mismatched file is a one-line ValueError."""
-    from safetensors.torch import load_file
+def load_weights(net: nn.Module, path: Path) -> str:
+    """Strictly load a safetensors state dict from one read of `path` and return the sha256 of those bytes (so the
+    fingerprint names the weights loaded even if the file is replaced meanwhile); a garbled or mismatched file is
+    a one-line UserError."""
+    from safetensors.torch import load
 
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {path.name} (training has not saved weights yet)")
+    data, sha256 = read_hashed(path)
     try:
-        net.load_state_dict(load_file(str(path)), strict=True)
+        net.load_state_dict(load(data), strict=True)
     except Exception as err:  # safetensors and torch raise several types for bad files
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{path}: weights do not fit the network in {CONFIG_FILE} ({first})") from None
+    return sha256

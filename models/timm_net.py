@@ -14,11 +14,12 @@ from lookalike.models.onnx_session import export_dir
 from lookalike.models.preprocess import describe_transform
 from lookalike.models.registry import RANDOM, ModelSpec
 from lookalike.models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
-from lookalike.models.weights import load_with_fallback, weights_identity
+from lookalike.models.weights import load_with_fallback
 
 
-def create_timm_model(spec: ModelSpec) -> torch.nn.Module:
-    """A timm model from `spec`: random (seeded), a local weight file, or the hub (one clear error)."""
+def create_timm_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
+    """(a timm model from `spec`, its weights' identity): random (seeded), a local weight file (identity: the sha256
+    of the bytes loaded), or the hub (one clear error)."""
     import timm
 
     def from_file(path: Path) -> torch.nn.Module:
@@ -33,7 +34,7 @@ def create_timm_model(spec: ModelSpec) -> torch.nn.Module:
     if spec.weights == RANDOM:
         return seeded(lambda: timm.create_model(spec.model_id, pretrained=False,
                                                 pretrained_cfg_overlay=spec.cfg_overlay or None,
-                                                **spec.create_kwargs))
+                                                **spec.create_kwargs)), RANDOM
     return load_with_fallback(spec, from_file, from_hub)
 
 
@@ -58,7 +59,7 @@ class TimmNet:
         runtime = resolve_runtime(runtime, device)
         self.spec = spec
         self.device = device
-        model = create_timm_model(spec)
+        model, self.weights = create_timm_model(spec)
         self.data_config = timm.data.resolve_data_config({}, model=model)
         self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(**self.data_config)
         self.imagenet_subset = timm.data.infer_imagenet_subset(model)
@@ -72,8 +73,9 @@ class TimmNet:
                                  logits=(False, True), name=spec.name)
 
     def describe(self) -> dict:
-        """The spec, the weights' identity (file hash) and the resolved preprocessing: for cache fingerprints."""
-        return {"spec": self.spec.describe(), "weights": weights_identity(self.spec),
+        """The spec, the weights' identity (hash of the bytes loaded) and the resolved preprocessing: for cache
+        fingerprints."""
+        return {"spec": self.spec.describe(), "weights": self.weights,
                 "preprocessing": json.loads(json.dumps(self.data_config, default=list))}
 
     def export_record(self) -> dict | None:

@@ -5,9 +5,13 @@ honours HF_HUB_OFFLINE). When nothing works, `WeightsUnavailable` lists every pl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,13 +56,41 @@ def places_tried(spec: ModelSpec) -> list[str]:
     return places
 
 
-def load_with_fallback(spec: ModelSpec, from_file: Callable[[Path], T], from_hub: Callable[[], T]) -> T:
-    """Load from a local file when one resolves, else from the hub; one clear error otherwise."""
+@contextmanager
+def pinned_copy(path: Path) -> Iterator[tuple[Path, str]]:
+    """(a private copy of `path`, the sha256 of its bytes), from one read of the file.
+
+    Libraries load weights from a path. Hashing the file and then loading it reads it twice, and a file replaced in
+    between gives a fingerprint that names other weights than those that made the embeddings. The copy, in a fresh
+    folder only this user can enter and under the same name (libraries pick the format by suffix), holds exactly the
+    bytes hashed; it is removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="lookalike-weights-"))
+    copy = folder / path.name
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as source, open(copy, "wb") as target:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+                target.write(block)
+        yield copy, digest.hexdigest()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def hub_identity(spec: ModelSpec) -> str:
+    """A hub model's identity for fingerprints: its id and tag (the hub names the file)."""
+    return f"hub:{spec.model_id}" + (f"/{spec.tag}" if spec.tag else "")
+
+
+def load_with_fallback(spec: ModelSpec, from_file: Callable[[Path], T], from_hub: Callable[[], T]) -> tuple[T, str]:
+    """(the model, its weights' identity), from a local file when one resolves, else from the hub; one clear error
+    otherwise. A local file's identity is the sha256 of the very bytes the model was loaded from (`pinned_copy`)."""
     path = local_weights(spec)
     if path is not None:
-        return from_file(path)
+        with pinned_copy(path) as (copy, sha256):
+            return from_file(copy), "sha256:" + sha256
     try:
-        return from_hub()
+        return from_hub(), hub_identity(spec)
     except Exception as err:  # hub errors come in many types (HTTP, offline, missing file)
         hint = (f"put {spec.weight_file} in $LOOKALIKE_WEIGHTS or " if spec.weight_file else "")
         raise WeightsUnavailable(
@@ -109,13 +141,3 @@ def file_sha256(path: Path) -> str:
 
 def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def weights_identity(spec: ModelSpec) -> str:
-    """What the weights are, for fingerprints: a file hash, 'random', or the hub id."""
-    if spec.weights == RANDOM:
-        return RANDOM
-    path = local_weights(spec)
-    if path is not None:
-        return "sha256:" + file_sha256(path)
-    return f"hub:{spec.model_id}" + (f"/{spec.tag}" if spec.tag else "")

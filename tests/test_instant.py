@@ -114,7 +114,7 @@ def test_numpy_preprocessing_gives_torchvisions_tensor_on_real_photos(real_weigh
     from lookalike.pipeline.images import load_image
 
     timm_transform = load_timm_net(resolve_spec("mobilenetv2", "classifier"), "cpu").transform
-    _, clip_transform, _ = load_clip(resolve_spec("clip:ViT-B-32/laion2b_s34b_b79k@random", "embedder"))
+    _, clip_transform, _, _ = load_clip(resolve_spec("clip:ViT-B-32/laion2b_s34b_b79k@random", "embedder"))
     with zipfile.ZipFile(assets / "data" / "caltech101-22.zip") as archive:
         names = sorted(n for n in archive.namelist() if n.lower().endswith(".jpg"))[::200][:12]
         photos = [archive.read(name) for name in names]
