@@ -6,11 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from lookalike.models.errors import UserError, one_line
 
 MAX_PIXELS = 250_000_000  # beyond this a file is skipped rather than decoded
+# Beyond this a file is skipped: the memory its pixels take once decoded (width x height x bands x bytes per sample,
+# from the header). A 1.7 MB PNG of 15000x15000 16-bit RGBA passes the pixel limit and decodes to 900 MB.
+MAX_DECODED_BYTES = 512 * 2**20
+STRIP_BYTES = 16 * 2**20  # decoded pixels shrunk at a time (`_shrink`)
 # Beyond this a file is skipped: resizing the short side to a model's input blows the long side up (a 375-byte
 # 100000x1 PNG became a 22,400,000x224 image, ~20 GB). Panoramas stay well inside it.
 MAX_ASPECT = 20
@@ -64,6 +68,40 @@ def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> N
         raise ImageLoadError(path, f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT}:1)")
 
 
+def decoded_bytes(image: Image.Image) -> int:
+    """The memory `image`'s pixels take once decoded, from its header alone."""
+    mode = ImageMode.getmode(image.mode)
+    return image.width * image.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+
+
+def _check_decoded_bytes(path: str | Path, image: Image.Image) -> None:
+    if decoded_bytes(image) > MAX_DECODED_BYTES:
+        raise ImageLoadError(path, f"too large to decode ({image.width}x{image.height} {image.mode} takes "
+                                   f"{decoded_bytes(image) / 2**20:.0f} MB decoded; the limit is "
+                                   f"{MAX_DECODED_BYTES / 2**20:.0f} MB)")
+
+
+def _shrink(image: Image.Image, side: int) -> Image.Image:
+    """`image` averaged down by a whole factor while its short side stays >= `side` (as a JPEG's draft does), before
+    any conversion: a big 16-bit or alpha image is converted at the size the models need, not at full size.
+
+    It goes strip by strip (Pillow's own resize of an alpha image first makes a premultiplied copy of all of it),
+    so it holds at most STRIP_BYTES beside the decoded pixels. The EXIF orientation goes with it."""
+    factor = min(image.size) // side
+    if factor < 2:
+        return image
+    width, height = image.width // factor, image.height // factor
+    mode = {"P": "RGBA", "1": "L"}.get(image.mode, image.mode)  # averaged as colours, not as palette indices
+    small = Image.new(mode, (width, height))
+    rows = max(1, STRIP_BYTES * height // max(1, decoded_bytes(image)))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = image.crop((0, top * factor, width * factor, bottom * factor)).convert(mode)
+        small.paste(strip.resize((width, bottom - top), Image.Resampling.BOX), (0, top))
+    small.info = dict(image.info, exif=image.getexif().tobytes())
+    return small
+
+
 def image_in_memory(image: Image.Image | np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """A PIL image, or an HxWx3 uint8 array, as an RGB image under the same size limits as a file."""
     if isinstance(image, np.ndarray):
@@ -90,8 +128,9 @@ def load_image(source: str | Path | bytes, decode_side: int = DECODE_SIDE, max_p
             _check_size(path, width, height, max_pixels)
             if image.format == "JPEG" and max(width, height) > 2 * decode_side:
                 image.draft("RGB", (decode_side, decode_side))  # DCT-domain downscale: fast, small
+            _check_decoded_bytes(path, image)
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            return _to_rgb(ImageOps.exif_transpose(_shrink(image, decode_side)))
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
