@@ -11,13 +11,16 @@ removes the generation they were opening.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import re
 import shutil
 import socket
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import numpy as np
 
 from lookalike.cache.buckets import grouped_order
 from lookalike.cache.manifest import CacheError, Manifest
+from lookalike.models.errors import one_line
 from lookalike.models.files import atomic_write, fsync_dir, write_text_atomic
 
 # Per-image columns; every one has the image count as its first dimension.
@@ -33,9 +37,12 @@ COLUMNS = ("paths", "sizes", "mtimes", "labels", "label_classes", "classes", "pr
 DBA_COLUMN = "dba"  # optional: DBA vectors of the embeddings (manifest.dba says with which K and a)
 KINDS = {DBA_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
+# Rows are vectors (one row per image) or matrices of a fixed width.
+NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2}
 WRITE_ROWS = 65_536  # embeddings are written (and gathered from older generations) in slices this size
 RELEASE_ABOVE_BYTES = 256 << 20  # a smaller mapped matrix keeps its pages (re-mapping it per query costs ms)
 _GENERATION = re.compile(r"^gen-(\d+)$")
+_GENERATION_FILE = re.compile(r"^gen-(\d+)")  # a generation, or its staging folder gen-N.tmp
 
 
 def release_pages(matrix: np.ndarray) -> None:
@@ -132,11 +139,20 @@ def empty_columns(dim: int, topk: int) -> dict[str, np.ndarray]:
     }
 
 
+def read_text(path: Path, where: str | Path) -> str:
+    """A cache's text file as UTF-8; CacheError naming `where` and the file when it is not UTF-8 (a damaged byte)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CacheError(f"{where}: {path.name} is damaged (not UTF-8 text at byte {err.start}); "
+                         "rebuild with build-cache --rebuild") from None
+
+
 def current_generation(root: Path) -> Path | None:
     pointer = root / "CURRENT"
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = read_text(pointer, root).strip()
     if not _GENERATION.match(name):
         raise CacheError(f"{root}: CURRENT names {name[:40]!r}, not a generation; rebuild with build-cache --rebuild")
     return root / name
@@ -150,32 +166,53 @@ def unsafe_paths(paths: np.ndarray) -> np.ndarray:
                           | (np.char.find(wrapped, "/../") >= 0) | (np.char.str_len(paths) == 0))
 
 
-def _check_columns(where: str, manifest: Manifest, columns: dict[str, np.ndarray]) -> None:
-    """Every column as long as the manifest's count and of the expected kind; no path outside the gallery."""
+def nonfinite_row(matrix: np.ndarray | StackedRows) -> int | None:
+    """The first row holding a NaN or an infinity, read a WRITE_ROWS slice at a time; None when all are finite."""
+    for start in range(0, len(matrix), WRITE_ROWS):
+        block = take_rows(matrix, np.arange(start, min(len(matrix), start + WRITE_ROWS)))
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(bad):
+            return start + int(bad[0])
+    if isinstance(matrix, np.ndarray):
+        release_pages(matrix)
+    return None
+
+
+def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: int) -> None:
+    """Every column `count` rows long, of the expected kind and shape (vectors 1-D; classes and probs of one width;
+    boxes 4 wide; embeddings and dba `dim` wide and finite); no path outside the gallery. CacheError otherwise."""
     for name, column in columns.items():
         if column.dtype.kind != KINDS[name]:
             raise CacheError(f"{where}: column {name} has dtype {column.dtype}, not a {KINDS[name]!r} array")
-        if len(column) != manifest.count:
-            raise CacheError(f"{where}: column {name} has {len(column)} rows, the manifest says {manifest.count}")
-    for name in ("embeddings", DBA_COLUMN):
-        if name in columns and (columns[name].ndim != 2 or columns[name].shape[1] != manifest.dim):
-            raise CacheError(f"{where}: {name} are {columns[name].shape}, the manifest says dim {manifest.dim}")
+        if column.ndim != NDIM.get(name, 1):
+            raise CacheError(f"{where}: column {name} is {column.ndim}-D {column.shape}, not {NDIM.get(name, 1)}-D")
+        if len(column) != count:
+            raise CacheError(f"{where}: column {name} has {len(column)} rows, the manifest says {count}")
+    widths = {"boxes": 4, "embeddings": dim, DBA_COLUMN: dim, "probs": columns["classes"].shape[1]}
+    for name, width in widths.items():
+        if name in columns and columns[name].shape[1] != width:
+            raise CacheError(f"{where}: column {name} is {columns[name].shape}, not {width} wide")
     bad = unsafe_paths(columns["paths"])
     if len(bad):
         raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
                          "root; the cache is corrupt or was tampered with")
+    for name in ("embeddings", DBA_COLUMN):
+        row = nonfinite_row(columns[name]) if name in columns else None
+        if row is not None:
+            raise CacheError(f"{where}: column {name} row {row} ({str(columns['paths'][row])[:80]!r}) is not finite; "
+                             "the cache is corrupt: rebuild with build-cache --rebuild")
 
 
 def _load_generation(root: Path, generation: Path, mmap_mode: str | None) -> CacheData:
     where = f"{root} ({generation.name})"
-    manifest = Manifest.from_json((generation / "manifest.json").read_text(), where)
+    manifest = Manifest.from_json(read_text(generation / "manifest.json", where), where)
     columns = {}
     for name in COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()):
         try:
             columns[name] = np.load(generation / f"{name}.npy", mmap_mode=mmap_mode, allow_pickle=False)
         except ValueError as err:  # object arrays (pickles) and malformed headers
             raise CacheError(f"{where}: column {name} is unreadable ({err})") from None
-    _check_columns(where, manifest, columns)
+    check_columns(where, columns, manifest.count, manifest.dim)
     return CacheData(root, manifest, columns, generation)
 
 
@@ -206,15 +243,43 @@ def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -
                       "shape": (len(order), array.shape[1])}
             np.lib.format.write_array_header_1_0(handle, header)
             for start in range(0, len(order), WRITE_ROWS):
-                handle.write(np.ascontiguousarray(take_rows(array, order[start:start + WRITE_ROWS])).tobytes())
+                block = take_rows(array, order[start:start + WRITE_ROWS])
+                bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                if len(bad):  # never published: no query could rank such a row
+                    raise CacheError(f"{path.parent.parent}: {path.stem} row {start + int(bad[0])} is not finite; "
+                                     "nothing was published")
+                handle.write(np.ascontiguousarray(block).tobytes())
         else:
             np.save(handle, np.ascontiguousarray(np.asarray(array)[order]), allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
 
 
+def _nbytes(column: np.ndarray | StackedRows) -> int:
+    return column.shape[0] * column.shape[1] * 4 if isinstance(column, StackedRows) else column.nbytes
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def remove_leftovers(root: Path) -> None:
+    """Remove what failed publishes left (staging folders, generations CURRENT does not name): under the build lock
+    nothing else writes them, and no reader opens a generation CURRENT does not name."""
+    try:
+        live = current_generation(root)
+    except CacheError:  # a damaged CURRENT names nothing readable (build-cache --rebuild replaces it)
+        live = None
+    for path in root.iterdir():
+        if _GENERATION_FILE.match(path.name) and path != live:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _generation_numbers(root: Path) -> list[int]:
-    return [int(m[1]) for p in root.iterdir() if (m := re.match(r"^gen-(\d+)", p.name))]
+    return [int(m[1]) for p in root.iterdir() if (m := _GENERATION_FILE.match(p.name))]
 
 
 def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows]) -> Path:
@@ -224,20 +289,29 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
     publish, and is removed with the rest. The caller holds the build lock.
     """
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
     number = max(_generation_numbers(root), default=0) + 1
     generation = root / f"gen-{number:06d}"
     staging = root / f"{generation.name}.tmp"
     staging.mkdir()
     order = grouped_order(columns, manifest.bucket_by)
-    for name in COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()):
-        _write_npy(staging / f"{name}.npy", columns[name], order)
-    write_text_atomic(staging / "manifest.json", manifest.to_json())
+    names = COLUMNS + ((DBA_COLUMN,) if manifest.dba else ())
+    try:
+        for name in names:
+            _write_npy(staging / f"{name}.npy", columns[name], order)
+        write_text_atomic(staging / "manifest.json", manifest.to_json())
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(_nbytes(columns[name]) for name in names)
+        if isinstance(err, OSError) and (err.errno == errno.ENOSPC or shutil.disk_usage(root).free < needed):
+            raise CacheError(f"{root}: no space left on {_mount_point(root)}: need about {needed / 2**20:.1f} MB "
+                             f"for the new generation ({shutil.disk_usage(root).free / 2**20:.0f} MB free); "
+                             "the embedded images are kept in pending/, so a re-run after freeing space resumes") from None
+        raise
     os.replace(staging, generation)
     fsync_dir(root)
     write_text_atomic(root / "CURRENT", generation.name)
-    for old in root.iterdir():
-        if re.match(r"^gen-\d+", old.name) and old != generation:
-            shutil.rmtree(old, ignore_errors=True)
+    remove_leftovers(root)
     return generation
 
 
@@ -283,21 +357,44 @@ class PendingChunks:
         self.folder = root / "pending"
         self.fingerprint = fingerprint
         stamp = self.folder / "fingerprint.json"
-        if self.folder.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint):
-            shutil.rmtree(self.folder)  # left by a build of another configuration: useless
+        if self.folder.is_dir():
+            try:
+                found = json.loads(stamp.read_bytes().decode("utf-8")) if stamp.is_file() else None
+            except (OSError, ValueError) as err:
+                self._set_aside(f"its fingerprint.json is damaged ({type(err).__name__})")
+            else:
+                if found != fingerprint:
+                    shutil.rmtree(self.folder)  # left by a build of another configuration: useless
         self.folder.mkdir(parents=True, exist_ok=True)
         if not stamp.is_file():
             write_text_atomic(stamp, json.dumps(fingerprint))
         self.count = len(list(self.folder.glob("chunk-*.npz")))
 
+    def _set_aside(self, why: str) -> None:
+        """Move a damaged pending folder to pending.damaged (replacing an older one) and say so: the build goes on
+        and embeds those images again."""
+        aside = self.folder.with_name("pending.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.folder, aside)
+        print(f"lookalike: {self.folder}: {why}; set aside as {aside.name}, its images are embedded again",
+              file=sys.stderr)
+
     def load(self) -> list[dict[str, np.ndarray]]:
+        """The readable chunks; a damaged one (unreadable, or columns of the wrong kind or shape) is set aside in
+        pending.damaged with a message, and its images are embedded again."""
         chunks = []
         for path in sorted(self.folder.glob("chunk-*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as data:
-                    chunks.append({name: data[name] for name in COLUMNS})
-            except (OSError, ValueError, KeyError):
-                path.unlink()  # unreadable: its images are embedded again
+                    chunk = {name: data[name] for name in COLUMNS}
+                check_columns(str(path), chunk, len(chunk["paths"]), chunk["embeddings"].shape[-1])
+                chunks.append(chunk)
+            except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, CacheError) as err:
+                aside = self.folder.with_name("pending.damaged")
+                aside.mkdir(exist_ok=True)
+                os.replace(path, aside / path.name)
+                print(f"lookalike: {path}: damaged ({one_line(err)[:120]}); set aside in {aside.name}, its images "
+                      "are embedded again", file=sys.stderr)
         return chunks
 
     def append(self, columns: dict[str, np.ndarray]) -> None:

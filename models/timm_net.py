@@ -14,7 +14,7 @@ from lookalike.models.onnx_session import export_dir
 from lookalike.models.preprocess import describe_transform
 from lookalike.models.registry import RANDOM, ModelSpec
 from lookalike.models.runtime import GpuPrecision, has_conv, prepare_for_inference, resolve_device, seeded, to_model_input
-from lookalike.models.weights import load_with_fallback
+from lookalike.models.weights import file_stamp, load_with_fallback, local_weights
 
 
 def create_timm_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
@@ -96,11 +96,12 @@ class TimmNet:
 
 
 @lru_cache(maxsize=4)
-def _load(spec_json: str, device: str, runtime: str, exports: str) -> TimmNet:
+def _load(spec_json: str, device: str, runtime: str, exports: str, weights_stamp: tuple) -> TimmNet:
     return TimmNet(ModelSpec(**json.loads(spec_json)), torch.device(device), runtime)
 
 
 def load_timm_net(spec: ModelSpec, device: str = "auto", runtime: str = "torch") -> TimmNet:
     """The process-wide TimmNet for `spec`: a classifier and an embedder naming the same model share it (per export
-    folder too, since its ONNX export lives there)."""
-    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)), runtime, str(export_dir()))
+    folder too, since its ONNX export lives there; a weight file changed since is loaded again)."""
+    return _load(json.dumps(spec.describe(), sort_keys=True), str(resolve_device(device)), runtime, str(export_dir()),
+                 file_stamp(local_weights(spec)) if spec.weights != RANDOM else ())

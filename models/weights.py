@@ -124,13 +124,20 @@ def _remember_hash(path: str, stamp: list[int], digest: str) -> None:
         pass
 
 
+def file_stamp(path: Path | None) -> tuple[int, ...]:
+    """(size, mtime, inode, ctime) of a file, () for none: what changes when the file is rewritten or replaced."""
+    if path is None:
+        return ()
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a weight file, remembered across processes while its (path, size, mtime, inode, ctime) stay the
     same: a query checks a cache's fingerprint without reading a 1 GB file again. ctime is part of the key because
     a rewrite in place keeps the inode and mtime can be set back; nothing can set ctime back."""
     path = Path(path).resolve()
-    stat = path.stat()
-    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+    stamp = list(file_stamp(path))
     entry = _read_hash_memo().get(str(path))
     if isinstance(entry, dict) and entry.get("stat") == stamp and _is_sha256(entry.get("sha256")):
         return entry["sha256"]
