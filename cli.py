@@ -177,6 +177,12 @@ def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, r
     click.echo(report.line())
 
 
+def _check_sheet_folder(sheet: str | None) -> None:
+    """--sheet's folder must exist, checked before any work: lookalike never creates folders where a typo points."""
+    if sheet is not None and not Path(sheet).expanduser().parent.is_dir():
+        raise UserError(f"--sheet {sheet}: the folder {Path(sheet).expanduser().parent} does not exist")
+
+
 def _print_table(answer) -> None:
     predicted = ", ".join(f"{p.name} {p.prob:.2f}" for p in answer.predicted[:3])
     click.echo(f"\n{answer.query}" + (f"  [predicted: {predicted}]" if predicted else ""))
@@ -205,6 +211,7 @@ def _print_table(answer) -> None:
 @one_line_errors
 def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
     """Find the k most similar gallery images for each query image (or text, with a CLIP cache)."""
+    _check_sheet_folder(sheet)
     import lookalike
     from lookalike.pipeline.sheets import Tile, contact_sheet
 
@@ -268,6 +275,7 @@ def serve(cache_dir, host, port, device, runtime):
 @one_line_errors
 def duplicates(cache_dir, threshold, as_json, sheet):
     """Find groups of near-duplicate images (re-encodes, resizes, crops, small edits) in a cache."""
+    _check_sheet_folder(sheet)
     import lookalike
     from lookalike.pipeline.duplicates import duplicate_sheet
 

@@ -26,28 +26,44 @@ Skip = dict[str, str]  # {"path": relative path, "reason": why it is left out}, 
 
 def list_images(root: Path) -> tuple[list[str], list[Skip]]:
     """Image files under `root` (by extension; hidden entries skipped; symlinked folders followed), sorted, and
-    the entries left out with why: unreadable folders, broken or looping symlinks, non-regular files, and a
-    folder or file already found under another path (a symlink loop or a second link), so each real file
-    is indexed once."""
+    the entries left out with why: unreadable folders, broken or looping symlinks, non-regular files, links to
+    places inside the gallery (indexed under their real path, so a link never renames a real photo's label),
+    and a folder or file already found under another path, so each real file is indexed once."""
     found: dict[tuple[int, int], str] = {}  # (device, inode) -> first path, in sorted walk order
     skipped: list[Skip] = []
 
     def unreadable(err: OSError) -> None:
         skipped.append(_skip(root, err.filename, f"unreadable folder ({err.strerror or err})"))
 
+    real_root = root.resolve()
     folders = {(root.stat().st_dev, root.stat().st_ino): "."}
     for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unreadable):
         here = Path(folder)
         subfolders[:] = [name for name in sorted(subfolders) if not name.startswith(".")
+                         and not _links_inside(here / name, root, real_root, skipped)
                          and _first_visit(here / name, root, folders, skipped, "folder")]
         for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if (not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                    and not _links_inside(here / name, root, real_root, skipped)):
                 _first_visit(here / name, root, found, skipped, "file")
     return sorted(found.values()), skipped
 
 
 def _skip(root: Path, path: str | Path, reason: str) -> Skip:
     return {"path": Path(path).relative_to(root).as_posix(), "reason": reason}
+
+
+def _links_inside(path: Path, root: Path, real_root: Path, skipped: list[Skip]) -> bool:
+    """True (and a skip) when `path` is a symlink to a place inside the gallery: that place is indexed under its
+    own path and label. A link to outside the gallery is followed (it is the only way there)."""
+    if not path.is_symlink():
+        return False
+    try:
+        target = path.resolve(strict=True).relative_to(real_root).as_posix()
+    except (OSError, ValueError, RuntimeError):  # broken, looping (reported by _first_visit) or outside the gallery
+        return False
+    skipped.append(_skip(root, path, f"a link to {target} inside the gallery, indexed there"))
+    return True
 
 
 def _first_visit(path: Path, root: Path, seen: dict[tuple[int, int], str], skipped: list[Skip], kind: str) -> bool:

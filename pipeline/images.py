@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,8 @@ def load_image(source: str | Path | bytes, decode_side: int = DECODE_SIDE, max_p
     in_memory = isinstance(source, bytes)
     path = name or ("image bytes" if in_memory else Path(source))
     try:
+        if not in_memory and not stat.S_ISREG(Path(source).stat().st_mode):
+            raise ImageLoadError(path, "not a regular file (a fifo, device or socket); give an image file")
         if (len(source) if in_memory else Path(source).stat().st_size) == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
         with _pillow_open(io.BytesIO(source) if in_memory else source, formats=RASTER_FORMATS) as image:

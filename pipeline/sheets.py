@@ -43,6 +43,5 @@ def contact_sheet(rows: list[list[Tile]], out: str | Path) -> Path:
         for c, tile in enumerate(row):
             sheet.paste(_tile(tile), (6 + c * (TILE + 6), 6 + r * (TILE + CAPTION + 6)))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

@@ -60,6 +60,7 @@ def test_query_table_is_readable(built, gallery):
     (["--buckets", "nearest"], "unknown bucket policy 'nearest'"),
     (["--classifier", "mobilenetv2"], "built with another pipeline"),
     (["-k", "0"], "must be at least 1"),
+    (["--sheet", "/nonexistent/dir/x.png"], "--sheet /nonexistent/dir/x.png: the folder /nonexistent/dir does not exist"),
 ])
 def test_bad_options_give_one_line_errors(built, gallery, arguments, message):
     result = CliRunner().invoke(cli, ["query", str(gallery / "red_circles" / "0.png"), "--cache", str(built)] + arguments)
@@ -108,3 +109,10 @@ def test_fused_score_is_the_cosine_and_the_ranking_score_is_apart(built, gallery
     assert ranked == sorted(ranked, reverse=True)
     table = CliRunner().invoke(cli, ["query", query, "--cache", str(built), "--buckets", "fused:3@2"])
     assert "cosine" in table.output and "ranked by" in table.output
+
+
+def test_a_sheet_in_a_missing_folder_creates_no_folder(built, tmp_path):
+    target = tmp_path / "typo" / "sheet.png"
+    result = CliRunner().invoke(cli, ["duplicates", "--cache", str(built), "--sheet", str(target)])
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    assert not target.parent.exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lookalike.cache.store import load_cache
 from lookalike.pipeline import images
 from lookalike.pipeline.build import build_cache
 from lookalike.pipeline.images import ImageLoadError, load_image
@@ -77,7 +78,7 @@ def test_broken_and_looping_symlinks_are_skipped_and_reported(gallery, tiny_conf
     reasons = skipped(summary)
     assert summary.images == 18 and len(reasons) == len(summary.skipped) == 4
     assert {"red_circles/gone.png", "red_circles/ping.png", "red_circles/pong.png"} < set(reasons)
-    assert "broken link" in reasons["red_circles/gone.png"] and "same folder as ." in reasons["red_circles/again"]
+    assert "broken link" in reasons["red_circles/gone.png"] and "a link to . inside the gallery" in reasons["red_circles/again"]
 
 
 def test_each_real_file_is_indexed_once(gallery, tmp_path):
@@ -87,7 +88,17 @@ def test_each_real_file_is_indexed_once(gallery, tmp_path):
     (gallery / "green").symlink_to(gallery / "green_triangles", target_is_directory=True)
     paths, left_out = list_images(gallery)
     assert len(paths) == len(set(paths)) == 18
-    assert {entry["path"] for entry in left_out} == {"blue_squares/also-0.png", "green_triangles"}
+    assert {entry["path"] for entry in left_out} == {"blue_squares/also-0.png", "green"}
+
+
+def test_a_folder_link_that_sorts_first_never_renames_the_real_photos(gallery, tiny_config, tmp_path):
+    (gallery / "alias_red").symlink_to(gallery / "red_circles", target_is_directory=True)  # "alias_red" < "red_circles"
+    (gallery / "a.png").symlink_to(gallery / "red_circles" / "0.png")
+    summary = build_cache(gallery, tmp_path / "cache", tiny_config)
+    paths = load_cache(tmp_path / "cache").columns["paths"].tolist()
+    assert summary.images == 18 and "red_circles/0.png" in paths
+    assert not [path for path in paths if path.startswith("alias_red/") or path == "a.png"]
+    assert skipped(summary)["alias_red"] == "a link to red_circles inside the gallery, indexed there"
 
 
 def test_an_unreadable_folder_is_reported(gallery, tiny_config, tmp_path, monkeypatch):
@@ -156,3 +167,16 @@ def test_a_crop_whose_preprocessing_fails_skips_that_image(gallery, tiny_config,
     summary = build_cache(gallery, tmp_path / "cache", tiny_config, pipeline=pipeline)
     assert summary.images == 17 and [s["path"] for s in summary.skipped] == [bad.relative_to(gallery).as_posix()]
     assert "cannot preprocess (MemoryError: a sliver blown up by resizing)" in summary.skipped[0]["reason"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_reported_as_not_a_regular_file(tmp_path, kind):
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "pipe.jpg"
+        os.mkfifo(path)  # opening it would block until a writer comes
+    else:
+        path = Path("/dev/urandom")  # endless: reading it would never end
+    with pytest.raises(ImageLoadError, match=f"^{path}: not a regular file"):
+        load_image(path)

@@ -180,7 +180,7 @@ def agreement(pipeline, naive_run, root: Path, paths: list[str]) -> dict:
 
 def warm_queries(cache: Path, paths: list[str], overrides: dict) -> list[float]:
     """Milliseconds of each query, one image at a time, in this process after two warm-up queries."""
-    from lookalike.pipeline.query import open_query_pipeline, runs_recorded_exports
+    from lookalike.pipeline.query import open_query_pipeline
 
     pipeline, _ = open_query_pipeline(cache, overrides)
     list(pipeline.run(paths[:2]))
