@@ -290,3 +290,28 @@ def test_att_faces_fine_tuning_beats_frozen_imagenet_features_on_held_out_subjec
     frozen = read_metrics(tmp_path / "run")[0]
     assert result.best["val_MAP@R"] > float(frozen["val_MAP@R"]) + 0.03
     assert result.best["val_P@1"] >= 0.95
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "inf"), ("--margin", "nan"),
+                                           ("--weight-decay", "-inf"), ("--holdout-images", "nan")])
+def test_train_refuses_non_finite_numbers_in_one_line(shapes, tmp_path, option, value):
+    from lookalike.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "--loss", "triplet", "--data", str(shapes), "--out",
+                                      str(tmp_path / "run"), "--backbone", "small-cnn", option, value])
+    assert result.exit_code == 1 and f"{option} {value}: must be a finite number" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_train_refuses_data_too_small_to_validate_in_one_line(tmp_path):
+    from lookalike.cli import cli
+
+    for index, (label, (colour, shape)) in enumerate(list(SHAPES.items())[:2]):
+        for i in range(4):
+            draw_shape(tmp_path / "tiny" / label / f"{i}.png", colour, shape, seed=10 * index + i, size=48)
+    result = CliRunner().invoke(cli, ["train", "--loss", "triplet", "--data", str(tmp_path / "tiny"), "--out",
+                                      str(tmp_path / "run"), "--backbone", "small-cnn", "--image-size", "32",
+                                      "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "error: validation needs a label with two or more images" in result.output
+    assert "nan" not in result.output.lower()

@@ -1,6 +1,7 @@
 """Options of a training run: plain data with validation, importable without torch (the CLI reads its defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lookalike.models.errors import UserError
@@ -47,6 +48,10 @@ class TrainConfig:
                 raise UserError(f"--{name} {getattr(self, name)}: use one of {', '.join(allowed)}")
         if self.holdout_labels is not None and self.holdout_images is not None:
             raise UserError("--holdout-labels and --holdout-images: choose one way to split validation")
+        for name in ("margin", "lr", "weight_decay", "holdout_images"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a finite number")
         positive = {"embedding_size": 0, "classes_per_batch": 2, "images_per_class": 2, "epochs": 0,
                     "patience": 1}
         for name, least in positive.items():

@@ -344,6 +344,10 @@ def train(config: TrainConfig | None = None, *, resume_dir: Path | None = None, 
     train_set, val_set = split_data(config)
     train_data = decode(trainable(train_set, echo), preprocessing, "training", echo)
     val_data = decode(val_set, preprocessing, "validation", echo)
+    if not (np.bincount(val_data.labels.numpy()) >= 2).any():
+        raise UserError(f"validation needs a label with two or more images (each image is scored by finding the others "
+                        f"of its label); {len(val_data)} validation images of {len(val_data.names)} labels found: "
+                        "add images, or hold out more with --holdout-images")
     echo(f"{len(train_data)} training images of {len(train_data.names)} labels; "
          f"{len(val_data)} validation images of {len(val_data.names)} labels")
     if resume_dir is not None:
