@@ -6,8 +6,10 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +51,7 @@ def one_line_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        ctrl_c = StopOnceOnCtrlC()
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
@@ -67,8 +70,34 @@ def one_line_errors(command):
             click.echo(f"error: unexpected {type(err).__name__}: {message} (a bug: the full traceback is in {path}; "
                        "run with --debug to see it)", err=True)
             sys.exit(1)
+        finally:
+            ctrl_c.restore()
 
     return wrapper
+
+
+class StopOnceOnCtrlC:
+    """While a command runs, the first Ctrl-C stops it (KeyboardInterrupt: what is finished is saved on the way out);
+    later ones, while that save runs, are held with one line instead of cutting the save short or printing a
+    traceback. Off the main thread (tests, embedding) signals are not ours to handle."""
+
+    def __init__(self):
+        self.received = 0
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(signal.SIGINT, self.on_ctrl_c) if on_main_thread else None
+
+    def on_ctrl_c(self, signum, frame) -> None:
+        self.received += 1
+        if self.received == 1:
+            raise KeyboardInterrupt
+        if self.received == 2:
+            os.write(2, b"lookalike: stopping; the finished work is being saved, then it exits\n")
+
+    def restore(self) -> None:
+        """The previous handler back; after a Ctrl-C the process is exiting, and the rest of a burst is ignored
+        (Python's own handler would raise during the exit, and the system's would kill it)."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.received else self.previous)
 
 
 def pipeline_options(defaults: bool):
@@ -168,10 +197,11 @@ def cli(debug):
 def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, ray_address, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
     import lookalike
-    from lookalike.pipeline.build import progress_bar
+    from lookalike.pipeline.build import ProgressBar
 
-    report = lookalike.build(gallery, out, labels=labels_file, bucket_by=bucket_by, rebuild=rebuild, engine=engine,
-                             ray_address=ray_address, progress=progress_bar(), **options)
+    with ProgressBar() as progress:
+        report = lookalike.build(gallery, out, labels=labels_file, bucket_by=bucket_by, rebuild=rebuild,
+                                 engine=engine, ray_address=ray_address, progress=progress, **options)
     for skipped in report.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
     click.echo(report.line())

@@ -43,20 +43,31 @@ CHUNK_SECONDS = 30.0  # ... or after this long, for slow models
 Progress = Callable[[int, int], None]  # called with (images embedded so far, images to embed) after each batch
 
 
-def progress_bar(desc: str = "embedding") -> Progress:
-    """A Progress drawn as a tqdm bar on stderr (the command line's)."""
-    from tqdm import tqdm
+class ProgressBar:
+    """A Progress drawn as a tqdm bar on stderr (the command line's); use it `with`, so an interrupted build ends its
+    line before the next message."""
 
-    bar = None
+    def __init__(self, desc: str = "embedding"):
+        self.desc = desc
+        self.bar = None
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        bar = bar or tqdm(total=total, desc=desc, unit="img")
-        bar.update(done - bar.n)
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = self.bar or tqdm(total=total, desc=self.desc, unit="img")
+        self.bar.update(done - self.bar.n)
         if done >= total:
-            bar.close()
+            self.close()
 
-    return update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Engine(Protocol):

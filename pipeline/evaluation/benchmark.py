@@ -25,7 +25,7 @@ from lookalike.cache.store import load_cache
 from lookalike.models.errors import UserError
 from lookalike.models.registry import NO_CLASSIFIER
 from lookalike.models.weights import WeightsUnavailable
-from lookalike.pipeline.build import build_cache, fingerprint, progress_bar
+from lookalike.pipeline.build import ProgressBar, build_cache, fingerprint
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.datasets import LabelledSet, load_labelled, split_queries
 from lookalike.pipeline.engines import create_engine
@@ -109,7 +109,7 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
     # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
     key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
     cache_dir = out / "caches" / key
-    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline, progress=progress_bar(),
+    summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline, progress=ProgressBar(),
                           engine=create_engine(engine, config, ray_address, pipeline))
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]
