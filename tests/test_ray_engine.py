@@ -210,3 +210,23 @@ def test_speed_times_the_ray_engine_against_the_local_one(ray_local, gallery, ti
     for engine in ("local", "ray"):
         figures = report["camera"][engine]
         assert figures["camera"]["images"] == figures["small"]["images"] == 2 and figures["camera_vs_small"] > 0
+
+
+def test_a_refused_ray_build_prints_its_one_line_without_ray_tracebacks(gallery, tiny_config, tmp_path):
+    """Ray's own logs (worker tracebacks, Ray Data's execution messages) stay in Ray's log folder. Ray's C++ core
+    still writes one line about actor constructor arguments to the driver's stderr on every actor pool."""
+    script = ("import sys\n"
+              "from lookalike.pipeline.engines.ray_engine import RayEngine\n"
+              "real = RayEngine.describe\n"
+              "RayEngine.describe = lambda self: {**real(self), 'embed': {'embedder': {'weights': 'other'}}}\n"
+              "from lookalike.cli import main\n"
+              "sys.argv = ['lookalike', *sys.argv[1:]]\n"
+              "main()\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ADDRESS="", PYTHONPATH=str(ROOT.parent))
+    result = subprocess.run([sys.executable, "-c", script, "build-cache", "--gallery", str(gallery), "--out",
+                             str(tmp_path / "ray"), "--engine", "ray", "--classifier", tiny_config.classifier,
+                             "--embedder", tiny_config.embedder, "--device", "cpu"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1].startswith("error: a Ray worker's models differ"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) <= 2, result.stderr[-3000:]

@@ -10,6 +10,7 @@ comes back with its reason, as in the local engine, and is never retried.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -131,17 +132,21 @@ class RayEngine:
         return self.pipeline.describe()
 
     def connect(self):
-        """Start a local Ray, or join the cluster at `address`, unless this process is connected already."""
+        """Start a local Ray, or join the cluster at `address`, unless this process is connected already. Ray's own
+        messages stay in its log folder (/tmp/ray/session_*/logs): stderr is lookalike's, one line per problem."""
         import ray
 
         if not ray.is_initialized():
             env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIXES)}
             try:
-                ray.init(address=self.address or "local", runtime_env={"env_vars": env}, logging_level="WARNING",
-                         include_dashboard=False if not self.address else None)
+                ray.init(address=self.address or "local", runtime_env={"env_vars": env}, logging_level="ERROR",
+                         log_to_driver=False, include_dashboard=False if not self.address else None)
             except (ConnectionError, ValueError) as err:
                 raise UserError(f"--ray-address {self.address}: cannot join a Ray cluster ({err})") from None
         ray.data.DataContext.get_current().enable_progress_bars = False
+        for handler in logging.getLogger("ray.data").handlers:  # its file handler keeps everything
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.CRITICAL + 1)
         return ray
 
     def _actor_options(self, ray) -> dict:
