@@ -133,6 +133,13 @@ def test_each_damaged_cache_gives_one_line_in_query_and_duplicates(pristine, tmp
 
 
 @pytest.mark.parametrize("kind", ["CURRENT not UTF-8", "manifest not UTF-8", "embeddings with NaN", "paths 2-D"])
+def test_serve_refuses_a_damaged_cache_in_one_line_before_listening(pristine, tmp_path, kind):
+    cache, generation = copy_of(pristine, tmp_path)
+    DAMAGE[kind](generation)
+    assert_one_line_error(CliRunner().invoke(cli, ["serve", "--cache", str(cache), "--device", "cpu"]), cache)
+
+
+@pytest.mark.parametrize("kind", ["CURRENT not UTF-8", "manifest not UTF-8", "embeddings with NaN", "paths 2-D"])
 def test_a_rebuild_always_replaces_a_damaged_cache(pristine, tmp_path, kind):
     from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
