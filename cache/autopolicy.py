@@ -43,6 +43,7 @@ AUTO_WEIGHTS = (0.0, 0.25, 0.5)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given without @W
 
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
+RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
 WORKERS = usable_cpus()  # validation threads
@@ -65,11 +66,12 @@ def _in_threads(function: Callable, items: list) -> list:
         return list(pool.map(function, items))
 
 
-def validation_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+def validation_split(labels: np.ndarray, seed: int, query_limit: int = QUERY_LIMIT) -> tuple[np.ndarray, np.ndarray] | None:
     """(validation gallery rows, query positions among them); None with fewer than two labels.
 
     Queries are labelled rows with at least one other image of their label in the validation gallery (any
-    other query scores 0 under every policy), a seeded sample of at most QUERY_LIMIT in gallery order.
+    other query scores 0 under every policy), a seeded sample of at most `query_limit` in gallery order; a smaller
+    limit takes the first of the same seeded order, so its queries are a subset of a larger limit's.
     """
     labels = np.asarray(labels)
     if len(set(labels[labels != ""].tolist())) < 2:
@@ -82,7 +84,7 @@ def validation_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
     usable = np.flatnonzero((labels[gallery] != "") & (counts[codes] > 1))
     if len(usable) == 0:
         return None
-    return gallery, np.sort(rng.permutation(usable)[:QUERY_LIMIT])
+    return gallery, np.sort(rng.permutation(usable)[:query_limit])
 
 
 def _weight(policy: BucketPolicy) -> float:
@@ -117,14 +119,14 @@ def _ap_and_hits(relevant_at: tuple[np.ndarray, np.ndarray], candidate: np.ndarr
     return ap, hits
 
 
-def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
-               seed: int = 0) -> dict[BucketPolicy, Score] | None:
+def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], seed: int = 0,
+               query_limit: int = QUERY_LIMIT) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of each policy (fused ones with their weight) on a cache's columns; None without labels.
 
     A gallery row is a candidate when one of its top-M classes is among the query's classes (top N or its
     nucleus); the query's own row is always one (it shares the query's classes) and is counted, then left out.
     """
-    split = validation_split(np.asarray(columns["labels"]), seed)
+    split = validation_split(np.asarray(columns["labels"]), seed, query_limit)
     if split is None:
         return None
     gallery, queries = split
@@ -200,7 +202,8 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     1. of the policies searching fewer images than flat search (candidate fraction rounded to 0.001 below 1) and
        not worse than it, the one searching the fewest (ties: the higher MAP@R); flat when there is none;
     2. (`rerank`, galleries up to EXACT_MAX_ROWS) a re-ranked flat search of rerank_family() replaces it when it is
-       not worse than flat search and gains MAP@R over step 1's choice; the one with the best MAP@R.
+       not worse than flat search and gains MAP@R over step 1's choice scored on the same queries (step 2's
+       sample); the one with the best MAP@R.
     None without labels."""
     family = auto_family(np.asarray(columns["classes"]).shape[1])
     scores = loo_scores(columns, [FLAT, *family], seed)
@@ -214,8 +217,9 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     weight = chosen.weight if chosen.kind == "fused" and chosen.weight else None
     candidates = rerank_family(weight)
     reranked = rerank_scores(columns, [FLAT, *candidates], seed)
+    baseline = loo_scores(columns, [chosen], seed, RERANK_QUERY_LIMIT)[chosen]  # step 2's queries, not step 1's
     better = [p for p in candidates if not_worse(reranked[p], reranked[FLAT])
-              and reranked[p].map_at_r > scores[chosen].map_at_r]
+              and reranked[p].map_at_r > baseline.map_at_r]
     return max(better, key=lambda p: reranked[p].map_at_r, default=chosen)
 
 
@@ -224,7 +228,6 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 RERANK_DBA = (None, (2, 0.0), (5, 0.0), (20, 3.0))
 RERANK_QE = (None, (2, 1.0), (10, 1.0))
 RERANK_KRECIP = ((5, 2), (20, 6))
-RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking
 KRECIP_BATCH = 64  # queries k-reciprocal re-ranks at once (bounds its [batch, pool, pool] arrays)
 
 
@@ -239,12 +242,10 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                   seed: int = 0) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of flat re-ranked policies, scored as cache/search.py's re-ranked search does. No leak:
     the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA)."""
-    split = validation_split(np.asarray(columns["labels"]), seed)
+    split = validation_split(np.asarray(columns["labels"]), seed, RERANK_QUERY_LIMIT)
     if split is None:
         return None
     gallery, queries = split
-    if len(queries) > RERANK_QUERY_LIMIT:
-        queries = np.sort(np.random.default_rng(seed).choice(queries, RERANK_QUERY_LIMIT, replace=False))
     policies = list(dict.fromkeys(policies))
     vectors = np.asarray(columns["embeddings"][gallery], np.float32)
     _, codes, counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True, return_counts=True)

@@ -99,3 +99,27 @@ def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config
 
 def test_empty_columns_have_no_dba():
     assert "dba" not in empty_columns(4, 3)
+
+
+def test_auto_compares_the_rerank_gain_on_one_sample_of_queries(monkeypatch):
+    """Step 2 keeps a re-ranked policy when it beats step 1's choice on step 2's own queries: two MAP@Rs measured on
+    different queries are never compared (step 1's choice scores 0.9 on its 2,000 queries, 0.5 on step 2's 500)."""
+    from lookalike.cache import autopolicy
+
+    columns = gallery_columns(informative_classes=False, per_label=30)
+    hits = np.ones(40, bool)
+
+    def score(value: float):
+        return autopolicy.Score(map_at_r=value, p_at_1=1.0, hits=hits, candidates=0.5)
+
+    def loo_scores(columns, policies, seed=0, query_limit=autopolicy.QUERY_LIMIT):
+        full = query_limit == autopolicy.QUERY_LIMIT
+        return {p: score(0.6 if p == FLAT else 0.9 if full else 0.5) for p in policies}
+
+    def rerank_scores(columns, policies, seed=0):
+        return {p: score(0.5 if p == FLAT else 0.6) for p in policies}
+
+    monkeypatch.setattr(autopolicy, "loo_scores", loo_scores)
+    monkeypatch.setattr(autopolicy, "rerank_scores", rerank_scores)
+    chosen = choose_policy(columns)
+    assert chosen.dba or chosen.qe or chosen.krecip, chosen
