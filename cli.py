@@ -26,7 +26,7 @@ if __name__ == "__main__" and "lookalike" not in sys.modules:
 import click
 
 from lookalike import __version__
-from lookalike.models.errors import UserError
+from lookalike.models.errors import UserError, message_of
 from lookalike.models.files import user_cache_dir
 
 # Heavy imports (torch, timm, faiss, ultralytics) happen inside the commands: --help stays instant.
@@ -58,15 +58,14 @@ def one_line_errors(command):
             click.echo("interrupted: finished work is saved; run the same command again to resume", err=True)
             sys.exit(130)
         except USER_ERRORS as err:
-            message = " ".join(str(err).split()) or type(err).__name__
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {message_of(err)}", err=True)
             sys.exit(1)
         except Exception as err:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             path = _traceback_file()
             path.write_text(traceback.format_exc())
-            message = " ".join(str(err).split())[:300]
+            message = message_of(err)[:300]
             click.echo(f"error: unexpected {type(err).__name__}: {message} (a bug: the full traceback is in {path}; "
                        "run with --debug to see it)", err=True)
             sys.exit(1)

@@ -21,12 +21,6 @@ EXACT_COPY_COSINE = 0.999
 COPY_OFFSET = 1000.0  # above any re-ranked score (cosine + class bonus, or POOL_OFFSET + k-reciprocal + bonus)
 
 
-def _faiss():
-    import faiss
-
-    return faiss
-
-
 def normalise(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
     vectors = np.asarray(vectors, np.float32)
@@ -36,7 +30,8 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 def nearest(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of the k most similar rows of `vectors` for each query, best first (exact IP)."""
-    faiss = _faiss()
+    import faiss
+
     k = min(k, len(vectors))
     return faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(vectors, np.float32), k,
                      metric=faiss.METRIC_INNER_PRODUCT)

@@ -35,12 +35,6 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _faiss():
-    import faiss
-
-    return faiss
-
-
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
 # Measured (BENCHMARKS.md, Speed, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
 # 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
@@ -71,7 +65,9 @@ class ExactIndex:
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions in this index's rows), best first. faiss, not numpy: numpy's threaded
         sgemv was 80x slower here when another process held a core (BENCHMARKS.md, Speed)."""
-        faiss, k = _faiss(), min(k, len(self.rows))
+        import faiss
+
+        k = min(k, len(self.rows))
         query = np.ascontiguousarray(query[None], np.float32)
         found, found_scores = [], []
         for start in range(0, len(self.vectors), SCAN_CHUNK_ROWS):
@@ -112,7 +108,8 @@ def ivf_lists(count: int) -> int:
 
 def build_ivf(vectors: np.ndarray, rows: np.ndarray | None = None, seed: int = 0):
     """An IndexIVFFlat (inner product) over `vectors[rows]` (all rows when None), added in slices."""
-    faiss = _faiss()
+    import faiss
+
     count = len(vectors) if rows is None else len(rows)
     dim = vectors.shape[1]
     nlist = ivf_lists(count)
@@ -162,7 +159,8 @@ class Searcher:
         return Path(filename).parent / f"ivf-{name}.faiss"
 
     def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int) -> IVFIndex:
-        faiss = _faiss()
+        import faiss
+
         path = self._index_file(key, gallery_classes)
         if path is not None and path.is_file():
             try:

@@ -14,3 +14,14 @@ def one_line(err: BaseException) -> str:
     """'Type: first line of the message' ('Type' alone when there is none), for one-line errors and skip reasons."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def flattened(text: str) -> str:
+    """`text` on one line: every run of whitespace, newlines included, becomes one space."""
+    return " ".join(text.split())
+
+
+def message_of(err: BaseException) -> str:
+    """An error's whole message on one line (its type's name when it has none): what the CLI, serve and the
+    benchmark report."""
+    return flattened(str(err)) or type(err).__name__

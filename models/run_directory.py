@@ -80,6 +80,5 @@ def load_weights(net: nn.Module, path: Path) -> str:
     try:
         net.load_state_dict(load(data), strict=True)
     except Exception as err:  # safetensors and torch raise several types for bad files
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: weights do not fit the network in {CONFIG_FILE} ({first})") from None
+        raise UserError(f"{path}: weights do not fit the network in {CONFIG_FILE} ({one_line(err)})") from None
     return sha256

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from scripts.load_test import free_port
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -e '.[test]'")
@@ -29,12 +30,6 @@ def chromium() -> str:
         pytest.skip("no chromium found (apt-get install -y chromium, or set LOOKALIKE_CHROMIUM); "
                     "Playwright's own browser download cannot work offline")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

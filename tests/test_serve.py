@@ -157,11 +157,19 @@ def test_bad_input_gets_its_status_and_a_json_message(client, send, status, mess
 def test_thumbnail_of_a_path_outside_the_gallery_is_refused(cache):
     from lookalike.pipeline.serve.thumbnails import Thumbnails
 
-    thumbnails = Thumbnails(cache.parent / "gallery", np.array(["red_circles/0.png", "../cache/CURRENT"]),
+    escapes = ["../cache/CURRENT", "..\\cache\\CURRENT", "", "/etc/passwd"]  # backslashes and empty ones too
+    thumbnails = Thumbnails(cache.parent / "gallery", np.array(["red_circles/0.png", *escapes]),
                             cache.parent / "thumbs-escape")
     assert thumbnails.file(0).is_file()
-    with pytest.raises(PermissionError, match="leads outside the gallery root"):
-        thumbnails.file(1)
+    for row in range(1, len(escapes) + 1):
+        with pytest.raises(PermissionError, match="leads outside the gallery root"):
+            thumbnails.file(row)
+
+
+@pytest.mark.parametrize("row", ["²", "①", "9" * 5000, "-1", "1e3"])
+def test_a_thumbnail_row_that_is_not_a_plain_number_is_404(client, row):
+    response = client.get(f"/api/thumbnails/{row}")
+    assert response.status_code == 404 and "rows are numbers" in response.json()["error"]
 
 
 def test_concurrent_requests_get_the_answers_they_would_get_alone(client, cache):

@@ -22,7 +22,7 @@ from lookalike.cache.metrics import cmc_curve, compute_metrics
 from lookalike.cache.policies import AUTO, BucketPolicy, parse_policy, resolve_auto
 from lookalike.cache.search import Searcher
 from lookalike.cache.store import load_cache
-from lookalike.models.errors import UserError
+from lookalike.models.errors import UserError, message_of
 from lookalike.models.registry import NO_CLASSIFIER
 from lookalike.models.weights import WeightsUnavailable
 from lookalike.pipeline.build import ProgressBar, build_cache, fingerprint
@@ -186,7 +186,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
             run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples, engine, ray_address)
         except Exception as err:  # a failing group is recorded and the run goes on
             status = "skipped" if isinstance(err, (WeightsUnavailable, FileNotFoundError)) else "failed"
-            reason = " ".join(str(err).split()) or type(err).__name__
+            reason = message_of(err)
             detail = None if status == "skipped" else traceback.format_exc(limit=3)
             for cell in group_cells:
                 report["cells"].append({"config": asdict(cell), "status": status, "error": reason, "trace": detail})
@@ -207,7 +207,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                 extras[cell.name] = (run, top_rows)
             except Exception as err:
                 report["cells"].append({"config": asdict(cell), "status": "failed",
-                                        "error": " ".join(str(err).split()), "trace": traceback.format_exc(limit=3)})
+                                        "error": message_of(err), "trace": traceback.format_exc(limit=3)})
             bar.update()
     bar.close()
     report["cells"].sort(key=lambda c: -(c.get("metrics") or {}).get("MAP@R", -1.0))

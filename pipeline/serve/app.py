@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from lookalike.models.errors import flattened
 from lookalike.pipeline.api import Answer, Index
 from lookalike.pipeline.images import ImageLoadError, NotAnImage
 from lookalike.pipeline.serve.limits import BodyLimit
@@ -42,7 +43,7 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(message.split())}, status)
+    return JSONResponse({"error": flattened(message)}, status)
 
 
 def _thumbnail_folder(generation: Path) -> Path:
@@ -155,8 +156,8 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.get("/api/thumbnails/{row}")
     async def thumbnail(row: str) -> FileResponse:
-        if not row.isdigit():
-            raise ApiError(404, f"row {row!r}: rows are numbers")
+        if not (row.isascii() and row.isdigit() and len(row) <= 12):  # '²' passes isdigit() and fails int()
+            raise ApiError(404, f"row {row[:20]!r}: rows are numbers")
         try:
             path = await run_in_threadpool(thumbnails.file, int(row))
         except IndexError as err:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.cache.store import unsafe_paths
 from lookalike.models.files import atomic_write
 from lookalike.pipeline.images import load_image
 
@@ -27,10 +28,9 @@ class Thumbnails:
         target = self.folder / f"{row}.jpg"
         if target.is_file():
             return target
-        relative = Path(str(self.paths[row]))
-        if relative.is_absolute() or ".." in relative.parts:  # symlinks the gallery itself holds are its own
+        if len(unsafe_paths(self.paths[row:row + 1])):  # the cache's one rule (symlinks the gallery holds are its own)
             raise PermissionError(f"row {row}: its path leads outside the gallery root")
-        image = load_image(self.root / relative, decode_side=self.side)
+        image = load_image(self.root / str(self.paths[row]), decode_side=self.side)
         image.thumbnail((self.side, self.side))
         self.folder.mkdir(exist_ok=True)  # never its parents: a generation deleted by a rebuild stays deleted
         atomic_write(target, lambda tmp: image.save(tmp, format="JPEG", quality=85))
