@@ -42,6 +42,7 @@ NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2}
 WRITE_ROWS = 65_536  # embeddings are written (and gathered from older generations) in slices this size
 RELEASE_ABOVE_BYTES = 256 << 20  # a smaller mapped matrix keeps its pages (re-mapping it per query costs ms)
 _GENERATION = re.compile(r"^gen-(\d+)$")
+_CHUNK = re.compile(r"^chunk-(\d+)\.npz$")
 _GENERATION_FILE = re.compile(r"^gen-(\d+)")  # a generation, or its staging folder gen-N.tmp
 
 
@@ -368,7 +369,7 @@ class PendingChunks:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not stamp.is_file():
             write_text_atomic(stamp, json.dumps(fingerprint))
-        self.count = len(list(self.folder.glob("chunk-*.npz")))
+        self.count = max((number for _, number in self._chunks()), default=-1) + 1  # the next chunk's number
 
     def _set_aside(self, why: str) -> None:
         """Move a damaged pending folder to pending.damaged (replacing an older one) and say so: the build goes on
@@ -379,11 +380,19 @@ class PendingChunks:
         print(f"lookalike: {self.folder}: {why}; set aside as {aside.name}, its images are embedded again",
               file=sys.stderr)
 
-    def load(self) -> list[dict[str, np.ndarray]]:
-        """The readable chunks; a damaged one (unreadable, or columns of the wrong kind or shape) is set aside in
+    def _chunks(self) -> list[tuple[Path, int]]:
+        """(path, number) of every chunk file, in number order."""
+        found = ((path, _CHUNK.match(path.name)) for path in self.folder.glob("chunk-*.npz"))
+        return sorted(((path, int(match[1])) for path, match in found if match), key=lambda pair: pair[1])
+
+    def load(self, first: int = 0) -> list[dict[str, np.ndarray]]:
+        """The readable chunks numbered `first` and above (a build loads those it resumes from, then the ones it
+        wrote: each once); a damaged one (unreadable, or columns of the wrong kind or shape) is set aside in
         pending.damaged with a message, and its images are embedded again."""
         chunks = []
-        for path in sorted(self.folder.glob("chunk-*.npz")):
+        for path, number in self._chunks():
+            if number < first:
+                continue
             try:
                 with np.load(path, allow_pickle=False) as data:
                     chunk = {name: data[name] for name in COLUMNS}

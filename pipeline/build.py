@@ -237,10 +237,11 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             previous = load_cache(out)
             refuse_other_pipeline(previous.manifest, wanted, out)
         pending = PendingChunks(out, wanted)
+        resumed, first_new = pending.load(), pending.count
 
         # Rows already embedded (by the previous generation or an interrupted build), keyed by path.
         known: dict[str, tuple[int, int]] = {}
-        for part in ([previous.columns] if previous else []) + pending.load():
+        for part in ([previous.columns] if previous else []) + resumed:
             known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
         stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
         labels = {e.relpath: e.label for e in entries}
@@ -255,7 +256,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         summary.phases["embed"] = time.perf_counter() - embedding_started
         summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
 
-        columns, count = _merge(previous, pending.load(), entries)
+        columns, count = _merge(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
             raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])

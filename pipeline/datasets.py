@@ -17,7 +17,7 @@ import numpy as np
 
 from lookalike.models.errors import UserError
 from lookalike.models.files import user_cache_dir
-from lookalike.pipeline.gallery import folder_label, list_images, read_label_map
+from lookalike.pipeline.gallery import labels_of, list_images
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,7 @@ def load_labelled(spec: str | Path, labels_file: str | Path | None = None) -> La
     """Every image under the data folder/zip with its label; images without one are left out."""
     root = resolve_data(spec)
     paths, _ = list_images(root)  # a data set's unusable entries are left out, as unlabelled ones are
-    if labels_file:
-        mapping = read_label_map(Path(labels_file))
-        pairs = [(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths]
-    else:
-        pairs = [(p, folder_label(p)) for p in paths]
-    pairs = [(p, label) for p, label in pairs if label is not None]
+    pairs = [(p, label) for p, label in zip(paths, labels_of(paths, labels_file or None)) if label is not None]
     if not pairs:
         raise UserError(f"{spec}: no labelled images (expected <label>/<image> folders or a label map)")
     return LabelledSet(root, [p for p, _ in pairs], [label for _, label in pairs])

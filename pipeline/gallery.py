@@ -102,11 +102,16 @@ def scan_gallery(root: str | Path, labels_file: str | Path | None = None) -> tup
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: gallery folder does not exist")
     paths, skipped = list_images(root)
-    if labels_file is not None:
-        mapping = read_label_map(Path(labels_file))
-        # Keys may be paths relative to the root or bare file names.
-        return [GalleryEntry(p, mapping.get(p, mapping.get(Path(p).name))) for p in paths], skipped
-    return [GalleryEntry(p, folder_label(p)) for p in paths], skipped
+    return [GalleryEntry(p, label) for p, label in zip(paths, labels_of(paths, labels_file))], skipped
+
+
+def labels_of(paths: list[str], labels_file: str | Path | None) -> list[str | None]:
+    """Each path's label: from the label map (its keys are paths relative to the root, or bare file names) when
+    one is given, else the parent folder's name; None where there is none."""
+    if labels_file is None:
+        return [folder_label(p) for p in paths]
+    mapping = read_label_map(Path(labels_file))
+    return [mapping.get(p, mapping.get(Path(p).name)) for p in paths]
 
 
 def folder_label(relpath: str) -> str | None:

@@ -84,9 +84,28 @@ def test_ctrl_c_saves_the_finished_images_and_the_rerun_resumes(gallery, tiny_co
     assert not (out / "CURRENT").exists()
     assert pending_rows(out) == 8  # two finished batches, saved although far from a full chunk
     undo()
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda path, *a, **k: opened.append(Path(path).name) or real_load(path, *a, **k))
     summary = build_cache(gallery, out, tiny_config, pipeline=pipeline)
     assert summary.reused == 8 and summary.embedded == 10 and summary.images == 18
     assert not (out / "pending").exists()
+    chunks = [name for name in opened if name.startswith("chunk-")]
+    assert sorted(chunks) == sorted(set(chunks)) and len(chunks) == 2  # the saved chunk and the new one, once each
+
+
+def test_a_new_pending_chunk_never_overwrites_one_left_after_a_gap(tmp_path):
+    from lookalike.cache.store import PendingChunks, empty_columns
+
+    columns = {name: np.asarray(values) for name, values in empty_columns(4, 2).items()}
+    pending = PendingChunks(tmp_path, {"f": 1})
+    for _ in range(3):
+        pending.append(columns)
+    (tmp_path / "pending" / "chunk-000001.npz").unlink()  # e.g. set aside as damaged
+    again = PendingChunks(tmp_path, {"f": 1})
+    again.append(columns)
+    assert sorted(p.name for p in (tmp_path / "pending").glob("chunk-*")) == [
+        "chunk-000000.npz", "chunk-000002.npz", "chunk-000003.npz"]
 
 
 def test_slow_builds_save_chunks_by_time(gallery, tmp_path, monkeypatch):
