@@ -9,6 +9,7 @@ import numpy as np
 
 from lookalike.cache import rerank
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
+from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import BucketPolicy
 from lookalike.cache.store import DBA_COLUMN, CacheData, release_pages
 from lookalike.models.errors import UserError
@@ -46,14 +47,6 @@ CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at
 RERANK_IVF_POOL = 256  # rows a re-ranked (or fused) search takes from a bucket large enough for an IVF index
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k highest scores, best first (ties: lower position first)."""
-    if k < len(scores):
-        part = np.argpartition(-scores, k - 1)[:k]
-        return part[np.lexsort((part, -scores[part]))]
-    return np.lexsort((np.arange(len(scores)), -scores))
-
-
 class ExactIndex:
     """Exact inner product over some gallery rows; the whole gallery is scanned in slices, not copied."""
 
@@ -81,7 +74,7 @@ class ExactIndex:
         if len(found) == 1:
             return found_scores[0], found[0]
         positions, scores = np.concatenate(found), np.concatenate(found_scores)
-        best = _top_k(scores, k)
+        best = rank_by_score(scores, k)
         return scores[best], positions[best]
 
 
@@ -217,7 +210,7 @@ class Searcher:
         rows, scores = np.concatenate(found_rows), np.concatenate(found_scores)
         rows, first = np.unique(rows, return_index=True)  # soft assignment can find an image twice
         scores = scores[first]
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = rank_by_score(scores, k)
         return Hits(rows[order], scores[order], candidates, keys)
 
     def _candidates(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
@@ -265,16 +258,16 @@ class Searcher:
         plain = cosine if policy.dba is None else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
         if policy.qe:
-            best = _top_k(cosine + bonus, min(policy.qe[0], len(rows)))
+            best = rank_by_score(cosine + bonus, min(policy.qe[0], len(rows)))
             expanded = rerank.alpha_qe(query, vectors[best], cosine[best], policy.qe[1], len(best))
             cosine = vectors @ expanded
         ranking = cosine + bonus
         if policy.krecip:
-            pool = _top_k(ranking, min(rerank.POOL, len(rows)))
+            pool = rank_by_score(ranking, min(rerank.POOL, len(rows)))
             with _one_blas_thread():
                 mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
             ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
-        best = _top_k(rerank.copies_first(ranking, plain), k)
+        best = rank_by_score(rerank.copies_first(ranking, plain), k)
         stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
         release_pages(matrix)
         release_pages(self.embeddings)

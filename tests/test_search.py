@@ -113,3 +113,15 @@ def test_canonical_policies_print_as_written(text):
 def test_bad_policies_are_refused(text):
     with pytest.raises(ValueError, match="bucket policy"):
         parse_policy(text)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_at_the_cut_keep_the_lower_row_first(dtype):
+    """One ranking everywhere (cache.metrics.rank_by_score): equal scores in gallery order, also where a top-k cut
+    falls inside a run of equal scores."""
+    from lookalike.cache.metrics import rank_by_score
+
+    scores = np.full(1000, 0.5, dtype)
+    scores[[7, 900]] = 0.9
+    assert rank_by_score(scores, 5).tolist() == [7, 900, 0, 1, 2]
+    assert rank_by_score(scores).tolist()[:4] == [7, 900, 0, 1]
