@@ -244,8 +244,6 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
     import lookalike
     from lookalike.pipeline.sheets import Tile, contact_sheet
 
-    if k < 1:
-        raise UserError(f"-k {k}: must be at least 1")
     if bool(images) == bool(texts):
         raise UserError("give query images or --text, not both and not neither")
     if texts and sheet:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -101,6 +102,7 @@ def _decimal(value: float) -> str:
     return np.format_float_positional(value, trim="-")
 
 
+@lru_cache(maxsize=256)  # parsed once per text for every query that names it; bounded against hostile variety
 def parse_policy(text: str) -> BucketPolicy:
     """Parse a policy string; ValueError naming the valid forms otherwise."""
     match = _PATTERN.match(text.strip())

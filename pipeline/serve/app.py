@@ -59,16 +59,16 @@ def _thumbnail_folder(generation: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="lookalike-thumbnails-"))
 
 
-def _k(value) -> int | None:
-    if value in (None, ""):
+def _k(value, from_form: bool = False) -> int | None:
+    """k parsed strictly: a JSON integer (not 2.7, true, "5" or Infinity), or a form field of digits only."""
+    if value is None or value == "":
         return None
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise ApiError(400, f"k {value!r}: give a whole number from 1 to {MAX_K}") from None
-    if not 1 <= k <= MAX_K:
-        raise ApiError(400, f"k {k}: give a whole number from 1 to {MAX_K}")
-    return k
+    if from_form and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_K:
+        shown = value if type(value) is int else repr(value)[:20]
+        raise ApiError(400, f"k {shown}: give a whole number from 1 to {MAX_K}")
+    return value
 
 
 def _buckets(value) -> str | None:
@@ -176,12 +176,12 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
                 raise ApiError(400, "a multipart query needs the image in a field named 'file'")
             data = await upload.read()
             return await run_in_threadpool(run, upload_query, data, upload.filename or "upload",
-                                           _buckets(form.get("buckets")), _k(form.get("k")))
+                                           _buckets(form.get("buckets")), _k(form.get("k"), from_form=True))
         if kind.startswith("application/json"):
             try:
                 body = json.loads(await request.body())
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ApiError(400, f"the body is not valid JSON ({err})") from None
+            except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a 5,000-digit number, 100,000 levels deep
+                raise ApiError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:80]})") from None
             if not isinstance(body, dict) or ("row" in body) == ("text" in body):
                 raise ApiError(400, 'a JSON query is {"row": N} or {"text": "..."}, with optional k and buckets')
             k = _k(body.get("k"))
