@@ -37,6 +37,11 @@ _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[
 FORMS = ("flat[@W], top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M, then re-ranking "
          "+dba:K[@a], +qe:K[@a], +krecip:K1/K2")
 QE_ALPHA = 1.0  # the expansion's weight exponent when qe:K is given without @a
+# Limits on what a policy from a request may ask for (every entry point parses here): re-ranking sizes bound the
+# work per query (a DBA of K neighbours, an expansion of K rows, k-reciprocal sets of K1), and decimals are finite.
+MAX_RERANK_K = 100  # the largest K, K1 or K2 (auto's largest is 20; k-reciprocal's pool is 100)
+MAX_DECIMAL = 10.0  # the largest W, a or T
+MAX_POLICY_CHARS = 200
 
 
 AUTO = "auto"
@@ -105,6 +110,8 @@ def _decimal(value: float) -> str:
 @lru_cache(maxsize=256)  # parsed once per text for every query that names it; bounded against hostile variety
 def parse_policy(text: str) -> BucketPolicy:
     """Parse a policy string; ValueError naming the valid forms otherwise."""
+    if len(text) > MAX_POLICY_CHARS:
+        raise UserError(f"bucket policy of {len(text)} characters: the longest is {MAX_POLICY_CHARS}")
     match = _PATTERN.match(text.strip())
     if not match:
         raise UserError(f"unknown bucket policy {text!r}: use {FORMS}")
@@ -118,6 +125,8 @@ def parse_policy(text: str) -> BucketPolicy:
         raise UserError(f"bucket policy {text!r}: write topk:{n} instead")
     if w and kind != "fused":
         raise UserError(f"bucket policy {text!r}: only fused and flat take a weight (@W)")
+    if len(n or "") > 5 or len(m or "") > 5:
+        raise UserError(f"bucket policy {text!r}: N and M must be at most 99999")
     query_classes = 1 if kind == "top1" else int(n or 3)
     gallery_classes = int(m or 1)
     if query_classes < 1 or gallery_classes < 1:
@@ -133,19 +142,27 @@ def _rerank_parts(text: str, match: re.Match) -> dict:
     """The +dba, +qe and +krecip parts of a policy as BucketPolicy fields."""
     parts = {}
     if match["dk"]:
-        parts["dba"] = (int(match["dk"]), _number(text, match["da"], "a") if match["da"] else 0.0)
+        parts["dba"] = (_size(text, match["dk"]), _number(text, match["da"], "a") if match["da"] else 0.0)
     if match["qk"]:
-        parts["qe"] = (int(match["qk"]), _number(text, match["qa"], "a") if match["qa"] else QE_ALPHA)
+        parts["qe"] = (_size(text, match["qk"]), _number(text, match["qa"], "a") if match["qa"] else QE_ALPHA)
     if match["k1"]:
-        parts["krecip"] = (int(match["k1"]), int(match["k2"]))
-    if any(value[0] < 1 for value in parts.values()) or (match["k2"] and int(match["k2"]) < 1):
-        raise UserError(f"bucket policy {text!r}: re-ranking sizes (K, K1, K2) must be at least 1")
+        parts["krecip"] = (_size(text, match["k1"]), _size(text, match["k2"]))
     return parts
+
+
+def _size(text: str, digits: str) -> int:
+    """A re-ranking size (K, K1 or K2) from 1 to MAX_RERANK_K; its digits are read only when few."""
+    if len(digits) > 3 or not 1 <= int(digits) <= MAX_RERANK_K:
+        raise UserError(f"bucket policy {text[:60]!r}: re-ranking sizes (K, K1, K2) must be from 1 to {MAX_RERANK_K}")
+    return int(digits)
 
 
 def _number(text: str, value: str, name: str) -> float:
     """A policy's decimal argument; '1.2.3' matches the pattern's digits-and-dots but is no number."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise UserError(f"bucket policy {text!r}: {name} must be a number, not '{value}'") from None
+        raise UserError(f"bucket policy {text[:60]!r}: {name} must be a number, not '{value[:20]}'") from None
+    if not 0 <= number <= MAX_DECIMAL:  # 400 nines read as infinity
+        raise UserError(f"bucket policy {text[:60]!r}: {name} must be a number from 0 to {MAX_DECIMAL:g}")
+    return number

@@ -41,6 +41,7 @@ def _one_blas_thread():
 # 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
 # answers in ~2 ms at 10^6 and costs ~17 s per 10^6 rows to build, once per cache generation (it is saved).
 EXACT_MAX_ROWS = 32_768
+DBA_CACHE_BYTES = 256 << 20  # DBA matrices of policies other than the cache's own, kept least recently used first
 IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprobe 1): margin for real data
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
@@ -130,7 +131,7 @@ class Searcher:
         self.data = data
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
-        self._dba: dict[tuple[int, float], np.ndarray] = {}
+        self._dba: OrderedDict[tuple[int, float], np.ndarray] = OrderedDict()
         self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows
@@ -235,6 +236,9 @@ class Searcher:
                 raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {EXACT_MAX_ROWS:,} images another "
                                 "DBA needs a rebuild with it as the cache's choice")
             self._dba[dba] = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+            while len(self._dba) > 1 and sum(matrix.nbytes for matrix in self._dba.values()) > DBA_CACHE_BYTES:
+                self._dba.popitem(last=False)  # least recently used first: distinct policies never pile up
+        self._dba.move_to_end(dba)
         return self._dba[dba]
 
     def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],

@@ -21,7 +21,7 @@ def test_rerank_parts_round_trip(text):
     assert str(parse_policy(text)) == text and parse_policy(text).reranks
 
 
-@pytest.mark.parametrize("text, message", [("flat+qe:0", "at least 1"), ("flat:3", "flat takes only"),
+@pytest.mark.parametrize("text, message", [("flat+qe:0", "from 1 to 100"), ("flat:3", "flat takes only"),
                                            ("topk:3@1", "only fused and flat take a weight"),
                                            ("flat+qe:2+dba:5", "unknown bucket policy")])
 def test_bad_rerank_parts_are_refused(text, message):
@@ -123,3 +123,18 @@ def test_auto_compares_the_rerank_gain_on_one_sample_of_queries(monkeypatch):
     monkeypatch.setattr(autopolicy, "rerank_scores", rerank_scores)
     chosen = choose_policy(columns)
     assert chosen.dba or chosen.qe or chosen.krecip, chosen
+
+
+def test_dba_matrices_of_many_distinct_policies_stay_within_their_budget(monkeypatch):
+    """A client sending ever new +dba:K@a keeps at most DBA_CACHE_BYTES of DBA matrices (least recently used go)."""
+    from lookalike.cache import search
+
+    columns = gallery_columns(informative_classes=False, per_label=30)
+    searcher = Searcher(CacheData.in_memory(columns))
+    one = columns["embeddings"].astype(np.float32).nbytes
+    monkeypatch.setattr(search, "DBA_CACHE_BYTES", 3 * one)
+    query = columns["embeddings"][0]
+    for k in range(2, 40):
+        searcher.search(query, parse_policy(f"flat+dba:{k}@0.5"), 5)
+    assert sum(matrix.nbytes for matrix in searcher._dba.values()) <= 3 * one
+    assert list(searcher._dba)[-1] == (39, 0.5)
