@@ -51,8 +51,8 @@ def cli_json(*arguments: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def top(answer: dict) -> list[tuple[str, float]]:
-    return [(r["path"], round(r["score"], 4)) for r in answer["results"]]
+def top(answer: dict) -> list[tuple[int, float]]:
+    return [(r["row"], round(r["score"], 4)) for r in answer["results"]]
 
 
 @pytest.mark.parametrize("buckets", [None, "flat", "fused:3@2"])
@@ -90,7 +90,7 @@ def test_row_query_answers_as_query_json_on_that_gallery_image(client, cache):
     row = expected["results"][0]["row"]
     assert expected["results"][0]["path"] == str(photo)
     answer = client.post("/api/query", json={"row": row, "k": 4, "buckets": "fused:3@2"}).json()
-    assert answer["query"] == str(photo) and answer["buckets"] == expected["buckets"]
+    assert answer["query"] == "green_triangles/1.png" and answer["buckets"] == expected["buckets"]
     assert [p["class"] for p in answer["predicted"]] == [p["class"] for p in expected["predicted"]]
     assert top(answer) == top(expected)
 
@@ -234,3 +234,31 @@ def test_text_on_the_command_line_needs_clip(cache):
     assert result.exit_code == 1 and "text queries need a CLIP embedder" in result.stderr
     result = CliRunner().invoke(cli, ["query", "--cache", str(cache)])
     assert result.exit_code == 1 and "give query images or --text" in result.stderr
+
+
+def test_no_absolute_path_leaves_the_server_unless_asked(client, cache):
+    """Results carry gallery-relative paths and rows; /api/info, row queries and error messages name no file of
+    this machine. --show-paths gives a trusted local user the absolute paths back."""
+    photo = cache.parent / "gallery" / "blue_squares" / "4.png"
+    responses = [client.get("/api/info"), client.get("/healthz"), client.get("/"),
+                 client.post("/api/query", files={"file": ("4.png", photo.read_bytes(), "image/png")}),
+                 client.post("/api/query", json={"row": 2}), client.post("/api/query", json={"row": 10**6}),
+                 client.post("/api/query", json={"row": 2, "buckets": "nearest"}),
+                 client.post("/api/query", files={"file": ("x.png", b"not an image")}),
+                 client.get("/api/thumbnails/3"), client.get("/api/thumbnails/100000")]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 200, 404, 400, 415, 200, 404]
+    for response in responses:
+        if response.headers["content-type"].startswith(("application/json", "text/")):
+            assert str(cache.parent) not in response.text and "/tmp/" not in response.text, response.text[:300]
+    assert responses[3].json()["results"][0]["path"] == "blue_squares/4.png"
+    trusted = TestClient(create_app(cache, {"device": "cpu"}, show_paths=True))
+    assert trusted.post("/api/query", json={"row": 2}).json()["results"][0]["path"].startswith(str(cache.parent))
+    assert trusted.get("/api/info").json()["gallery_root"] == str(cache.parent / "gallery")
+
+
+def test_hide_paths_keeps_relative_paths_and_policies():
+    from lookalike.pipeline.serve.app import hide_paths
+
+    assert hide_paths("/home/ann/photos/x.jpg: cannot decode (/tmp/y.png)") == "x.jpg: cannot decode (y.png)"
+    assert hide_paths({"p": ["red/1.png", "/srv/g/red/1.png"], "policy": "flat+krecip:5/2"}) == \
+        {"p": ["red/1.png", "1.png"], "policy": "flat+krecip:5/2"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,10 @@ MAX_K = 100
 PAGE = Path(__file__).with_name("page.html")
 POLICIES = ("flat", "top1", "topk:3", "fused:10+soft:3")  # offered by the page besides the cache's own choice
 log = logging.getLogger("lookalike.serve")
+
+
+# An absolute path inside a message or a value: a '/' (not part of a relative path or a URL) followed by parts.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/]+/)*(?P<name>[^\s'\"/]+)")
 
 
 class ApiError(Exception):
@@ -79,9 +84,22 @@ def _buckets(value) -> str | None:
     return value
 
 
+def hide_paths(value):
+    """`value` (text, or JSON-like data) with every absolute filesystem path cut to its last part: what leaves the
+    server names rows and gallery-relative paths, never where files live on this machine."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda match: match["name"], value)
+    if isinstance(value, dict):
+        return {key: hide_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [hide_paths(item) for item in value]
+    return value
+
+
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """An app answering queries on `cache_dir`; the pipeline is loaded here, once."""
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False) -> FastAPI:
+    """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
+    (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user."""
     index = Index(cache_dir, **(overrides or {})).load()
     thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
     page = PAGE.read_text()
@@ -91,7 +109,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.message)
+        return _error(err.status, err.message if show_paths else hide_paths(err.message))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -108,6 +126,9 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     def answer(found: Answer) -> dict:
         result = found.to_json()
+        if not show_paths:
+            result["results"] = [r.to_dict() for r in found.results]  # paths relative to the gallery root
+            result = hide_paths(result)
         for r in result["results"]:
             r["thumbnail"] = f"/api/thumbnails/{r['row']}"
         return result
@@ -132,7 +153,10 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         return answer(found)
 
     def row_query(row: int, buckets: str | None, k: int | None) -> dict:
-        return answer(index.more_like(row, k, buckets))
+        found = index.more_like(row, k, buckets)
+        if not show_paths:
+            found.query = str(index.data.columns["paths"][row])
+        return answer(found)
 
     def text_query(text: str, k: int | None) -> dict:
         return answer(index.query_text(text, k))
@@ -150,9 +174,12 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         config = index.session.config
         about = index.info
         about["pipeline"]["runtime"] = config.runtime
-        return dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
-                    k=config.k, max_k=MAX_K, text_queries=index.session.text_queries,
-                    max_upload_bytes=max_upload_bytes)
+        about = dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
+                     k=config.k, max_k=MAX_K, text_queries=index.session.text_queries,
+                     max_upload_bytes=max_upload_bytes)
+        if not show_paths:
+            about.pop("gallery_root")
+        return about if show_paths else hide_paths(about)
 
     @app.get("/api/thumbnails/{row}")
     async def thumbnail(row: str) -> FileResponse:
@@ -162,8 +189,10 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             path = await run_in_threadpool(thumbnails.file, int(row))
         except IndexError as err:
             raise ApiError(404, str(err)) from None
-        except (OSError, ImageLoadError) as err:  # outside the gallery, unreadable, or the cache was rebuilt
-            raise ApiError(404, f"row {row}: no thumbnail ({err})") from None
+        except ImageLoadError as err:
+            raise ApiError(404, f"row {row}: no thumbnail ({err.reason})") from None
+        except OSError as err:  # outside the gallery, unreadable, or the cache was rebuilt
+            raise ApiError(404, f"row {row}: no thumbnail ({err.strerror or err})") from None
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/query")
