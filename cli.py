@@ -279,11 +279,13 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default=None,
               help="auto: the cache's checked ONNX exports on the CPU, else torch [default: auto]")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="a host name the server answers to besides loopback and --host (repeat for more)")
 @click.option("--show-paths", is_flag=True,
               help="answer with absolute file paths (for a trusted local user; by default rows and gallery-relative "
                    "paths only)")
 @one_line_errors
-def serve(cache_dir, host, port, device, runtime, show_paths):
+def serve(cache_dir, host, port, device, runtime, allowed_hosts, show_paths):
     """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""
     try:
         import uvicorn
@@ -291,7 +293,8 @@ def serve(cache_dir, host, port, device, runtime, show_paths):
         from lookalike.pipeline.serve.app import create_app
     except ImportError as err:
         raise UserError(f"serve needs {err.name}, one of lookalike's dependencies: pip install lookalike") from None
-    app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths)
+    app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths, host=host,
+                     extra_hosts=allowed_hosts)
     click.echo(f"lookalike: {len(app.state.index)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -17,6 +17,7 @@ from scripts.load_test import free_port
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -e '.[test]'")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+expect = playwright.expect
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Leopards", "airplanes", "dalmatian", "pizza", "llama", "flamingo")
@@ -93,9 +94,9 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(base)
         size = len(CLASSES) * PER_CLASS
-        page.wait_for_function(f"document.querySelector('#info').textContent.includes('{size} gallery images')")
+        expect(page.locator("#info")).to_contain_text(f"{size} gallery images")
         page.set_input_files("#file", str(photo))
-        page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
+        expect(page.locator("#results .card")).to_have_count(5)
         assert page.inner_text("#query-name") == photo.name
         assert rendered(page) == [r["label"] for r in expected["results"]]
         assert rendered(page)[0] == "Leopards"
@@ -107,8 +108,8 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
 
         clicked = expected["results"][2]
         page.locator("#results .card").nth(2).click()
-        page.wait_for_function(f"document.querySelector('#query-name').textContent === {clicked['path']!r}")
-        page.wait_for_function("document.querySelector('#status').textContent === ''")
+        expect(page.locator("#query-name")).to_have_text(clicked["path"])
+        expect(page.locator("#status")).to_have_text("")
         again = httpx.post(f"{base}/api/query", json={"row": clicked["row"]}, timeout=60).json()
         assert rendered(page) == [r["label"] for r in again["results"]]
         first = page.locator("#results .card img").first.get_attribute("src")

@@ -24,6 +24,8 @@ from tests.conftest import SHAPES, TINY_CLASSIFIER, TINY_EMBEDDER, draw_shape
 UPLOAD_LIMIT = 64 << 10
 SMALL_CLIP = "clip:ViT-S-32-alt@random"  # an open_clip model with both towers, 43 M parameters
 
+LOCAL = "http://localhost:8000"  # the Host a browser on this machine sends
+
 
 def draw_gallery(root: Path) -> Path:
     for index, (label, (colour, shape)) in enumerate(SHAPES.items()):
@@ -42,7 +44,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(cache) -> TestClient:
-    return TestClient(create_app(cache, {"device": "cpu"}, max_upload_bytes=UPLOAD_LIMIT))
+    return TestClient(create_app(cache, {"device": "cpu"}, max_upload_bytes=UPLOAD_LIMIT), base_url=LOCAL)
 
 
 def cli_json(*arguments: str) -> list[dict]:
@@ -213,7 +215,7 @@ def test_text_query_with_a_clip_cache(clip_cache):
     """Random CLIP weights: the answer is the gallery ranked by cosine to the text tower's vector."""
     from lookalike.cache.store import load_cache
 
-    client = TestClient(create_app(clip_cache, {"device": "cpu"}))
+    client = TestClient(create_app(clip_cache, {"device": "cpu"}), base_url=LOCAL)
     assert client.get("/api/info").json()["text_queries"] is True
     answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
     assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
@@ -251,7 +253,7 @@ def test_no_absolute_path_leaves_the_server_unless_asked(client, cache):
         if response.headers["content-type"].startswith(("application/json", "text/")):
             assert str(cache.parent) not in response.text and "/tmp/" not in response.text, response.text[:300]
     assert responses[3].json()["results"][0]["path"] == "blue_squares/4.png"
-    trusted = TestClient(create_app(cache, {"device": "cpu"}, show_paths=True))
+    trusted = TestClient(create_app(cache, {"device": "cpu"}, show_paths=True), base_url=LOCAL)
     assert trusted.post("/api/query", json={"row": 2}).json()["results"][0]["path"].startswith(str(cache.parent))
     assert trusted.get("/api/info").json()["gallery_root"] == str(cache.parent / "gallery")
 
@@ -262,3 +264,29 @@ def test_hide_paths_keeps_relative_paths_and_policies():
     assert hide_paths("/home/ann/photos/x.jpg: cannot decode (/tmp/y.png)") == "x.jpg: cannot decode (y.png)"
     assert hide_paths({"p": ["red/1.png", "/srv/g/red/1.png"], "policy": "flat+krecip:5/2"}) == \
         {"p": ["red/1.png", "1.png"], "policy": "flat+krecip:5/2"}
+
+
+@pytest.mark.parametrize("host, status", [("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:8000", 200),
+                                          ("evil.example", 400), ("localhost.evil.example", 400)])
+def test_only_known_host_names_are_answered(client, host, status):
+    """Against DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    assert client.get("/api/info", headers={"host": host}).status_code == status
+
+
+def test_a_cross_site_post_is_refused_and_every_answer_has_security_headers(client, cache):
+    photo = (cache.parent / "gallery" / "blue_squares" / "4.png").read_bytes()
+    foreign = client.post("/api/query", files={"file": ("4.png", photo)}, headers={"origin": "https://evil.example"})
+    assert foreign.status_code == 403 and "only this server's own page" in foreign.json()["error"]
+    own = client.post("/api/query", files={"file": ("4.png", photo)}, headers={"origin": LOCAL})
+    assert own.status_code == 200
+    for response in (own, foreign, client.get("/"), client.get("/api/thumbnails/1")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+def test_an_added_host_name_is_answered(cache):
+    app = create_app(cache, {"device": "cpu"}, host="0.0.0.0", extra_hosts=("photos.lan",))
+    client = TestClient(app, base_url="http://photos.lan:8000")
+    assert client.get("/api/info").status_code == 200
+    assert client.get("/api/info", headers={"host": "0.0.0.0:8000"}).status_code == 400

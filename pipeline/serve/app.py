@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from lookalike.models.errors import flattened
 from lookalike.pipeline.api import Answer, Index
 from lookalike.pipeline.images import ImageLoadError, NotAnImage
+from lookalike.pipeline.serve.guard import Guard, allowed_hosts, content_security_policy
 from lookalike.pipeline.serve.limits import BodyLimit
 from lookalike.pipeline.serve.thumbnails import Thumbnails
 
@@ -97,15 +98,18 @@ def hide_paths(value):
 
 
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False) -> FastAPI:
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
+               extra_hosts: tuple[str, ...] = ()) -> FastAPI:
     """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
-    (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user."""
+    (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
+    to loopback names, `host` and `extra_hosts`, and takes POSTs only from its own page (guard.py)."""
     index = Index(cache_dir, **(overrides or {})).load()
     thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.index = index
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
