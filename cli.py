@@ -281,11 +281,15 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
               help="auto: the cache's checked ONNX exports on the CPU, else torch [default: auto]")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="a host name the server answers to besides loopback and --host (repeat for more)")
+@click.option("--token", envvar="LOOKALIKE_TOKEN", help="an access token every request must carry (the page asks "
+              "for it once); needed to listen beyond loopback [env: LOOKALIKE_TOKEN]")
+@click.option("--no-auth", is_flag=True, help="listen beyond loopback without a token (anyone who can reach it "
+              "may query it)")
 @click.option("--show-paths", is_flag=True,
               help="answer with absolute file paths (for a trusted local user; by default rows and gallery-relative "
                    "paths only)")
 @one_line_errors
-def serve(cache_dir, host, port, device, runtime, allowed_hosts, show_paths):
+def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth, show_paths):
     """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""
     try:
         import uvicorn
@@ -293,8 +297,13 @@ def serve(cache_dir, host, port, device, runtime, allowed_hosts, show_paths):
         from lookalike.pipeline.serve.app import create_app
     except ImportError as err:
         raise UserError(f"serve needs {err.name}, one of lookalike's dependencies: pip install lookalike") from None
+    from lookalike.pipeline.serve.guard import is_loopback
+
+    if not is_loopback(host) and not token and not no_auth:
+        raise UserError(f"--host {host}: other machines could query this gallery; give --token TOKEN (the page "
+                        "asks for it once) or --no-auth")
     app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths, host=host,
-                     extra_hosts=allowed_hosts)
+                     extra_hosts=allowed_hosts, token=token or None)
     click.echo(f"lookalike: {len(app.state.index)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

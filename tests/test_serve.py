@@ -290,3 +290,31 @@ def test_an_added_host_name_is_answered(cache):
     client = TestClient(app, base_url="http://photos.lan:8000")
     assert client.get("/api/info").status_code == 200
     assert client.get("/api/info", headers={"host": "0.0.0.0:8000"}).status_code == 400
+
+
+def test_a_token_is_needed_for_everything_but_the_page(cache):
+    from urllib.parse import quote
+
+    client = TestClient(create_app(cache, {"device": "cpu"}, token="s3cret pass"), base_url=LOCAL)
+    assert client.get("/").status_code == 200 and client.get("/healthz").status_code == 200
+    refused = client.get("/api/info")
+    assert refused.status_code == 401 and "access token" in refused.json()["error"]
+    assert client.get("/api/thumbnails/1").status_code == 401
+    assert client.get("/api/info", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/info", headers={"authorization": "Bearer s3cret pass"}).status_code == 200
+    client.cookies.set("lookalike_token", quote("s3cret pass"))
+    assert client.post("/api/query", json={"row": 1}).status_code == 200
+    assert client.get("/api/thumbnails/1").status_code == 200
+
+
+def test_listening_beyond_loopback_needs_a_token_or_no_auth(cache, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)  # everything up to listening
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["serve", "--cache", str(cache), "--host", "0.0.0.0", "--device", "cpu"])
+    assert refused.exit_code == 1 and "give --token TOKEN" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    for extra in (["--token", "t"], ["--no-auth"]):
+        started = runner.invoke(cli, ["serve", "--cache", str(cache), "--host", "0.0.0.0", "--device", "cpu", *extra])
+        assert started.exit_code == 0, started.output

@@ -99,17 +99,18 @@ def hide_paths(value):
 
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
-               extra_hosts: tuple[str, ...] = ()) -> FastAPI:
+               extra_hosts: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
     """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
     (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
-    to loopback names, `host` and `extra_hosts`, and takes POSTs only from its own page (guard.py)."""
+    to loopback names, `host` and `extra_hosts`, takes POSTs only from its own page, and with a `token` answers
+    only requests that carry it (guard.py)."""
     index = Index(cache_dir, **(overrides or {})).load()
     thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.index = index
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
-    app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page))
+    app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page), token=token)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
-from urllib.parse import urlsplit
+from http.cookies import SimpleCookie
+from urllib.parse import unquote, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+TOKEN_COOKIE = "lookalike_token"  # where the page keeps the token it asked for (sent with thumbnails too)
+OPEN_PATHS = ("/", "/healthz")  # the page itself (it asks for the token) and the liveness probe
+
+
+def is_loopback(host: str) -> bool:
+    return host.lower().strip("[]") in LOCAL_HOSTS
 
 
 def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> frozenset[str]:
@@ -32,13 +40,27 @@ def content_security_policy(page: str) -> str:
             "img-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
-class Guard:
-    """ASGI middleware: 400 for a Host not in `hosts`, 403 for a POST whose Origin is another site, and security
-    headers on every response."""
+def presented_token(headers: Headers) -> str | None:
+    """The token a request carries: `Authorization: Bearer T`, or the page's cookie."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except Exception:  # noqa: BLE001 - a malformed cookie header is no token
+        return None
+    return unquote(cookie[TOKEN_COOKIE].value) if TOKEN_COOKIE in cookie else None
 
-    def __init__(self, app: ASGIApp, hosts: frozenset[str], csp: str):
+
+class Guard:
+    """ASGI middleware: 400 for a Host not in `hosts`, 403 for a POST whose Origin is another site, 401 without the
+    access token (when there is one), and security headers on every response."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str], csp: str, token: str | None = None):
         self.app = app
         self.hosts = hosts
+        self.token = token
         self.headers = [(b"content-security-policy", csp.encode()), (b"x-content-type-options", b"nosniff"),
                         (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
 
@@ -56,6 +78,11 @@ class Guard:
             if urlsplit(origin).netloc.lower() != host.lower():
                 return await self._refuse(403, f"a request from {origin[:80]!r}: only this server's own page may "
                                                "send queries", scope, receive, send)
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            given = presented_token(headers)
+            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+                return await self._refuse(401, "this server needs its access token (serve --token): send "
+                                               "'Authorization: Bearer TOKEN'", scope, receive, send)
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
