@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.models.errors import UserError
+from lookalike.models.files import user_cache_dir
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.items import Item
 from lookalike.pipeline.pipeline import Pipeline, build_pipeline, load_item, output_shape
@@ -53,6 +56,26 @@ def _decode(batch: dict[str, np.ndarray], root: str, side: int, transforms: dict
 
 def _bytes(array: np.ndarray | None) -> bytes:
     return b"" if array is None else np.ascontiguousarray(array).tobytes()
+
+
+@contextmanager
+def native_stderr_to(log: Path):
+    """What C and C++ code writes to the process's stderr (Ray's core worker logs there) goes to `log` meanwhile;
+    Python's sys.stderr (progress bars, lookalike's lines) still reaches the terminal."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(log, "ab") as handle:
+        os.dup2(handle.fileno(), 2)
+    python_stderr, sys.stderr = sys.stderr, os.fdopen(os.dup(terminal), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(terminal, 2)
+        os.close(terminal)
 
 
 class _Models:
@@ -193,8 +216,9 @@ class RayEngine:
         embedded = decoded.map_batches(_Models, batch_size=self.config.batch_size, max_task_retries=RETRIES,
                                        **options)
         try:
-            for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-                on_batch(_items(batch))
+            with native_stderr_to(user_cache_dir() / "ray-driver.log"):
+                for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+                    on_batch(_items(batch))
         except ray.exceptions.RayError as err:  # one line: a worker's UserError as itself, else the last line
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             told = [line.split("UserError: ", 1)[1] for line in lines if "UserError: " in line]
