@@ -6,6 +6,7 @@ one is a 500 with a one-line message (the traceback goes to the server log, not 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -158,7 +159,11 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         return answer(found)
 
     def row_query(row: int, buckets: str | None, k: int | None) -> dict:
-        found = index.more_like(row, k, buckets)
+        """"More like this": the k nearest other images (the row itself, found first, is left out)."""
+        wanted = k or index.session.config.k
+        found = index.more_like(row, wanted + 1, buckets)
+        others = [result for result in found.results if result.row != row][:wanted]
+        found.results = [dataclasses.replace(result, rank=rank) for rank, result in enumerate(others, 1)]
         if not show_paths:
             found.query = str(index.data.columns["paths"][row])
         return answer(found)
