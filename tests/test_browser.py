@@ -116,8 +116,19 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
         assert first == f"/api/thumbnails/{again['results'][0]['row']}"
         assert page.evaluate("(src) => fetch(src).then(r => r.headers.get('content-type'))", first) == "image/jpeg"
 
+        assert page.locator("#predicted i").first.evaluate("(bar) => bar.style.width").endswith("%")  # under the CSP
+
+        page.fill("#k", "3")
+        page.locator("#k").dispatch_event("change")  # changing k asks the current query again
+        expect(page.locator("#results .card")).to_have_count(3)
+        assert rendered(page) == [r["label"] for r in again["results"][:3]]
+        page.fill("#k", "100")
+        page.select_option("#policy", "top1")  # one class's bucket: far fewer than 100 images
+        expect(page.locator("#note")).to_contain_text("of the 100 asked for")
+        assert page.locator("#results .card").count() < 100
+
         page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}])
         page.wait_for_selector("#error.show")
         assert "notes.jpg: not an image" in page.inner_text("#error")
-        assert rendered(page) == [r["label"] for r in again["results"]]  # the last good answer stays
+        expect(page.locator("#results .card")).to_have_count(0)  # no stale results under the error
         browser.close()
