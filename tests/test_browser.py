@@ -92,6 +92,8 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        failed = []
+        page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
         page.goto(base)
         size = len(CLASSES) * PER_CLASS
         expect(page.locator("#info")).to_contain_text(f"{size} gallery images")
@@ -105,6 +107,20 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
         assert expected["buckets"] in page.inner_text("#chips")
         assert expected["predicted"][0]["name"] in page.inner_text("#predicted")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.evaluate("""async () => {  // a portrait photo in the first tile: its height must not stretch the tile
+            const canvas = Object.assign(document.createElement("canvas"), { width: 100, height: 400 });
+            const blob = await new Promise((done) => canvas.toBlob(done));
+            const img = document.querySelector("#results .card img");
+            img.loading = "eager";
+            img.src = URL.createObjectURL(blob);
+            await img.decode();
+        }""")
+        for width, height in ((1280, 900), (390, 844)):  # desktop and phone
+            page.set_viewport_size({"width": width, "height": height})
+            tiles = [page.locator("#results .card .img").nth(i).bounding_box() for i in range(5)]
+            assert all(abs(tile["width"] - tile["height"]) <= 1 for tile in tiles), tiles  # square whatever the photo
+        page.set_viewport_size({"width": 1280, "height": 900})
+        assert not failed, failed  # the favicon too
 
         clicked = expected["results"][2]
         page.locator("#results .card").nth(2).click()

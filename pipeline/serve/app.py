@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -34,6 +34,9 @@ MAX_K = 100
 PAGE = Path(__file__).with_name("page.html")
 POLICIES = ("flat", "top1", "topk:3", "fused:10+soft:3")  # offered by the page besides the cache's own choice
 log = logging.getLogger("lookalike.serve")
+# Two overlapping frames: the page's mark, so a browser's automatic /favicon.ico finds something (not a 404).
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect x="1" y="1" width="9" height="9" rx="2" '
+           'fill="#3b5bdb"/><rect x="6" y="6" width="9" height="9" rx="2" fill="#f08c00" opacity=".9"/></svg>')
 
 
 # An absolute path inside a message or a value: a '/' (not part of a relative path or a URL) followed by parts.
@@ -174,6 +177,10 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 TOKEN_COOKIE = "lookalike_token"  # where the page keeps the token it asked for (sent with thumbnails too)
-OPEN_PATHS = ("/", "/healthz")  # the page itself (it asks for the token) and the liveness probe
+OPEN_PATHS = ("/", "/healthz", "/favicon.ico")  # the page (it asks for the token), the liveness probe, the icon
 
 
 def is_loopback(host: str) -> bool:
