@@ -105,6 +105,8 @@ def test_upload_through_the_page_then_click_a_result(served, tmp_path):
         scores = page.locator("#results .card .score").all_inner_texts()
         assert scores == [f"similarity {r['score']:.3f}" for r in expected["results"]]
         assert expected["buckets"] in page.inner_text("#chips")
+        ranked = any(r["rank_score"] is not None for r in expected["results"])
+        assert page.locator("#legend").is_visible() == ranked  # "ranked by" beside "similarity" is explained
         assert expected["predicted"][0]["name"] in page.inner_text("#predicted")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         page.evaluate("""async () => {  // a portrait photo in the first tile: its height must not stretch the tile
