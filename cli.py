@@ -304,7 +304,7 @@ def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth,
                         "asks for it once) or --no-auth")
     app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths, host=host,
                      extra_hosts=allowed_hosts, token=token or None)
-    click.echo(f"lookalike: {len(app.state.index)} gallery images; open http://{host}:{port}/", err=True)
+    click.echo(f"lookalike: {len(app.state.live.index)} gallery images; open http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -220,7 +220,7 @@ def test_text_query_with_a_clip_cache(clip_cache):
     assert client.get("/api/info").json()["text_queries"] is True
     answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
     assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
-    vector = client.app.state.index.session.text.embed(["a red circle"])[0]
+    vector = client.app.state.live.index.session.text.embed(["a red circle"])[0]
     assert np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
     data = load_cache(clip_cache)
     cosine = np.asarray(data.columns["embeddings"]) @ vector
@@ -319,3 +319,38 @@ def test_listening_beyond_loopback_needs_a_token_or_no_auth(cache, monkeypatch):
     for extra in (["--token", "t"], ["--no-auth"]):
         started = runner.invoke(cli, ["serve", "--cache", str(cache), "--host", "0.0.0.0", "--device", "cpu", *extra])
         assert started.exit_code == 0, started.output
+
+
+def test_a_generation_published_under_a_running_server_is_picked_up_without_a_failed_request(tmp_path):
+    import threading
+
+    from lookalike.cache.store import load_cache
+
+    config = PipelineConfig(classifier=TINY_CLASSIFIER, embedder=TINY_EMBEDDER, device="cpu", batch_size=4)
+    gallery = draw_gallery(tmp_path / "gallery")
+    build_cache(gallery, tmp_path / "cache", config)
+    client = TestClient(create_app(tmp_path / "cache", {"device": "cpu"}), base_url=LOCAL)
+    assert client.get("/api/info").json()["gallery_images"] == 18
+    for i in range(3):
+        draw_shape(gallery / "yellow_circles" / f"{i}.png", (230, 200, 20), "ellipse", seed=900 + i)
+    statuses, done = [], threading.Event()
+
+    def ask_meanwhile() -> None:
+        while not done.is_set():
+            statuses.append(client.post("/api/query", json={"row": 0, "buckets": "flat"}).status_code)
+            statuses.append(client.get("/api/thumbnails/1").status_code)
+
+    asking = threading.Thread(target=ask_meanwhile)
+    asking.start()
+    try:
+        build_cache(gallery, tmp_path / "cache", config)  # publishes a new generation, removes the old one
+    finally:
+        done.set()
+        asking.join()
+    assert statuses and set(statuses) == {200}, statuses
+    assert client.get("/api/info").json()["gallery_images"] == 21
+    paths = load_cache(tmp_path / "cache").columns["paths"].tolist()
+    new_row = paths.index("yellow_circles/0.png")
+    answer = client.post("/api/query", json={"row": new_row, "k": 2, "buckets": "flat"}).json()
+    assert answer["query"] == "yellow_circles/0.png"
+    assert client.get(f"/api/thumbnails/{new_row}").status_code == 200

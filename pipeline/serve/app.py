@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from lookalike.cache.manifest import CacheError
+from lookalike.cache.store import current_generation
 from lookalike.models.errors import flattened
 from lookalike.pipeline.api import Answer, Index
 from lookalike.pipeline.images import ImageLoadError, NotAnImage
@@ -101,6 +104,39 @@ def hide_paths(value):
     return value
 
 
+class LiveIndex:
+    """The cache's live generation for serve. Before each request it reads CURRENT (a few bytes); when a build has
+    published a new generation it opens that one and switches, between requests, without a restart: a request in
+    flight finishes on the generation it started with (its rows stay mapped after the folder goes). A generation
+    that cannot be opened yet leaves the current one serving."""
+
+    def __init__(self, cache_dir: str | Path, options: dict):
+        self.cache_dir = Path(cache_dir)
+        self.options = options
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        index = Index(self.cache_dir, **self.options).load()
+        thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
+        self.index, self.thumbnails = index, thumbnails
+
+    def current(self) -> tuple[Index, Thumbnails]:
+        """(index, thumbnails) of the live generation."""
+        try:
+            published = current_generation(self.cache_dir)
+        except (CacheError, OSError):
+            published = None
+        if published is not None and published != self.index.data.generation:
+            with self._lock:
+                if published != self.index.data.generation:
+                    try:
+                        self._open()
+                    except (CacheError, OSError) as err:  # e.g. removed again by a newer publish: the next request
+                        log.warning("keeping %s: %s", self.index.data.generation.name, err)
+        return self.index, self.thumbnails
+
+
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
                extra_hosts: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
@@ -108,11 +144,10 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
     (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
     to loopback names, `host` and `extra_hosts`, takes POSTs only from its own page, and with a `token` answers
     only requests that carry it (guard.py)."""
-    index = Index(cache_dir, **(overrides or {})).load()
-    thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
+    live = LiveIndex(cache_dir, overrides or {})
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.index = index
+    app.state.live = live
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page), token=token)
 
@@ -153,7 +188,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     def upload_query(data: bytes, name: str, buckets: str | None, k: int | None) -> dict:
         try:
-            found = index.query(data, k, buckets, max_pixels=MAX_UPLOAD_PIXELS)
+            found = live.current()[0].query(data, k, buckets, max_pixels=MAX_UPLOAD_PIXELS)
         except NotAnImage as err:
             raise ApiError(415, f"{name}: {err.reason}") from None
         except ImageLoadError as err:  # undecodable, too large, or refused by the model's preprocessing
@@ -163,6 +198,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     def row_query(row: int, buckets: str | None, k: int | None) -> dict:
         """"More like this": the k nearest other images (the row itself, found first, is left out)."""
+        index = live.current()[0]
         wanted = k or index.session.config.k
         found = index.more_like(row, wanted + 1, buckets)
         others = [result for result in found.results if result.row != row][:wanted]
@@ -172,7 +208,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         return answer(found)
 
     def text_query(text: str, k: int | None) -> dict:
-        return answer(index.query_text(text, k))
+        return answer(live.current()[0].query_text(text, k))
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:
@@ -184,10 +220,11 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"ok": True, "gallery_images": len(index)}
+        return {"ok": True, "gallery_images": len(live.current()[0])}
 
     @app.get("/api/info")
     async def info() -> dict:
+        index = live.current()[0]
         config = index.session.config
         about = index.info
         about["pipeline"]["runtime"] = config.runtime
@@ -203,7 +240,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         if not (row.isascii() and row.isdigit() and len(row) <= 12):  # '²' passes isdigit() and fails int()
             raise ApiError(404, f"row {row[:20]!r}: rows are numbers")
         try:
-            path = await run_in_threadpool(thumbnails.file, int(row))
+            path = await run_in_threadpool(live.current()[1].file, int(row))
         except IndexError as err:
             raise ApiError(404, str(err)) from None
         except ImageLoadError as err:
