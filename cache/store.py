@@ -167,13 +167,18 @@ def unsafe_paths(paths: np.ndarray) -> np.ndarray:
                           | (np.char.find(wrapped, "/../") >= 0) | (np.char.str_len(paths) == 0))
 
 
+def _first_nonfinite(block: np.ndarray) -> int | None:
+    """The first row of `block` holding a NaN or an infinity; None when all are finite."""
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    return int(bad[0]) if len(bad) else None
+
+
 def nonfinite_row(matrix: np.ndarray | StackedRows) -> int | None:
     """The first row holding a NaN or an infinity, read a WRITE_ROWS slice at a time; None when all are finite."""
     for start in range(0, len(matrix), WRITE_ROWS):
-        block = take_rows(matrix, np.arange(start, min(len(matrix), start + WRITE_ROWS)))
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if len(bad):
-            return start + int(bad[0])
+        row = _first_nonfinite(take_rows(matrix, np.arange(start, min(len(matrix), start + WRITE_ROWS))))
+        if row is not None:
+            return start + row
     if isinstance(matrix, np.ndarray):
         release_pages(matrix)
     return None
@@ -245,9 +250,9 @@ def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -
             np.lib.format.write_array_header_1_0(handle, header)
             for start in range(0, len(order), WRITE_ROWS):
                 block = take_rows(array, order[start:start + WRITE_ROWS])
-                bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-                if len(bad):  # never published: no query could rank such a row
-                    raise CacheError(f"{path.parent.parent}: {path.stem} row {start + int(bad[0])} is not finite; "
+                row = _first_nonfinite(block)
+                if row is not None:  # never published: no query could rank such a row
+                    raise CacheError(f"{path.parent.parent}: {path.stem} row {start + row} is not finite; "
                                      "nothing was published")
                 handle.write(np.ascontiguousarray(block).tobytes())
         else:
@@ -301,12 +306,12 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
         for name in names:
             _write_npy(staging / f"{name}.npy", columns[name], order)
         write_text_atomic(staging / "manifest.json", manifest.to_json())
-    except BaseException as err:
+    except BaseException as err:  # Ctrl-C included: no staging is left behind
         shutil.rmtree(staging, ignore_errors=True)
-        needed = sum(_nbytes(columns[name]) for name in names)
-        if isinstance(err, OSError) and (err.errno == errno.ENOSPC or shutil.disk_usage(root).free < needed):
+        needed, free = sum(_nbytes(columns[name]) for name in names), shutil.disk_usage(root).free
+        if isinstance(err, OSError) and (err.errno == errno.ENOSPC or free < needed):
             raise CacheError(f"{root}: no space left on {_mount_point(root)}: need about {needed / 2**20:.1f} MB "
-                             f"for the new generation ({shutil.disk_usage(root).free / 2**20:.0f} MB free); "
+                             f"for the new generation ({free / 2**20:.0f} MB free); "
                              "the embedded images are kept in pending/, so a re-run after freeing space resumes") from None
         raise
     os.replace(staging, generation)
@@ -362,7 +367,7 @@ class PendingChunks:
             try:
                 found = json.loads(stamp.read_bytes().decode("utf-8")) if stamp.is_file() else None
             except (OSError, ValueError) as err:
-                self._set_aside(f"its fingerprint.json is damaged ({type(err).__name__})")
+                self._set_aside(self.folder, f"its fingerprint.json is damaged ({type(err).__name__})")
             else:
                 if found != fingerprint:
                     shutil.rmtree(self.folder)  # left by a build of another configuration: useless
@@ -371,14 +376,17 @@ class PendingChunks:
             write_text_atomic(stamp, json.dumps(fingerprint))
         self.count = max((number for _, number in self._chunks()), default=-1) + 1  # the next chunk's number
 
-    def _set_aside(self, why: str) -> None:
-        """Move a damaged pending folder to pending.damaged (replacing an older one) and say so: the build goes on
-        and embeds those images again."""
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Move the damaged pending folder (replacing an older pending.damaged) or one damaged chunk (into it) aside,
+        and say so: the build goes on and embeds those images again."""
         aside = self.folder.with_name("pending.damaged")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(self.folder, aside)
-        print(f"lookalike: {self.folder}: {why}; set aside as {aside.name}, its images are embedded again",
-              file=sys.stderr)
+        if path == self.folder:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        else:
+            aside.mkdir(exist_ok=True)
+            os.replace(path, aside / path.name)
+        print(f"lookalike: {path}: {why}; set aside in {aside.name}, its images are embedded again", file=sys.stderr)
 
     def _chunks(self) -> list[tuple[Path, int]]:
         """(path, number) of every chunk file, in number order."""
@@ -399,11 +407,7 @@ class PendingChunks:
                 check_columns(str(path), chunk, len(chunk["paths"]), chunk["embeddings"].shape[-1])
                 chunks.append(chunk)
             except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, CacheError) as err:
-                aside = self.folder.with_name("pending.damaged")
-                aside.mkdir(exist_ok=True)
-                os.replace(path, aside / path.name)
-                print(f"lookalike: {path}: damaged ({one_line(err)[:120]}); set aside in {aside.name}, its images "
-                      "are embedded again", file=sys.stderr)
+                self._set_aside(path, f"damaged ({one_line(err)[:120]})")
         return chunks
 
     def append(self, columns: dict[str, np.ndarray]) -> None:

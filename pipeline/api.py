@@ -62,11 +62,13 @@ class Answer:
         return cls(item.path, gallery_root, policy, list(item.results), predicted, item.candidates, item.note,
                    item.error)
 
-    def to_json(self) -> dict:
-        """What `query --json` prints for this query (result paths joined to the gallery root)."""
+    def to_json(self, absolute_paths: bool = True) -> dict:
+        """What `query --json` prints for this query: result paths joined to the gallery root, or left relative to it
+        (serve's default: no path of the machine leaves it)."""
         return {"query": self.query, "predicted": [p.to_json() for p in self.predicted], "buckets": self.policy,
                 "candidates": self.candidates, "note": self.note,
-                "results": [dict(r.to_dict(), path=str(self.gallery_root / r.path)) for r in self.results]}
+                "results": [dict(r.to_dict(), path=str(self.gallery_root / r.path)) if absolute_paths else r.to_dict()
+                            for r in self.results]}
 
 
 def _is_one(images) -> bool:

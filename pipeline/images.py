@@ -76,9 +76,10 @@ def decoded_bytes(image: Image.Image) -> int:
 
 
 def _check_decoded_bytes(path: str | Path, image: Image.Image) -> None:
-    if decoded_bytes(image) > MAX_DECODED_BYTES:
+    size = decoded_bytes(image)
+    if size > MAX_DECODED_BYTES:
         raise ImageLoadError(path, f"too large to decode ({image.width}x{image.height} {image.mode} takes "
-                                   f"{decoded_bytes(image) / 2**20:.0f} MB decoded; the limit is "
+                                   f"{size / 2**20:.0f} MB decoded; the limit is "
                                    f"{MAX_DECODED_BYTES / 2**20:.0f} MB)")
 
 
@@ -122,9 +123,10 @@ def load_image(source: str | Path | bytes, decode_side: int = DECODE_SIDE, max_p
     in_memory = isinstance(source, bytes)
     path = name or ("image bytes" if in_memory else Path(source))
     try:
-        if not in_memory and not stat.S_ISREG(Path(source).stat().st_mode):
+        info = None if in_memory else Path(source).stat()
+        if info is not None and not stat.S_ISREG(info.st_mode):
             raise ImageLoadError(path, "not a regular file (a fifo, device or socket); give an image file")
-        if (len(source) if in_memory else Path(source).stat().st_size) == 0:
+        if (len(source) if in_memory else info.st_size) == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
         with _pillow_open(io.BytesIO(source) if in_memory else source, formats=RASTER_FORMATS) as image:
             width, height = image.size

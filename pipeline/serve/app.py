@@ -169,9 +169,8 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         return _error(500, f"internal error ({type(err).__name__}); the server log has the details")
 
     def answer(found: Answer) -> dict:
-        result = found.to_json()
+        result = found.to_json(absolute_paths=show_paths)
         if not show_paths:
-            result["results"] = [r.to_dict() for r in found.results]  # paths relative to the gallery root
             result = hide_paths(result)
         for r in result["results"]:
             r["thumbnail"] = f"/api/thumbnails/{r['row']}"
