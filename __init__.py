@@ -26,6 +26,7 @@ _HOMES = {
     "BuildReport": "lookalike.pipeline.build",
     "DuplicateReport": "lookalike.pipeline.duplicates",
     "UserError": "lookalike.models.errors",
+    "PreparationBusy": "lookalike.cache.search",
 }
 __all__ = ["__version__", *_HOMES]
 

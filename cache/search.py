@@ -1,6 +1,8 @@
 """Searching a cache under a bucket policy: exact per-bucket search over memory-mapped rows, IVF above a measured size."""
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +12,7 @@ import numpy as np
 from lookalike.cache import rerank
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from lookalike.cache.metrics import rank_by_score
-from lookalike.cache.policies import BucketPolicy
+from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
 from lookalike.cache.store import DBA_COLUMN, CacheData, release_pages
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
@@ -46,6 +48,12 @@ IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprob
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
 RERANK_IVF_POOL = 256  # rows a re-ranked (or fused) search takes from a bucket large enough for an IVF index
+TIMED_ROWS = 256  # gallery rows whose k-NN pass is timed to estimate a whole DBA preparation
+
+
+class PreparationBusy(RuntimeError):
+    """Another query is preparing a policy's DBA matrix right now: under a preparation budget (a server) this one is
+    refused, to be sent again shortly, rather than queued behind it."""
 
 
 class ExactIndex:
@@ -136,13 +144,23 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows
         self.nprobe = nprobe
+        # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
+        # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
+        self._mutex = threading.Lock()
+        self._making: dict[tuple[int, int], threading.Lock] = {}
+        self._preparing = threading.Lock()  # one DBA preparation at a time
+        self.prepare_budget_s: float | None = None  # set: refuse a DBA estimated to take longer, and never queue
+        self._knn_seconds_per_row: float | None = None
 
     def table(self, gallery_classes: int) -> BucketTable:
         """Bucket membership: the folder label's class (`--bucket-by label`), else the top-M classes."""
-        if gallery_classes not in self._tables:
-            keys = bucket_keys(self.data.columns, self.data.manifest.bucket_by, gallery_classes)
-            self._tables[gallery_classes] = BucketTable(keys)
-        return self._tables[gallery_classes]
+        with self._mutex:
+            table = self._tables.get(gallery_classes)
+        if table is None:
+            table = BucketTable(bucket_keys(self.data.columns, self.data.manifest.bucket_by, gallery_classes))
+            with self._mutex:
+                table = self._tables.setdefault(gallery_classes, table)
+        return table
 
     def _index_file(self, key: int, gallery_classes: int) -> Path | None:
         """Where an IVF index of this cache generation is saved: beside its memory-mapped embeddings."""
@@ -176,11 +194,31 @@ class Searcher:
                 pass  # a read-only cache: keep the index in memory
         return index
 
+    def _cached(self, cache: OrderedDict, key):
+        """cache[key] marked most recently used, or None; under the mutex."""
+        with self._mutex:
+            if key not in cache:
+                return None
+            cache.move_to_end(key)
+            return cache[key]
+
     def _index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
         cache_key = (key, gallery_classes)
-        if cache_key in self._indexes:
-            self._indexes.move_to_end(cache_key)
-            return self._indexes[cache_key]
+        index = self._cached(self._indexes, cache_key)
+        if index is not None:
+            return index
+        with self._mutex:
+            making = self._making.setdefault(cache_key, threading.Lock())
+        with making:
+            index = self._cached(self._indexes, cache_key) or self._new_index(key, gallery_classes)
+            with self._mutex:
+                self._indexes[cache_key] = index
+                while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
+                                                  sum(i.nbytes for i in self._indexes.values()) > CACHED_BYTES):
+                    self._indexes.popitem(last=False)
+        return index
+
+    def _new_index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
         rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
         if len(rows) > self.exact_max_rows:
             index = self._ivf(rows, key, gallery_classes)
@@ -193,10 +231,6 @@ class Searcher:
             block = as_slice(rows)
             index = ExactIndex(rows, np.array(self.embeddings[block if block else rows], dtype=np.float32))
             release_pages(self.embeddings)
-        self._indexes[cache_key] = index
-        while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
-                                          sum(i.nbytes for i in self._indexes.values()) > CACHED_BYTES):
-            self._indexes.popitem(last=False)
         return index
 
     def _search_buckets(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> Hits:
@@ -230,16 +264,46 @@ class Searcher:
             return self.embeddings
         if self.data.manifest.dba == list(dba):
             return self.data.columns[DBA_COLUMN]
-        if dba not in self._dba:
-            if len(self.embeddings) > EXACT_MAX_ROWS:
-                stored = f"DBA {self.data.manifest.dba}" if self.data.manifest.dba else "no DBA"
-                raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {EXACT_MAX_ROWS:,} images another "
-                                "DBA needs a rebuild with it as the cache's choice")
-            self._dba[dba] = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
-            while len(self._dba) > 1 and sum(matrix.nbytes for matrix in self._dba.values()) > DBA_CACHE_BYTES:
+        matrix = self._cached(self._dba, dba)
+        if matrix is not None:
+            return matrix
+        stored = f"DBA {self.data.manifest.dba}" if self.data.manifest.dba else "no DBA"
+        if len(self.embeddings) > EXACT_MAX_ROWS:
+            raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {EXACT_MAX_ROWS:,} images another "
+                            "DBA needs a rebuild with it as the cache's choice")
+        if not self._preparing.acquire(blocking=self.prepare_budget_s is None):
+            raise PreparationBusy(f"+dba:{dba[0]}: another query is preparing a DBA matrix; send this one again in "
+                                  "a moment")
+        try:
+            matrix = self._cached(self._dba, dba)  # made by the query this one waited for
+            if matrix is None:
+                self._within_budget(dba[0], stored)
+                matrix = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+        finally:
+            self._preparing.release()
+        with self._mutex:
+            self._dba[dba] = matrix
+            while len(self._dba) > 1 and sum(m.nbytes for m in self._dba.values()) > DBA_CACHE_BYTES:
                 self._dba.popitem(last=False)  # least recently used first: distinct policies never pile up
-        self._dba.move_to_end(dba)
-        return self._dba[dba]
+        return matrix
+
+    def _within_budget(self, k: int, stored: str) -> None:
+        """UserError when a DBA of `k` would take longer than `prepare_budget_s` on this gallery. The estimate is
+        the time of one k-NN pass over the gallery for TIMED_ROWS rows (timed once), scaled to every row: that pass
+        is what a DBA costs."""
+        if self.prepare_budget_s is None:
+            return
+        if self._knn_seconds_per_row is None:
+            vectors = np.asarray(self.embeddings, np.float32)
+            timed = vectors[:TIMED_ROWS]
+            start = time.perf_counter()
+            rerank.nearest(vectors, timed, MAX_RERANK_K + 1)
+            self._knn_seconds_per_row = (time.perf_counter() - start) / len(timed)
+        seconds = self._knn_seconds_per_row * (len(self.embeddings) + k)
+        if seconds > self.prepare_budget_s:
+            raise UserError(f"+dba:{k}: preparing it for {len(self.embeddings):,} images would take about "
+                            f"{seconds:.1f} s, over the {self.prepare_budget_s:g} s allowed per query; this cache "
+                            f"stores {stored}")
 
     def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
                   policy: BucketPolicy, k: int) -> Hits:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,6 +114,7 @@ class OnnxForward:
         self.session: OnnxSession | None = None
         self.exported = False  # made by this process from `module` (else an earlier run's file, unproven)
         self.checked = False
+        self._checking = threading.Lock()
         try:
             self._open(fresh=not _intact(self.path))
         except Exception as err:  # any export or session failure: the model still runs, in torch
@@ -163,19 +165,25 @@ class OnnxForward:
         return mismatch
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs for a preprocessed CPU batch; the first batch is checked against (and answered by) torch."""
-        if self.session is None:
-            return self._eager(batch)
-        if self.checked:
-            return self.session(batch)
-        self.checked = True
+        """The outputs for a preprocessed CPU batch; the first batch is checked against (and answered by) torch.
+        Safe from several threads: one checks, the others wait for its verdict."""
+        if not self.checked:
+            with self._checking:
+                if not self.checked:
+                    return self._first(batch)
+        session = self.session
+        return session(batch) if session is not None else self._eager(batch)
+
+    def _first(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         eager = self._eager(batch)
-        try:
-            mismatch = self._check(batch, eager)
-        except Exception as err:  # a file that loads but does not run, or a failed re-export
-            mismatch = one_line(err)
-        if mismatch:
-            self._give_up(mismatch)
+        if self.session is not None:
+            try:
+                mismatch = self._check(batch, eager)
+            except Exception as err:  # a file that loads but does not run, or a failed re-export
+                mismatch = one_line(err)
+            if mismatch:
+                self._give_up(mismatch)
+        self.checked = True
         return eager
 
 

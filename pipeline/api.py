@@ -101,6 +101,13 @@ class Index:
                 self._session = QuerySession(self.data, self._options)
         return self
 
+    def limit_preparation(self, seconds: float) -> Index:
+        """Refuse, rather than queue, a query whose policy needs a new DBA matrix: while another query makes one it
+        raises PreparationBusy, and when making it would take over `seconds` on this gallery, UserError. A server's
+        guard against one client's policies stalling the rest; a script leaves it unset and waits."""
+        self.session.retrieve.searcher.prepare_budget_s = seconds
+        return self
+
     @property
     def session(self) -> QuerySession:
         return self._session or self.load()._session

@@ -2,8 +2,8 @@
 
 It answers decoded images, gallery rows ("more like this", from the stored embedding and classes) and,
 when the cache's embedder is CLIP, texts; each query may pick its own k and bucket policy. Queries from
-several threads are safe: one at a time goes through the models and the searcher (whose index LRU is
-not thread-safe).
+several threads run side by side: ONNX Runtime sessions and torch modules in inference mode are safe to call
+from several threads, the detector keeps its own lock (CropStage), and the searcher guards its caches itself.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class QuerySession:
         self.embedder_spec = resolve_spec(self.config.embedder, "embedder")
         self.text_queries = has_text_tower(self.embedder_spec)
         self._text_encoder = None
-        self._lock = threading.Lock()
+        self._text_loading = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -61,8 +61,7 @@ class QuerySession:
     def images(self, items: list[Item], buckets: str | None = None, k: int | None = None) -> tuple[list[Item], str]:
         """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
         retrieve, used = self.retriever(buckets, k)
-        with self._lock:
-            run_stages([retrieve if stage is self.retrieve else stage for stage in self.pipeline.stages], items)
+        run_stages([retrieve if stage is self.retrieve else stage for stage in self.pipeline.stages], items)
         return items, used
 
     def row(self, row: int, buckets: str | None = None, k: int | None = None) -> tuple[Item, str]:
@@ -76,24 +75,22 @@ class QuerySession:
             item.classes, item.probs = np.asarray(columns["classes"][row]), np.asarray(columns["probs"][row])
             item.class_names = [self.retrieve.bucket_name(int(c)) for c in item.classes[:5]]
         retrieve, used = self.retriever(buckets, k)
-        with self._lock:
-            [item] = retrieve([item])
+        [item] = retrieve([item])
         return item, used
 
     @property
     def text(self):
         """The CLIP text tower, loaded at the first text query (it needs torch); UserError for a non-CLIP cache."""
         require_text_tower(self.embedder_spec)
-        if self._text_encoder is None:
-            from lookalike.models.clip_text import ClipTextEncoder
+        with self._text_loading:
+            if self._text_encoder is None:
+                from lookalike.models.clip_text import ClipTextEncoder
 
-            self._text_encoder = ClipTextEncoder(self.embedder_spec, self.config.device)
+                self._text_encoder = ClipTextEncoder(self.embedder_spec, self.config.device)
         return self._text_encoder
 
     def texts(self, texts: list[str], k: int | None = None) -> tuple[list[Item], str]:
         """Texts embedded by the CLIP text tower and searched flat; UserError for a non-CLIP cache."""
         retrieve, used = self.retriever(TEXT_BUCKETS, k)
-        with self._lock:
-            vectors = self.text.embed(texts)
-            items = retrieve([Item(text, embedding=vector) for text, vector in zip(texts, vectors)])
-        return items, used
+        vectors = self.text.embed(texts)
+        return retrieve([Item(text, embedding=vector) for text, vector in zip(texts, vectors)]), used

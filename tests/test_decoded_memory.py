@@ -74,7 +74,7 @@ def test_a_big_16_bit_alpha_png_is_decoded_at_working_size_in_bounded_memory(tmp
     size (Pillow's own resize of RGBA would hold a second full copy)."""
     path = png_of_zeros(tmp_path / "big.png", 11500)
     code = ("import sys; from lookalike.pipeline.images import load_image; "
-            f"image = load_image(sys.argv[1], decode_side=1024); print(image.size, image.mode)")
+            "image = load_image(sys.argv[1], decode_side=1024); print(image.size, image.mode)")
     result, peak = peak_rss_gb([sys.executable, "-c", code, str(path)])
     assert result.returncode == 0, result.stdout
     assert "(1045, 1045) RGB" in result.stdout

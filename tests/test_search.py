@@ -125,3 +125,28 @@ def test_ties_at_the_cut_keep_the_lower_row_first(dtype):
     scores[[7, 900]] = 0.9
     assert rank_by_score(scores, 5).tolist() == [7, 900, 0, 1, 2]
     assert rank_by_score(scores).tolist()[:4] == [7, 900, 0, 1]
+
+
+def test_queries_from_many_threads_get_the_answers_they_get_one_at_a_time():
+    """serve answers queries side by side: with a two-entry index cache (so indexes are evicted and made again
+    while others search) and new DBA matrices made mid-run, every threaded answer equals the serial one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_fusion import gallery_columns
+
+    columns = gallery_columns(informative_classes=True, per_label=40)
+    policies = [parse_policy(p) for p in ("flat", "top1", "topk:3", "fused:3@1", "top1+soft:2", "flat+dba:5",
+                                          "flat+dba:9@1+qe:3", "topk:2+krecip:8/3", "flat@0.5+qe:4")]
+    jobs = [(row, policies[row % len(policies)]) for row in range(0, 240, 2)]
+
+    def ask(searcher: Searcher, job) -> tuple[list[int], list[float]]:
+        row, policy = job
+        hits = searcher.search(columns["embeddings"][row], policy, 5, columns["classes"][row], columns["probs"][row])
+        return hits.rows.tolist(), hits.scores.round(5).tolist()
+
+    alone = Searcher(CacheData.in_memory(columns), index_cache_size=2)
+    serial = [ask(alone, job) for job in jobs]
+    shared = Searcher(CacheData.in_memory(columns), index_cache_size=2)
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda job: ask(shared, job), jobs))
+    assert threaded == serial

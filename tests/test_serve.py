@@ -3,6 +3,7 @@ and a JSON message, text queries need CLIP, concurrent requests are safe."""
 from __future__ import annotations
 
 import io
+import threading
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,3 +355,45 @@ def test_a_generation_published_under_a_running_server_is_picked_up_without_a_fa
     answer = client.post("/api/query", json={"row": new_row, "k": 2, "buckets": "flat"}).json()
     assert answer["query"] == "yellow_circles/0.png"
     assert client.get(f"/api/thumbnails/{new_row}").status_code == 200
+
+
+def test_a_new_dba_matrix_never_stalls_other_queries_and_a_second_is_refused_with_429(cache, monkeypatch):
+    """While one request makes the DBA matrix of a new policy, other queries (uploads and rows) are answered at
+    once, and a request needing another new matrix is refused with 429 and Retry-After instead of queueing."""
+    from lookalike.cache import rerank
+
+    started, release = threading.Event(), threading.Event()
+    make_dba = rerank.dba
+
+    def slow_dba(*args, **kwargs):
+        started.set()
+        release.wait(60)
+        return make_dba(*args, **kwargs)
+
+    monkeypatch.setattr(rerank, "dba", slow_dba)
+    client = TestClient(create_app(cache, {"device": "cpu"}), base_url=LOCAL)
+    photo = cache.parent / "gallery" / "red_circles" / "2.png"
+    with ThreadPoolExecutor(1) as pool:
+        heavy = pool.submit(client.post, "/api/query", json={"row": 1, "buckets": "flat+dba:7"})
+        assert started.wait(60)
+        during = [client.post("/api/query", files={"file": (photo.name, photo.read_bytes())}),
+                  client.post("/api/query", json={"row": 2, "buckets": "flat"}),
+                  client.post("/api/query", json={"row": 3, "buckets": "flat+dba:8"})]
+        answered_while_preparing = not heavy.done()
+        release.set()
+        assert heavy.result().status_code == 200
+    assert answered_while_preparing
+    assert [r.status_code for r in during] == [200, 200, 429]
+    assert during[2].headers["retry-after"] == "2" and "again in a moment" in during[2].json()["error"]
+    assert client.post("/api/query", json={"row": 3, "buckets": "flat+dba:8"}).status_code == 200
+
+
+def test_a_policy_too_slow_to_prepare_is_refused_with_the_reason(cache, monkeypatch):
+    from lookalike.pipeline.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app, "PREPARE_BUDGET_S", 1e-9)
+    client = TestClient(create_app(cache, {"device": "cpu"}), base_url=LOCAL)
+    refused = client.post("/api/query", json={"row": 1, "buckets": "flat+dba:5"})
+    assert refused.status_code == 400
+    assert "would take about" in refused.json()["error"] and "18 images" in refused.json()["error"]
+    assert client.post("/api/query", json={"row": 1, "buckets": "flat+qe:5"}).status_code == 200

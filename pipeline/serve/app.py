@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lookalike.cache.manifest import CacheError
+from lookalike.cache.search import PreparationBusy
 from lookalike.cache.store import current_generation
 from lookalike.models.errors import flattened
 from lookalike.pipeline.api import Answer, Index
@@ -34,6 +35,10 @@ from lookalike.pipeline.serve.thumbnails import Thumbnails
 MAX_UPLOAD_BYTES = 20 << 20  # a phone photo is 2-8 MB
 MAX_UPLOAD_PIXELS = 50_000_000  # checked from the header: a small file that decodes to gigabytes is refused
 MAX_K = 100
+# A policy whose DBA matrix would take longer than this to make on the gallery is refused (400), and one asked for
+# while another is being made is refused with 429 and Retry-After: per-policy work never queues the other queries.
+PREPARE_BUDGET_S = 5.0
+RETRY_AFTER_S = 2
 PAGE = Path(__file__).with_name("page.html")
 POLICIES = ("flat", "top1", "topk:3", "fused:10+soft:3")  # offered by the page besides the cache's own choice
 log = logging.getLogger("lookalike.serve")
@@ -49,14 +54,15 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/]+/)*(?P<name>[^\s'\"/]+
 class ApiError(Exception):
     """A request the client can fix; answered with `status` and `{"error": message}`."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": flattened(message)}, status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": flattened(message)}, status, headers=headers)
 
 
 def _thumbnail_folder(generation: Path) -> Path:
@@ -117,7 +123,7 @@ class LiveIndex:
         self._open()
 
     def _open(self) -> None:
-        index = Index(self.cache_dir, **self.options).load()
+        index = Index(self.cache_dir, **self.options).load().limit_preparation(PREPARE_BUDGET_S)
         thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
         self.index, self.thumbnails = index, thumbnails
 
@@ -153,7 +159,7 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.message if show_paths else hide_paths(err.message))
+        return _error(err.status, err.message if show_paths else hide_paths(err.message), err.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -184,6 +190,8 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
             raise ApiError(404, str(err)) from None
         except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
             raise ApiError(400, str(err)) from None
+        except PreparationBusy as err:
+            raise ApiError(429, str(err), {"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def upload_query(data: bytes, name: str, buckets: str | None, k: int | None) -> dict:
         try:
