@@ -292,9 +292,8 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
 def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth, show_paths):
     """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""
     try:
-        import uvicorn
-
         from lookalike.pipeline.serve.app import create_app
+        from lookalike.pipeline.serve.connections import run_server
     except ImportError as err:
         raise UserError(f"serve needs {err.name}, one of lookalike's dependencies: pip install lookalike") from None
     from lookalike.pipeline.serve.guard import is_loopback
@@ -305,7 +304,7 @@ def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth,
     app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths, host=host,
                      extra_hosts=allowed_hosts, token=token or None)
     click.echo(f"lookalike: {len(app.state.live.index)} gallery images; open http://{host}:{port}/", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, host, port)
 
 
 @cli.command()

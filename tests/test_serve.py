@@ -1,10 +1,12 @@
 """The serve API through an ASGI test client: answers equal `query --json`'s, every bad input gets its status
-and a JSON message, text queries need CLIP, concurrent requests are safe."""
+and a JSON message, text queries need CLIP, concurrent requests are safe, and no response of any test here names
+an absolute path of this machine (ApiClient checks each one)."""
 from __future__ import annotations
 
 import io
-import threading
 import json
+import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +30,27 @@ SMALL_CLIP = "clip:ViT-S-32-alt@random"  # an open_clip model with both towers, 
 LOCAL = "http://localhost:8000"  # the Host a browser on this machine sends
 
 
+# An absolute path of this machine in a response: what serve must never send (unless --show-paths).
+MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:tmp|home|root|work|var|usr|etc|opt|srv|mnt|private|Users)/")
+
+
+class ApiClient(TestClient):
+    """A TestClient that fails the test whenever a response (body or headers, images aside) names an absolute path
+    of this machine: every API test checks that nothing leaks."""
+
+    def request(self, *args, **kwargs):
+        response = super().request(*args, **kwargs)
+        if not response.headers.get("content-type", "").startswith("image/"):
+            text = response.text + "\n" + "\n".join(response.headers.values())
+            leak = MACHINE_PATH.search(text)
+            assert leak is None, f"{response.request.url} sent a path: {text[max(0, leak.start() - 60):leak.end() + 60]}"
+        return response
+
+
+def api_client(cache: Path, base_url: str = LOCAL, **options) -> ApiClient:
+    return ApiClient(create_app(cache, {"device": "cpu"}, **options), base_url=base_url)
+
+
 def draw_gallery(root: Path) -> Path:
     for index, (label, (colour, shape)) in enumerate(SHAPES.items()):
         for i in range(6):
@@ -45,7 +68,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(cache) -> TestClient:
-    return TestClient(create_app(cache, {"device": "cpu"}, max_upload_bytes=UPLOAD_LIMIT), base_url=LOCAL)
+    return api_client(cache, max_upload_bytes=UPLOAD_LIMIT)
 
 
 def cli_json(*arguments: str) -> list[dict]:
@@ -217,7 +240,7 @@ def test_text_query_with_a_clip_cache(clip_cache):
     """Random CLIP weights: the answer is the gallery ranked by cosine to the text tower's vector."""
     from lookalike.cache.store import load_cache
 
-    client = TestClient(create_app(clip_cache, {"device": "cpu"}), base_url=LOCAL)
+    client = api_client(clip_cache)
     assert client.get("/api/info").json()["text_queries"] is True
     answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
     assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
@@ -288,8 +311,7 @@ def test_a_cross_site_post_is_refused_and_every_answer_has_security_headers(clie
 
 
 def test_an_added_host_name_is_answered(cache):
-    app = create_app(cache, {"device": "cpu"}, host="0.0.0.0", extra_hosts=("photos.lan",))
-    client = TestClient(app, base_url="http://photos.lan:8000")
+    client = api_client(cache, "http://photos.lan:8000", host="0.0.0.0", extra_hosts=("photos.lan",))
     assert client.get("/api/info").status_code == 200
     assert client.get("/api/info", headers={"host": "0.0.0.0:8000"}).status_code == 400
 
@@ -297,7 +319,7 @@ def test_an_added_host_name_is_answered(cache):
 def test_a_token_is_needed_for_everything_but_the_page(cache):
     from urllib.parse import quote
 
-    client = TestClient(create_app(cache, {"device": "cpu"}, token="s3cret pass"), base_url=LOCAL)
+    client = api_client(cache, token="s3cret pass")
     assert client.get("/").status_code == 200 and client.get("/healthz").status_code == 200
     refused = client.get("/api/info")
     assert refused.status_code == 401 and "access token" in refused.json()["error"]
@@ -312,7 +334,7 @@ def test_a_token_is_needed_for_everything_but_the_page(cache):
 def test_listening_beyond_loopback_needs_a_token_or_no_auth(cache, monkeypatch):
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)  # everything up to listening
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: None)  # everything up to listening
     runner = CliRunner()
     refused = runner.invoke(cli, ["serve", "--cache", str(cache), "--host", "0.0.0.0", "--device", "cpu"])
     assert refused.exit_code == 1 and "give --token TOKEN" in refused.stderr
@@ -330,7 +352,7 @@ def test_a_generation_published_under_a_running_server_is_picked_up_without_a_fa
     config = PipelineConfig(classifier=TINY_CLASSIFIER, embedder=TINY_EMBEDDER, device="cpu", batch_size=4)
     gallery = draw_gallery(tmp_path / "gallery")
     build_cache(gallery, tmp_path / "cache", config)
-    client = TestClient(create_app(tmp_path / "cache", {"device": "cpu"}), base_url=LOCAL)
+    client = api_client(tmp_path / "cache")
     assert client.get("/api/info").json()["gallery_images"] == 18
     for i in range(3):
         draw_shape(gallery / "yellow_circles" / f"{i}.png", (230, 200, 20), "ellipse", seed=900 + i)
@@ -371,7 +393,7 @@ def test_a_new_dba_matrix_never_stalls_other_queries_and_a_second_is_refused_wit
         return make_dba(*args, **kwargs)
 
     monkeypatch.setattr(rerank, "dba", slow_dba)
-    client = TestClient(create_app(cache, {"device": "cpu"}), base_url=LOCAL)
+    client = api_client(cache)
     photo = cache.parent / "gallery" / "red_circles" / "2.png"
     with ThreadPoolExecutor(1) as pool:
         heavy = pool.submit(client.post, "/api/query", json={"row": 1, "buckets": "flat+dba:7"})
@@ -392,8 +414,74 @@ def test_a_policy_too_slow_to_prepare_is_refused_with_the_reason(cache, monkeypa
     from lookalike.pipeline.serve import app as serve_app
 
     monkeypatch.setattr(serve_app, "PREPARE_BUDGET_S", 1e-9)
-    client = TestClient(create_app(cache, {"device": "cpu"}), base_url=LOCAL)
+    client = api_client(cache)
     refused = client.post("/api/query", json={"row": 1, "buckets": "flat+dba:5"})
     assert refused.status_code == 400
     assert "would take about" in refused.json()["error"] and "18 images" in refused.json()["error"]
     assert client.post("/api/query", json={"row": 1, "buckets": "flat+qe:5"}).status_code == 200
+
+
+@pytest.fixture
+def listening(cache, monkeypatch):
+    """The app on a real uvicorn server (serve's settings) on a free loopback port, with a 0.5 s request deadline."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from lookalike.pipeline.serve.connections import DeadlineH11Protocol, server_config
+    from scripts.load_test import free_port
+
+    monkeypatch.setattr(DeadlineH11Protocol, "request_timeout_s", 0.5)
+    port = free_port()
+    server = uvicorn.Server(server_config(create_app(cache, {"device": "cpu"}), "127.0.0.1", port))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+
+    def connect() -> socket.socket:
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+        return connection
+
+    yield connect
+    server.should_exit = True
+    thread.join(10)
+
+
+def read_to_end(connection) -> bytes:
+    """Everything the server sends until it closes the connection (socket.timeout if it never does)."""
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def test_idle_and_half_sent_connections_are_closed_and_the_server_still_answers(listening):
+    """Connections that never send a request, or send half a head or half a body, are closed once the request
+    deadline passes (each recv would raise socket.timeout after 10 s if one stayed open); whole requests on other
+    connections are answered meanwhile."""
+    idle = [listening() for _ in range(20)]
+    half_head = [listening() for _ in range(20)]
+    for connection in half_head:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+    half_body = [listening() for _ in range(20)]
+    for connection in half_body:
+        connection.sendall(b"POST /api/query HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{\"row\": ")
+    whole = listening()
+    whole.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert read_to_end(whole).startswith(b"HTTP/1.1 200")
+    for connection in idle + half_head + half_body:
+        assert b"200 OK" not in read_to_end(connection)
+        connection.close()
+    kept_alive = listening()
+    kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    first = b""
+    while not first.endswith(b"}"):  # the head, then the JSON body
+        first += kept_alive.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")  # a second request left half-sent
+    assert read_to_end(kept_alive) == b""

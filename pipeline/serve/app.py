@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lookalike.cache.manifest import CacheError
 from lookalike.cache.search import PreparationBusy
@@ -168,6 +169,11 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return _error(400, "; ".join(str(e.get("msg")) for e in err.errors()) or "bad request")
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, err: ClientDisconnect) -> Response:
+        # The client left mid-request (or was cut off at the request deadline): nobody is there to read an answer.
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
