@@ -16,6 +16,7 @@ from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
 from lookalike.cache.store import DBA_COLUMN, CacheData, release_pages
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
+from lookalike.models.machine import give_back_freed_memory
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
 
@@ -30,12 +31,35 @@ class Hits:
     rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
 
 
-def _one_blas_thread():
-    """k-reciprocal's many small products on one BLAS thread: threaded BLAS made them 50x slower on a busy 2-core
-    machine (docs/rerank-study.md)."""
-    from threadpoolctl import threadpool_limits
+class OneCore:
+    """numpy's, faiss's BLAS and OpenMP held to one thread while any user is inside, shared safely by concurrent
+    queries: the first to enter sets the limit and the last to leave restores it (threadpoolctl's context alone,
+    entered from two threads, can restore the other's limit and leave it for good). k-reciprocal's many small
+    products on one thread: threaded BLAS made them 50x slower on a busy 2-core machine (docs/rerank-study.md); a
+    DBA matrix made for a request leaves the other core to the other queries."""
 
-    return threadpool_limits(limits=1, user_api="blas")
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limits = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                from threadpoolctl import threadpool_limits
+
+                self._limits = threadpool_limits(limits=1)
+            self._users += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limits.restore_original_limits()
+                self._limits = None
+
+
+ON_ONE_CORE = OneCore()
 
 
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
@@ -43,7 +67,9 @@ def _one_blas_thread():
 # 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
 # answers in ~2 ms at 10^6 and costs ~17 s per 10^6 rows to build, once per cache generation (it is saved).
 EXACT_MAX_ROWS = 32_768
-DBA_CACHE_BYTES = 256 << 20  # DBA matrices of policies other than the cache's own, kept least recently used first
+# DBA matrices of policies other than the cache's own (one 12 MiB for 2,402 images of 1,280 dimensions), kept least
+# recently used first; the one in use is kept whatever its size. Bounds what distinct policies from a client can hold.
+DBA_CACHE_BYTES = 64 << 20
 IVF_NPROBE = 16  # recall@5 1.000 on the clustered synthetic set (0.988 at nprobe 1): margin for real data
 SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in slices this size, never whole
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
@@ -278,13 +304,15 @@ class Searcher:
             matrix = self._cached(self._dba, dba)  # made by the query this one waited for
             if matrix is None:
                 self._within_budget(dba[0], stored)
-                matrix = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+                with ON_ONE_CORE:
+                    matrix = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+            with self._mutex:
+                self._dba[dba] = matrix
+                while len(self._dba) > 1 and sum(m.nbytes for m in self._dba.values()) > DBA_CACHE_BYTES:
+                    self._dba.popitem(last=False)  # least recently used first: distinct policies never pile up
+            give_back_freed_memory()  # the k-NN pass's and the evicted matrix's memory
         finally:
             self._preparing.release()
-        with self._mutex:
-            self._dba[dba] = matrix
-            while len(self._dba) > 1 and sum(m.nbytes for m in self._dba.values()) > DBA_CACHE_BYTES:
-                self._dba.popitem(last=False)  # least recently used first: distinct policies never pile up
         return matrix
 
     def _within_budget(self, k: int, stored: str) -> None:
@@ -332,7 +360,7 @@ class Searcher:
         ranking = cosine + bonus
         if policy.krecip:
             pool = rank_by_score(ranking, min(rerank.POOL, len(rows)))
-            with _one_blas_thread():
+            with ON_ONE_CORE:
                 mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
             ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
         best = rank_by_score(rerank.copies_first(ranking, plain), k)

@@ -1,7 +1,10 @@
 """What this machine offers the process, asked in one place."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+from functools import lru_cache
 
 
 def usable_cpus() -> int:
@@ -10,3 +13,22 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Hand memory freed inside the process back to the system. glibc keeps freed blocks of its per-thread heaps
+    for reuse, so large temporary arrays made in worker threads raise a server's memory for good (20 new DBA
+    matrices: +286 MiB while the matrices kept held 240); after such work, this trims every heap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

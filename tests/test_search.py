@@ -150,3 +150,23 @@ def test_queries_from_many_threads_get_the_answers_they_get_one_at_a_time():
     with ThreadPoolExecutor(8) as pool:
         threaded = list(pool.map(lambda job: ask(shared, job), jobs))
     assert threaded == serial
+
+
+def test_one_core_is_restored_when_the_last_of_overlapping_users_leaves():
+    """Two queries whose one-core sections overlap (enter A, enter B, leave A, leave B) leave BLAS as it was."""
+    from threadpoolctl import threadpool_info
+
+    from lookalike.cache.search import OneCore
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    limit = OneCore()
+    limit.__enter__()
+    limit.__enter__()
+    assert set(blas_threads()) == {1}
+    limit.__exit__(None, None, None)
+    assert set(blas_threads()) == {1}  # the other query is still inside
+    limit.__exit__(None, None, None)
+    assert blas_threads() == before
