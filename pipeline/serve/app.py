@@ -144,19 +144,85 @@ class LiveIndex:
         return self.index, self.thumbnails
 
 
-def create_app(cache_dir: str | Path, overrides: dict | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
-               extra_hosts: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
-    """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
-    (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
-    to loopback names, `host` and `extra_hosts`, takes POSTs only from its own page, and with a `token` answers
-    only requests that carry it (guard.py)."""
-    live = LiveIndex(cache_dir, overrides or {})
-    page = PAGE.read_text()
-    app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.live = live
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
-    app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page), token=token)
+class Queries:
+    """The work behind POST /api/query, run in a worker thread: an upload, a gallery row or a text answered as
+    `query --json` answers it, paths hidden unless `show_paths`; user errors become ApiErrors (4xx)."""
+
+    def __init__(self, live: LiveIndex, show_paths: bool):
+        self.live = live
+        self.show_paths = show_paths
+
+    def _answer(self, found: Answer) -> dict:
+        result = found.to_json(absolute_paths=self.show_paths)
+        if not self.show_paths:
+            result = hide_paths(result)
+        for r in result["results"]:
+            r["thumbnail"] = f"/api/thumbnails/{r['row']}"
+        return result
+
+    def run(self, query, *args) -> dict:
+        """`query(*args)` with user errors as 400s, unknown rows as 404s, a busy preparation as 429."""
+        try:
+            return self._answer(query(*args))
+        except IndexError as err:
+            raise ApiError(404, str(err)) from None
+        except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
+            raise ApiError(400, str(err)) from None
+        except PreparationBusy as err:
+            raise ApiError(429, str(err), {"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def upload(self, data: bytes, name: str, buckets: str | None, k: int | None) -> Answer:
+        try:
+            found = self.live.current()[0].query(data, k, buckets, max_pixels=MAX_UPLOAD_PIXELS)
+        except NotAnImage as err:
+            raise ApiError(415, f"{name}: {err.reason}") from None
+        except ImageLoadError as err:  # undecodable, too large, or refused by the model's preprocessing
+            raise ApiError(400, f"{name}: {err.reason}") from None
+        found.query = name
+        return found
+
+    def row(self, row: int, buckets: str | None, k: int | None) -> Answer:
+        """"More like this": the k nearest other images (the row itself, found first, is left out)."""
+        index = self.live.current()[0]
+        wanted = k or index.session.config.k
+        found = index.more_like(row, wanted + 1, buckets)
+        others = [result for result in found.results if result.row != row][:wanted]
+        found.results = [dataclasses.replace(result, rank=rank) for rank, result in enumerate(others, 1)]
+        if not self.show_paths:
+            found.query = str(index.data.columns["paths"][row])
+        return found
+
+    def text(self, text: str, k: int | None) -> Answer:
+        return self.live.current()[0].query_text(text, k)
+
+    async def from_form(self, request: Request) -> dict:
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "a multipart query needs the image in a field named 'file'")
+        data = await upload.read()
+        return await run_in_threadpool(self.run, self.upload, data, upload.filename or "upload",
+                                       _buckets(form.get("buckets")), _k(form.get("k"), from_form=True))
+
+    async def from_json(self, request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a 5,000-digit number, 100,000 levels deep
+            raise ApiError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:80]})") from None
+        if not isinstance(body, dict) or ("row" in body) == ("text" in body):
+            raise ApiError(400, 'a JSON query is {"row": N} or {"text": "..."}, with optional k and buckets')
+        k = _k(body.get("k"))
+        if "text" in body:
+            if not isinstance(body["text"], str):
+                raise ApiError(400, "text: give a string")
+            return await run_in_threadpool(self.run, self.text, body["text"], k)
+        if not isinstance(body["row"], int) or isinstance(body["row"], bool):
+            raise ApiError(400, f"row {body['row']!r}: give a gallery row number")
+        return await run_in_threadpool(self.run, self.row, body["row"], _buckets(body.get("buckets")), k)
+
+
+def _add_error_handlers(app: FastAPI, show_paths: bool) -> None:
+    """Every error as {"error": one line} with its status; an unexpected one as a 500 whose details go to the log."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -180,48 +246,37 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
         log.error("%s %s failed", request.method, request.url.path, exc_info=err)
         return _error(500, f"internal error ({type(err).__name__}); the server log has the details")
 
-    def answer(found: Answer) -> dict:
-        result = found.to_json(absolute_paths=show_paths)
-        if not show_paths:
-            result = hide_paths(result)
-        for r in result["results"]:
-            r["thumbnail"] = f"/api/thumbnails/{r['row']}"
-        return result
 
-    def run(query, *args) -> dict:
-        """A session call in a worker thread's terms: user errors become 400s, unknown rows 404s."""
-        try:
-            return query(*args)
-        except IndexError as err:
-            raise ApiError(404, str(err)) from None
-        except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
-            raise ApiError(400, str(err)) from None
-        except PreparationBusy as err:
-            raise ApiError(429, str(err), {"Retry-After": str(RETRY_AFTER_S)}) from None
+def _info(index: Index, max_upload_bytes: int, show_paths: bool) -> dict:
+    """GET /api/info: the cache's description plus what the page needs (policies offered, k, limits)."""
+    config = index.session.config
+    about = index.info
+    about["pipeline"]["runtime"] = config.runtime
+    about = dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
+                 k=config.k, max_k=MAX_K, text_queries=index.session.text_queries, max_upload_bytes=max_upload_bytes)
+    if show_paths:
+        return about
+    about.pop("gallery_root")
+    return hide_paths(about)
 
-    def upload_query(data: bytes, name: str, buckets: str | None, k: int | None) -> dict:
-        try:
-            found = live.current()[0].query(data, k, buckets, max_pixels=MAX_UPLOAD_PIXELS)
-        except NotAnImage as err:
-            raise ApiError(415, f"{name}: {err.reason}") from None
-        except ImageLoadError as err:  # undecodable, too large, or refused by the model's preprocessing
-            raise ApiError(400, f"{name}: {err.reason}") from None
-        found.query = name
-        return answer(found)
 
-    def row_query(row: int, buckets: str | None, k: int | None) -> dict:
-        """"More like this": the k nearest other images (the row itself, found first, is left out)."""
-        index = live.current()[0]
-        wanted = k or index.session.config.k
-        found = index.more_like(row, wanted + 1, buckets)
-        others = [result for result in found.results if result.row != row][:wanted]
-        found.results = [dataclasses.replace(result, rank=rank) for rank, result in enumerate(others, 1)]
-        if not show_paths:
-            found.query = str(index.data.columns["paths"][row])
-        return answer(found)
+async def _thumbnail(live: LiveIndex, row: str) -> FileResponse:
+    """GET /api/thumbnails/ROW: rows only (ASCII digits), never paths; every failure a 404 that names the row."""
+    if not (row.isascii() and row.isdigit() and len(row) <= 12):  # '²' passes isdigit() and fails int()
+        raise ApiError(404, f"row {row[:20]!r}: rows are numbers")
+    try:
+        path = await run_in_threadpool(live.current()[1].file, int(row))
+    except IndexError as err:
+        raise ApiError(404, str(err)) from None
+    except ImageLoadError as err:
+        raise ApiError(404, f"row {row}: no thumbnail ({err.reason})") from None
+    except OSError as err:  # outside the gallery, unreadable, or the cache was rebuilt
+        raise ApiError(404, f"row {row}: no thumbnail ({err.strerror or err})") from None
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    def text_query(text: str, k: int | None) -> dict:
-        return answer(live.current()[0].query_text(text, k))
+
+def _add_routes(app: FastAPI, live: LiveIndex, page: str, max_upload_bytes: int, show_paths: bool) -> None:
+    queries = Queries(live, show_paths)
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:
@@ -237,58 +292,36 @@ def create_app(cache_dir: str | Path, overrides: dict | None = None,
 
     @app.get("/api/info")
     async def info() -> dict:
-        index = live.current()[0]
-        config = index.session.config
-        about = index.info
-        about["pipeline"]["runtime"] = config.runtime
-        about = dict(about, policy=config.buckets, policies=list(POLICIES) if config.uses_classifier else ["flat"],
-                     k=config.k, max_k=MAX_K, text_queries=index.session.text_queries,
-                     max_upload_bytes=max_upload_bytes)
-        if not show_paths:
-            about.pop("gallery_root")
-        return about if show_paths else hide_paths(about)
+        return _info(live.current()[0], max_upload_bytes, show_paths)
 
     @app.get("/api/thumbnails/{row}")
     async def thumbnail(row: str) -> FileResponse:
-        if not (row.isascii() and row.isdigit() and len(row) <= 12):  # '²' passes isdigit() and fails int()
-            raise ApiError(404, f"row {row[:20]!r}: rows are numbers")
-        try:
-            path = await run_in_threadpool(live.current()[1].file, int(row))
-        except IndexError as err:
-            raise ApiError(404, str(err)) from None
-        except ImageLoadError as err:
-            raise ApiError(404, f"row {row}: no thumbnail ({err.reason})") from None
-        except OSError as err:  # outside the gallery, unreadable, or the cache was rebuilt
-            raise ApiError(404, f"row {row}: no thumbnail ({err.strerror or err})") from None
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return await _thumbnail(live, row)
 
     @app.post("/api/query")
     async def query(request: Request) -> dict:
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "a multipart query needs the image in a field named 'file'")
-            data = await upload.read()
-            return await run_in_threadpool(run, upload_query, data, upload.filename or "upload",
-                                           _buckets(form.get("buckets")), _k(form.get("k"), from_form=True))
+            return await queries.from_form(request)
         if kind.startswith("application/json"):
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a 5,000-digit number, 100,000 levels deep
-                raise ApiError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:80]})") from None
-            if not isinstance(body, dict) or ("row" in body) == ("text" in body):
-                raise ApiError(400, 'a JSON query is {"row": N} or {"text": "..."}, with optional k and buckets')
-            k = _k(body.get("k"))
-            if "text" in body:
-                if not isinstance(body["text"], str):
-                    raise ApiError(400, "text: give a string")
-                return await run_in_threadpool(run, text_query, body["text"], k)
-            if not isinstance(body["row"], int) or isinstance(body["row"], bool):
-                raise ApiError(400, f"row {body['row']!r}: give a gallery row number")
-            return await run_in_threadpool(run, row_query, body["row"], _buckets(body.get("buckets")), k)
+            return await queries.from_json(request)
         raise ApiError(415, "send the image as multipart/form-data (field 'file'), or JSON "
                             '{"row": N} or {"text": "..."}')
 
+
+def create_app(cache_dir: str | Path, overrides: dict | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
+               extra_hosts: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
+    """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
+    (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
+    to loopback names, `host` and `extra_hosts`, takes POSTs only from its own page, and with a `token` answers
+    only requests that carry it (guard.py)."""
+    live = LiveIndex(cache_dir, overrides or {})
+    page = PAGE.read_text()
+    app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.live = live
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(Guard, hosts=allowed_hosts(host, extra_hosts), csp=content_security_policy(page), token=token)
+    _add_error_handlers(app, show_paths)
+    _add_routes(app, live, page, max_upload_bytes, show_paths)
     return app
