@@ -18,7 +18,7 @@ MAX_TEXT_CHARS = 1000  # a longer text is refused; the tokenizer keeps its first
 
 
 class ClipTextEncoder:
-    """open_clip's tokenizer (shipped with the package) and the model's text tower; the image tower is dropped."""
+    """open_clip's tokenizer (shipped with the package) and the text tower of the process's one model for `spec`."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto"):
         import open_clip
@@ -26,9 +26,8 @@ class ClipTextEncoder:
         require_text_tower(spec)
         self.spec = spec
         self.device = resolve_device(device)
-        model, _, _, _ = load_clip(spec)
-        model.visual = None  # not needed for text; frees most of the image tower's memory
-        self.model = model.eval().to(self.device)
+        model, _, _, _ = load_clip(spec)  # the image embedder's model too: one set of weights in the process
+        self.model = model.to(self.device)
         self.tokenizer = open_clip.get_tokenizer(spec.model_id)
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Image embedders: L2-normalised vectors from open_clip CLIP, timm features or fine-tuned checkpoints."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +25,7 @@ from lookalike.models.runtime import (
     to_model_input,
 )
 from lookalike.models.timm_net import load_timm_net
-from lookalike.models.weights import load_with_fallback
+from lookalike.models.weights import file_stamp, load_with_fallback, local_weights
 
 
 class Embedder(Protocol):
@@ -60,11 +62,19 @@ class TimmEmbedder:
 
 
 def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], dict, str]:
-    """An open_clip model (both towers), its image transform, the tag's preprocessing settings and the weights'
-    identity (the sha256 of the bytes loaded, 'random' or the hub tag).
-    The one place a CLIP spec becomes a model: the image embedder and the text encoder both use it."""
+    """The process-wide open_clip model for `spec` (both towers), its image transform, the tag's preprocessing settings
+    and the weights' identity (the sha256 of the bytes loaded, 'random' or the hub tag). The one place a CLIP spec
+    becomes a model: the image embedder and the text encoder share it, so its weights load once (a weight file
+    changed since is loaded again)."""
+    return _load_clip(json.dumps(spec.describe(), sort_keys=True),
+                      file_stamp(local_weights(spec)) if spec.weights != RANDOM else ())
+
+
+@lru_cache(maxsize=2)
+def _load_clip(spec_json: str, weights_stamp: tuple):
     import open_clip
 
+    spec = ModelSpec(**json.loads(spec_json))
     # A file path as `pretrained` silently drops the tag's mean/std/resize: pass them explicitly.
     tag_cfg = open_clip.get_pretrained_cfg(spec.model_id, spec.tag) if spec.tag else {}
     preprocessing = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
@@ -77,7 +87,7 @@ def load_clip(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image],
         (model, _, transform), weights = seeded(lambda: create(None)), RANDOM
     else:
         (model, _, transform), weights = load_with_fallback(spec, lambda path: create(str(path)), lambda: create(spec.tag))
-    return model, transform, preprocessing, weights
+    return model.eval(), transform, preprocessing, weights
 
 
 class ClipEmbedder:

@@ -4,7 +4,6 @@ cli.py and `serve` call these same functions, so a script, the command line and 
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -83,34 +82,27 @@ def _known_options(where: str, options: dict) -> None:
 
 
 class Index:
-    """A cache opened for queries. The cache is read here; its models load at the first image or text query (or
-    `load()`), once, and serve every query after it. Queries from several threads are safe."""
+    """A cache opened for queries. The cache is read here; its image models load at the first image query (or
+    `load()`), once, and serve every query after it; rows and texts need none (a text loads CLIP's text tower only).
+    Queries from several threads are safe."""
 
     def __init__(self, cache_dir: str | Path, **options):
         _known_options("lookalike.open", options)
         self.data: CacheData = load_cache(cache_dir)
-        self._options = options
-        self._session: QuerySession | None = None
-        self._loading = threading.Lock()
+        self.session = QuerySession(self.data, options)
 
     def load(self) -> Index:
-        """Load the models now (a server does, before its first request); a pipeline other than the cache's
+        """Load the image models now (a server does, before its first request); a pipeline other than the cache's
         (other weights, say) is refused here."""
-        with self._loading:
-            if self._session is None:
-                self._session = QuerySession(self.data, self._options)
+        _ = self.session.pipeline
         return self
 
     def limit_preparation(self, seconds: float) -> Index:
         """Refuse, rather than queue, a query whose policy needs a new DBA matrix: while another query makes one it
         raises PreparationBusy, and when making it would take over `seconds` on this gallery, UserError. A server's
         guard against one client's policies stalling the rest; a script leaves it unset and waits."""
-        self.session.retrieve.searcher.prepare_budget_s = seconds
+        self.session.searcher.prepare_budget_s = seconds
         return self
-
-    @property
-    def session(self) -> QuerySession:
-        return self._session or self.load()._session
 
     def __len__(self) -> int:
         return len(self.data)

@@ -50,21 +50,22 @@ def runs_recorded_exports(config: PipelineConfig, data: CacheData) -> bool:
             and config.device in ("auto", "cpu"))
 
 
-def open_query_pipeline(cache: str | Path | CacheData,
-                        overrides: dict | None = None) -> tuple[Pipeline, PipelineConfig]:
-    """The cache's pipeline with a retrieve stage: its recorded ONNX exports where they can be used (no torch),
-    else its models in torch, refused when they are not the ones that built the cache. `cache` is a cache folder
-    or one already loaded."""
+def open_query_pipeline(cache: str | Path | CacheData, overrides: dict | None = None,
+                        searcher: Searcher | None = None) -> tuple[Pipeline, PipelineConfig]:
+    """The cache's pipeline with a retrieve stage (over `searcher`, or a new one): its recorded ONNX exports where
+    they can be used (no torch), else its models in torch, refused when they are not the ones that built the cache.
+    `cache` is a cache folder or one already loaded."""
     data = cache if isinstance(cache, CacheData) else load_cache(cache)
     config = query_config(data, overrides or {})
+    searcher = searcher or Searcher(data)
     if runs_recorded_exports(config, data):
         from lookalike.models.recorded import ExportRefused
 
         try:
-            return recorded_pipeline(config, Searcher(data)), config
+            return recorded_pipeline(config, searcher), config
         except ExportRefused as err:
             print(f"lookalike: {err}; loading the models in torch", file=sys.stderr)
-    pipeline = build_pipeline(config, Searcher(data))
+    pipeline = build_pipeline(config, searcher)
     refuse_other_pipeline(data.manifest, fingerprint(pipeline.describe(), data.manifest.bucket_by), data.root,
                           keys=QUERY_CHECKS)
     return pipeline, config

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.cache.policies import BucketPolicy, parse_policy
-from lookalike.cache.store import CacheData
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
 from lookalike.models.registry import has_text_tower, require_text_tower, resolve_spec
 from lookalike.pipeline.items import Item
-from lookalike.pipeline.pipeline import run_stages
+from lookalike.pipeline.pipeline import Pipeline, run_stages
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.query import open_query_pipeline, query_config
 from lookalike.pipeline.stages import RetrieveStage
@@ -37,14 +38,19 @@ def query_policy(data: CacheData, buckets: str | None, k: int | None) -> tuple[P
 
 
 class QuerySession:
+    """A cache opened for queries. Rows and texts need no image model: the image pipeline (classify, embed, crop)
+    loads at the first image query, or `load_pipeline()`; a text query loads the CLIP text tower alone."""
+
     def __init__(self, cache: str | Path | CacheData, overrides: dict | None = None):
-        self.pipeline, self.config = open_query_pipeline(cache, overrides)
-        self.retrieve: RetrieveStage = self.pipeline.stage("retrieve")
-        self.data = self.retrieve.searcher.data
+        self.data = cache if isinstance(cache, CacheData) else load_cache(cache)
+        self.overrides = dict(overrides or {})
+        self.config = query_config(self.data, self.overrides)
+        self.searcher = Searcher(self.data)
         self.embedder_spec = resolve_spec(self.config.embedder, "embedder")
         self.text_queries = has_text_tower(self.embedder_spec)
+        self._pipeline: Pipeline | None = None
         self._text_encoder = None
-        self._text_loading = threading.Lock()
+        self._loading = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -53,15 +59,27 @@ class QuerySession:
     def gallery_root(self) -> Path:
         return self.data.gallery_root
 
+    @property
+    def pipeline(self) -> Pipeline:
+        """The image pipeline, loaded once (refused here when its models are not the ones that built the cache)."""
+        with self._loading:
+            if self._pipeline is None:
+                self._pipeline, _ = open_query_pipeline(self.data, self.overrides, self.searcher)
+        return self._pipeline
+
+    def bucket_name(self, key: int) -> str:
+        """A bucket key's readable name, as the build recorded it for every class a gallery image holds."""
+        return self.data.manifest.class_names.get(str(key), str(key))
+
     def retriever(self, buckets: str | None, k: int | None) -> tuple[RetrieveStage, str]:
         """A retrieve stage for this query's policy and k (the cache's `auto` choice when None)."""
         config, policy = query_policy(self.data, buckets, k)
-        return RetrieveStage(self.retrieve.searcher, policy, config.k, self.retrieve.bucket_name), config.buckets
+        return RetrieveStage(self.searcher, policy, config.k, self.bucket_name), config.buckets
 
     def images(self, items: list[Item], buckets: str | None = None, k: int | None = None) -> tuple[list[Item], str]:
         """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
         retrieve, used = self.retriever(buckets, k)
-        run_stages([retrieve if stage is self.retrieve else stage for stage in self.pipeline.stages], items)
+        run_stages([retrieve if stage.name == "retrieve" else stage for stage in self.pipeline.stages], items)
         return items, used
 
     def row(self, row: int, buckets: str | None = None, k: int | None = None) -> tuple[Item, str]:
@@ -73,7 +91,7 @@ class QuerySession:
                     embedding=np.asarray(columns["embeddings"][row], np.float32))
         if self.config.uses_classifier:
             item.classes, item.probs = np.asarray(columns["classes"][row]), np.asarray(columns["probs"][row])
-            item.class_names = [self.retrieve.bucket_name(int(c)) for c in item.classes[:5]]
+            item.class_names = [self.bucket_name(int(c)) for c in item.classes[:5]]
         retrieve, used = self.retriever(buckets, k)
         [item] = retrieve([item])
         return item, used
@@ -82,7 +100,7 @@ class QuerySession:
     def text(self):
         """The CLIP text tower, loaded at the first text query (it needs torch); UserError for a non-CLIP cache."""
         require_text_tower(self.embedder_spec)
-        with self._text_loading:
+        with self._loading:
             if self._text_encoder is None:
                 from lookalike.models.clip_text import ClipTextEncoder
 

@@ -244,8 +244,7 @@ def test_text_query_with_a_clip_cache(clip_cache):
     assert client.get("/api/info").json()["text_queries"] is True
     answer = client.post("/api/query", json={"text": "a red circle", "k": 3}).json()
     assert answer["buckets"] == "flat" and answer["candidates"] == 18 and answer["predicted"] == []
-    vector = client.app.state.live.index.session.text.embed(["a red circle"])[0]
-    assert np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
+    vector = open_clip_text_vector("ViT-S-32-alt", "a red circle")
     data = load_cache(clip_cache)
     cosine = np.asarray(data.columns["embeddings"]) @ vector
     best = np.argsort(-cosine, kind="stable")[:3]
@@ -254,6 +253,34 @@ def test_text_query_with_a_clip_cache(clip_cache):
     assert client.post("/api/query", json={"text": " "}).status_code == 400
     [from_cli] = cli_json("--text", "a red circle", "--cache", str(clip_cache), "-k", "3", "--device", "cpu")
     assert top(from_cli) == top(answer)  # a second load of the text tower: the same seeded weights
+
+
+def open_clip_text_vector(model_id: str, text: str) -> np.ndarray:
+    """The text's unit vector computed here from open_clip directly: the model randomly initialised under seed 0 (as
+    `@random` is), its own tokenizer and encode_text, normalised with numpy."""
+    import open_clip
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms(model_id, pretrained=None)
+    with torch.no_grad():
+        vector = model.eval().encode_text(open_clip.get_tokenizer(model_id)([text]))[0].numpy()
+    return vector / np.linalg.norm(vector)
+
+
+def test_a_text_query_loads_no_image_model_and_both_towers_share_one_model(clip_cache, monkeypatch):
+    import lookalike
+    from lookalike.pipeline import session
+
+    index = lookalike.open(clip_cache, device="cpu", runtime="torch")
+    with monkeypatch.context() as patch:
+        patch.setattr(session, "open_query_pipeline", lambda *args: pytest.fail("a text query loaded image models"))
+        found = index.query_text("a blue square", k=2)
+    assert len(found.results) == 2
+    index.query(next((clip_cache.parent / "gallery").glob("*/*.png")))
+    embedder = index.session.pipeline.stage("embed").embedder
+    assert embedder.visual is index.session.text.model.visual  # one CLIP model, its weights loaded once
 
 
 def test_text_on_the_command_line_needs_clip(cache):
