@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache import rerank
+from lookalike.cache import rerank, reranking
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import BucketPolicy
@@ -26,14 +26,6 @@ class Hits:
     buckets: list[int]  # bucket keys searched (WHOLE_GALLERY for the whole gallery)
     note: str | None = None
     rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
-
-
-def _one_blas_thread():
-    """k-reciprocal's many small products on one BLAS thread: threaded BLAS made them 50x slower on a busy 2-core
-    machine (docs/rerank-study.md)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
@@ -243,9 +235,8 @@ class Searcher:
 
     def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
                   policy: BucketPolicy, k: int) -> Hits:
-        """Candidates scored by cosine (to their DBA vectors with +dba) + W * class agreement, the query expanded
-        by its best candidates and scored again (+qe), then k-reciprocal re-ranking
-        (+krecip, the best rerank.POOL). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
+        """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
+        +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
         query = np.asarray(query, np.float32)
         rows = self._candidates(query, keys, policy.gallery_classes)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
@@ -261,17 +252,9 @@ class Searcher:
         cosine = vectors @ query
         plain = cosine if policy.dba is None else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
-        if policy.qe:
-            best = rank_by_score(cosine + bonus, min(policy.qe[0], len(rows)))
-            expanded = rerank.alpha_qe(query, vectors[best], cosine[best], policy.qe[1], len(best))
-            cosine = vectors @ expanded
-        ranking = cosine + bonus
-        if policy.krecip:
-            pool = rank_by_score(ranking, min(rerank.POOL, len(rows)))
-            with _one_blas_thread():
-                mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
-            ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
-        best = rank_by_score(rerank.copies_first(ranking, plain), k)
+        ranking, order = reranking.rerank(reranking.FixedGallery(vectors), query[None], cosine[None], bonus[None],
+                                          policy.qe, policy.krecip, plain[None], k)
+        ranking, best = ranking[0], order[0]
         stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
         release_pages(matrix)
         release_pages(self.embeddings)
