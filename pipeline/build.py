@@ -20,18 +20,13 @@ import numpy as np
 from lookalike.cache import rerank
 from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
+from lookalike.cache.columns import COLUMNS, DBA_COLUMN, empty_columns
+from lookalike.cache.generations import write_generation
+from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
-from lookalike.cache.store import (
-    COLUMNS,
-    DBA_COLUMN,
-    BuildLock,
-    CacheData,
-    PendingChunks,
-    StackedRows,
-    empty_columns,
-    load_cache,
-    write_generation,
-)
+from lookalike.cache.mapped import StackedRows
+from lookalike.cache.pending import PendingChunks
+from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
 from lookalike.pipeline.items import Item

@@ -22,7 +22,8 @@ from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import BucketPolicy
 from lookalike.cache.rerank import POOL, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
 from lookalike.cache.reranking import FixedGallery, HeldOutGallery, Reranked, RerankGallery, rerank
-from lookalike.cache.store import COLUMNS, load_cache
+from lookalike.cache.columns import COLUMNS
+from lookalike.cache.store import load_cache
 from lookalike.pipeline.datasets import load_labelled, split_queries
 
 DBA = ((1, 0.0), (2, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none

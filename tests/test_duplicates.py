@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from lookalike.cache.duplicates import find_duplicates, similar_pairs
 from lookalike.cache.rerank import normalise
-from lookalike.cache.store import load_cache, write_generation
+from lookalike.cache.generations import write_generation
+from lookalike.cache.store import load_cache
 from lookalike.cli import cli
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 

@@ -9,7 +9,8 @@ from lookalike.cache.autopolicy import FLAT, choose_policy, rerank_scores
 from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import COLUMNS, CacheData, empty_columns, load_cache
+from lookalike.cache.columns import COLUMNS, empty_columns
+from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.build import build_cache
 from tests.test_fusion import gallery_columns
 

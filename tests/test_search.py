@@ -7,7 +7,8 @@ import pytest
 from lookalike.cache.buckets import class_agreement
 from lookalike.cache.policies import BucketPolicy, parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import CacheData, empty_columns
+from lookalike.cache.columns import empty_columns
+from lookalike.cache.store import CacheData
 
 
 def unit(*values):

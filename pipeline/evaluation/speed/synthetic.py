@@ -46,9 +46,9 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
 
 
 def make_synthetic_cache(folder: Path, count: int) -> None:
-    """A real cache generation (written by cache.store) holding `count` synthetic rows."""
+    """A real cache generation (written by cache.generations) holding `count` synthetic rows."""
+    from lookalike.cache.generations import write_generation
     from lookalike.cache.manifest import Manifest
-    from lookalike.cache.store import write_generation
 
     vectors, classes, _ = synthetic(count)
     columns = {
@@ -153,7 +153,7 @@ def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
     started = time.perf_counter()
     columns, rows = _merge(previous, [chunk], entries)
     from lookalike.cache.autopolicy import choose_policy
-    from lookalike.cache.store import write_generation
+    from lookalike.cache.generations import write_generation
 
     choose_policy(columns)
     write_generation(folder, replace(previous.manifest, count=rows), columns)
