@@ -233,18 +233,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             refuse_other_pipeline(previous.manifest, wanted, out)
         pending = PendingChunks(out, wanted)
         resumed, first_new = pending.load(), pending.count
-
-        # Rows already embedded (by the previous generation or an interrupted build), keyed by path.
-        known: dict[str, tuple[int, int]] = {}
-        for part in ([previous.columns] if previous else []) + resumed:
-            known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
-        stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
-        labels = {e.relpath: e.label for e in entries}
-        todo = [e.relpath for e in entries
-                if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
-        summary = BuildReport(reused=len(entries) - len(todo), skipped=list(skipped))
-        summary.removed = len(set(known) - set(labels)) if previous else 0
-
+        todo, stats, labels, summary = _new_or_changed(gallery, entries, skipped, previous, resumed)
         topk = config.class_topk if config.uses_classifier else 0
         embedding_started = time.perf_counter()
         _embed_missing(engine, todo, gallery, ChunkWriter(pending, labels, stats, topk), summary, progress)
@@ -259,15 +248,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
         default_policy, fused_weight, dba = "flat", None, None
         if topk and bucket_by == "classifier":
-            # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
-            choosing_started = time.perf_counter()
-            chosen = choose_policy(columns)
-            default_policy = str(chosen) if chosen else "flat"
-            fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
-            if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
-                dba = list(chosen.dba)
-                columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
-            summary.phases["choose_policy"] = time.perf_counter() - choosing_started
+            default_policy, fused_weight, dba = _choose_auto(columns, count, summary)
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
@@ -282,6 +263,37 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, previous: CacheData | None,
+                    resumed: list[dict[str, np.ndarray]]) -> tuple[list[str], dict, dict[str, str], BuildReport]:
+    """The images to embed: those whose (size, mtime) no row of the previous generation or of the resumed chunks
+    has; with every image's stat and label, and the build's report so far (reused, skipped, removed)."""
+    known: dict[str, tuple[int, int]] = {}
+    for part in ([previous.columns] if previous else []) + resumed:
+        known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
+    stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
+    labels = {e.relpath: e.label for e in entries}
+    todo = [e.relpath for e in entries
+            if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
+    summary = BuildReport(reused=len(entries) - len(todo), skipped=list(skipped))
+    summary.removed = len(set(known) - set(labels)) if previous else 0
+    return todo, stats, labels, summary
+
+
+def _choose_auto(columns: dict, count: int, summary: BuildReport) -> tuple[str, float | None, list | None]:
+    """What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels): (default
+    policy, fused weight, DBA); the DBA vectors the choice uses are added to `columns`."""
+    started = time.perf_counter()
+    chosen = choose_policy(columns)
+    default_policy = str(chosen) if chosen else "flat"
+    fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
+    dba = None
+    if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
+        dba = list(chosen.dba)
+        columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
+    summary.phases["choose_policy"] = time.perf_counter() - started
+    return default_policy, fused_weight, dba
 
 
 def _exports(pipeline: Pipeline, previous: CacheData | None, summary: BuildReport) -> dict[str, dict]:
