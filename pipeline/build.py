@@ -194,8 +194,8 @@ def _embed_missing(engine: Engine, todo: list[str], gallery: Path, writer: Chunk
         writer.flush()  # Ctrl-C included: what was embedded is kept for the next run
 
 
-def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
-           entries: list[GalleryEntry]) -> tuple[dict[str, np.ndarray | StackedRows], int]:
+def merge_rows(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
+               entries: list[GalleryEntry]) -> tuple[dict[str, np.ndarray | StackedRows], int]:
     """Every current gallery image's newest row (pending chunks win over the previous generation), in gallery
     order, without copying the embedding matrix: (columns with embeddings as StackedRows, rows kept)."""
     parts = ([previous.columns] if previous else []) + chunks
@@ -240,7 +240,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         summary.phases["embed"] = time.perf_counter() - embedding_started
         summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
 
-        columns, count = _merge(previous, resumed + pending.load(first=first_new), entries)
+        columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
             raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])

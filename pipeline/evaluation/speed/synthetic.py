@@ -145,7 +145,7 @@ def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
     """Peak memory of an incremental build adding `added` rows to the synthetic cache in `folder`: the same merge,
     `auto` choice and publish as build-cache (the new rows arrive as a pending chunk, as embedded images do)."""
     from lookalike.cache.store import load_cache
-    from lookalike.pipeline.build import _merge
+    from lookalike.pipeline.build import merge_rows
     from lookalike.pipeline.gallery import GalleryEntry
 
     before = _memory()
@@ -156,7 +156,7 @@ def incremental_publish_benchmark(folder: Path, added: int = 100) -> dict:
     chunk.update(paths=np.char.add("new", np.arange(added).astype(str)), embeddings=vectors, classes=classes)
     entries = [GalleryEntry(p, None) for p in previous.columns["paths"].tolist() + chunk["paths"].tolist()]
     started = time.perf_counter()
-    columns, rows = _merge(previous, [chunk], entries)
+    columns, rows = merge_rows(previous, [chunk], entries)
     from lookalike.cache.autopolicy import choose_policy
     from lookalike.cache.generations import write_generation
 
