@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache.rerank import normalise
+from lookalike.models.outputs import unit_rows
 from lookalike.pipeline.evaluation.speed.children import run_child
 from lookalike.pipeline.evaluation.speed.measure import percentile
 
@@ -25,21 +25,21 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
     the bucket and its two nearest buckets (a classifier's usual confusions).
     """
     rng = np.random.default_rng(seed)
-    groups = normalise(rng.standard_normal((50, dim), dtype=np.float32))
+    groups = unit_rows(rng.standard_normal((50, dim), dtype=np.float32))
     group_of = rng.integers(0, 50, buckets)
-    centres = normalise(groups[group_of] + 0.8 * normalise(rng.standard_normal((buckets, dim), dtype=np.float32)))
+    centres = unit_rows(groups[group_of] + 0.8 * unit_rows(rng.standard_normal((buckets, dim), dtype=np.float32)))
     near = np.argsort(-(centres @ centres.T), axis=1)[:, :3]  # itself first
     own = rng.integers(0, buckets, count)
     vectors = np.empty((count, dim), np.float32)
     for start in range(0, count, 100_000):
         part = slice(start, min(count, start + 100_000))
         noise_part = rng.standard_normal((len(own[part]), dim), dtype=np.float32) * (noise / np.sqrt(dim))
-        vectors[part] = normalise(centres[own[part]] + noise_part)
+        vectors[part] = unit_rows(centres[own[part]] + noise_part)
 
     def queries(n: int, query_seed: int = 1):
         qrng = np.random.default_rng(query_seed)
         chosen = qrng.integers(0, buckets, n)
-        q = normalise(centres[chosen] + qrng.standard_normal((n, dim), dtype=np.float32) * (noise / np.sqrt(dim)))
+        q = unit_rows(centres[chosen] + qrng.standard_normal((n, dim), dtype=np.float32) * (noise / np.sqrt(dim)))
         return q, near[chosen].astype(np.int32)
 
     return vectors, near[own].astype(np.int32), queries
