@@ -20,17 +20,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from lookalike.cache.buckets import class_agreement
-from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rank_by_score, relevance_matrix
+from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, relevance_matrix
 from lookalike.cache.policies import FLAT, BucketPolicy
-from lookalike.cache.rerank import (
-    POOL,
-    POOL_OFFSET,
-    LeaveOneOutDBA,
-    alpha_qe,
-    copies_first,
-    k_reciprocal,
-    nearest_others,
-)
+from lookalike.cache.rerank import LeaveOneOutDBA, nearest_others
+from lookalike.cache.reranking import HeldOutGallery, rerank
 from lookalike.cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
 from lookalike.models.machine import usable_cpus
 
@@ -228,7 +221,6 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 RERANK_DBA = (None, (2, 0.0), (5, 0.0), (20, 3.0))
 RERANK_QE = (None, (2, 1.0), (10, 1.0))
 RERANK_KRECIP = ((5, 2), (20, 6))
-KRECIP_BATCH = 64  # queries k-reciprocal re-ranks at once (bounds its [batch, pool, pool] arrays)
 
 
 def rerank_family(weight: float | None) -> list[BucketPolicy]:
@@ -252,44 +244,21 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     n_relevant = counts[codes[queries]] - 1
     classes, probs = np.asarray(columns["classes"])[gallery], np.asarray(columns["probs"], np.float32)[gallery]
     agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
-    own = (np.arange(len(queries)), queries)
     # Every DBA of the family from one k-NN pass; each held-out row's changed vectors are computed once per DBA.
-    dbas = {(1, 0.0)} | {p.dba or (1, 0.0) for p in policies}  # (1, 0.0): the plain cosine, for copies_first
+    dbas = {(1, 0.0)} | {p.dba or (1, 0.0) for p in policies}  # (1, 0.0): the plain cosine, for copies first
     depth = min(max(k for k, _ in dbas), len(vectors) - 1)
     neighbours = nearest_others(vectors, depth) if depth > 1 else None
-    augmented = {dba: LeaveOneOutDBA(vectors, *dba, neighbours=neighbours) for dba in dbas}
-
-    def similarities(base: LeaveOneOutDBA, query_vectors: np.ndarray) -> np.ndarray:
-        scores = base.similarities(query_vectors, queries)
-        scores[own] = -np.inf  # the held-out row is not in its own gallery
-        return scores
-
-    def rows_of(base: LeaveOneOutDBA, rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:
-        """base's vectors of rows[i] as held-out row held_out[i] sees them: [len(rows), len(rows[i]), dim]."""
-        return np.stack([base.rows_of(r, int(q)) for r, q in zip(rows, held_out)])
-
-    plain = dict(zip(dbas, _in_threads(lambda dba: similarities(augmented[dba], vectors[queries]), list(dbas))))
+    galleries = {dba: HeldOutGallery(LeaveOneOutDBA(vectors, *dba, neighbours=neighbours), queries) for dba in dbas}
+    everyone = np.arange(len(queries))
+    plain = dict(zip(dbas, _in_threads(lambda dba: galleries[dba].similarities(vectors[queries], everyone),
+                                       list(dbas))))
 
     def score(policy: BucketPolicy) -> Score:
-        base = augmented[policy.dba or (1, 0.0)]
-        cosine = plain[policy.dba or (1, 0.0)]
+        dba = policy.dba or (1, 0.0)
         bonus = policy.weight * agreement if policy.weight and agreement is not None else 0.0
-        if policy.qe:
-            best = rank_by_score(cosine + bonus, policy.qe[0])
-            expanded = alpha_qe(vectors[queries], rows_of(base, best, queries), np.take_along_axis(cosine, best, 1),
-                                policy.qe[1], policy.qe[0])
-            cosine = similarities(base, expanded)
-        final = cosine + bonus
-        if policy.krecip:
-            pools = rank_by_score(final, min(POOL, len(vectors) - 1))  # the held-out row (-inf, last) in none
-            for start in range(0, len(queries), KRECIP_BATCH):
-                rows = slice(start, start + KRECIP_BATCH)
-                held_out = queries[rows]
-                mutual = k_reciprocal(vectors[held_out], rows_of(base, pools[rows], held_out), *policy.krecip)
-                pool_bonus = np.take_along_axis(bonus[rows], pools[rows], 1) if np.ndim(bonus) else 0.0
-                np.put_along_axis(final[rows], pools[rows], POOL_OFFSET + mutual + pool_bonus, 1)
-        final = copies_first(final, plain[(1, 0.0)])  # as the search ranks: exact copies of the query first
-        relevance = relevance_matrix(rank_by_score(final, int(n_relevant.max())), codes[queries], codes)
+        order = rerank(galleries[dba], vectors[queries], plain[dba], bonus, policy.qe, policy.krecip, plain[(1, 0.0)],
+                       int(n_relevant.max())).order
+        relevance = relevance_matrix(order, codes[queries], codes)
         return Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1), relevance[:, 0], 1.0)
 
     return dict(zip(policies, _in_threads(score, policies)))

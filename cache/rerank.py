@@ -1,5 +1,6 @@
 """Re-ranking on stored vectors: database-side augmentation (DBA), alpha query expansion (aQE) and k-reciprocal
-re-ranking over a candidate pool. Pure numpy (faiss for neighbour lists) on L2-normalised float32 rows.
+re-ranking over a candidate pool. Pure numpy (faiss for neighbour lists) on L2-normalised float32 rows; sums of rows
+are scaled back to unit length by the one L2 normalisation (models/outputs.unit_rows).
 
 DBA replaces each gallery vector by a weighted mean of its nearest gallery vectors once (build time); aQE moves
 the query towards its nearest gallery vectors and searches again (one extra search per query); k-reciprocal
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from lookalike.cache.metrics import rank_by_score
+from lookalike.models.outputs import unit_rows
 
 POOL = 100  # k-reciprocal re-ranks a query's best this many rows (faces MAP@R 0.745/0.771/0.780 at 20/50/100)
 POOL_OFFSET = 10.0  # re-ranked pool scores are lifted above every row outside the pool, which keep their order
@@ -19,13 +21,6 @@ POOL_OFFSET = 10.0  # re-ranked pool scores are lifted above every row outside t
 # image that is not, whatever re-ranking says. A user who looks for "this photo in my gallery" expects it first.
 EXACT_COPY_COSINE = 0.999
 COPY_OFFSET = 1000.0  # above any re-ranked score (cosine + class bonus, or POOL_OFFSET + k-reciprocal + bonus)
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    vectors = np.asarray(vectors, np.float32)
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
 
 
 def nearest(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +59,8 @@ def _mixed(own: np.ndarray, weights: np.ndarray, vectors: np.ndarray, ids: np.nd
 
 
 def _augment(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
-    """normalise(own + sum_i w_i * vectors[ids_i]) per row (the own row has similarity 1, so weight 1)."""
-    return normalise(_mixed(own, _weights(sims, alpha), vectors, ids))
+    """unit_rows(own + sum_i w_i * vectors[ids_i]) per row (the own row has similarity 1, so weight 1)."""
+    return unit_rows(_mixed(own, _weights(sims, alpha), vectors, ids))
 
 
 def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None) -> np.ndarray:
@@ -82,7 +77,7 @@ def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = 
         keep &= np.cumsum(keep, axis=1) <= k - 1  # the first k-1 others that are not the held-out row
         sims, ids = np.where(keep, sims, 0.0), np.where(keep, ids, 0)
         weights = _weights(sims, alpha) * keep
-        return normalise(_mixed(vectors, weights, vectors, ids))
+        return unit_rows(_mixed(vectors, weights, vectors, ids))
     return _augment(vectors, vectors, sims, ids, alpha)
 
 
@@ -125,7 +120,7 @@ class LeaveOneOutDBA:
         keep = ids != row
         keep &= np.cumsum(keep, axis=1) <= self.k - 1
         weights = _weights(sims, self.alpha) * keep
-        return users, normalise(_mixed(self.vectors[users], weights, self.vectors, ids))
+        return users, unit_rows(_mixed(self.vectors[users], weights, self.vectors, ids))
 
     def similarities(self, queries: np.ndarray, held_out: np.ndarray) -> np.ndarray:
         """queries @ augmented.T where row i is scored against the gallery without held_out[i]'s influence."""
@@ -145,11 +140,11 @@ class LeaveOneOutDBA:
 
 
 def alpha_qe(query: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float, k: int) -> np.ndarray:
-    """alpha query expansion (Radenovic et al.): normalise(q + sum over the k best neighbours of
+    """alpha query expansion (Radenovic et al.): unit_rows(q + sum over the k best neighbours of
     max(s, 0)^alpha * n). query [d] or [m, d]; neighbours [k', d] or [m, k', d], best first; sims alike."""
     query, neighbours, sims = np.asarray(query, np.float32), np.asarray(neighbours, np.float32), np.asarray(sims)
     weights = _weights(sims[..., :k].astype(np.float32), alpha)
-    return normalise(query + np.einsum("...k,...kd->...d", weights, neighbours[..., :k, :]))
+    return unit_rows(query + np.einsum("...k,...kd->...d", weights, neighbours[..., :k, :]))
 
 
 def k_reciprocal(query: np.ndarray, pool: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache import rerank
+from lookalike.cache import rerank, reranking
+from lookalike.cache.reranking import ON_ONE_CORE
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
-from lookalike.cache.store import DBA_COLUMN, CacheData, release_pages
+from lookalike.cache.columns import DBA_COLUMN
+from lookalike.cache.mapped import release_pages
+from lookalike.cache.store import CacheData
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
 from lookalike.models.machine import give_back_freed_memory
@@ -29,37 +32,6 @@ class Hits:
     buckets: list[int]  # bucket keys searched (WHOLE_GALLERY for the whole gallery)
     note: str | None = None
     rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
-
-
-class OneCore:
-    """numpy's, faiss's BLAS and OpenMP held to one thread while any user is inside, shared safely by concurrent
-    queries: the first to enter sets the limit and the last to leave restores it (threadpoolctl's context alone,
-    entered from two threads, can restore the other's limit and leave it for good). k-reciprocal's many small
-    products on one thread: threaded BLAS made them 50x slower on a busy 2-core machine (docs/rerank-study.md); a
-    DBA matrix made for a request leaves the other core to the other queries."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limits = None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                from threadpoolctl import threadpool_limits
-
-                self._limits = threadpool_limits(limits=1)
-            self._users += 1
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._limits.restore_original_limits()
-                self._limits = None
-
-
-ON_ONE_CORE = OneCore()
 
 
 # Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
@@ -228,7 +200,8 @@ class Searcher:
             cache.move_to_end(key)
             return cache[key]
 
-    def _index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
+    def index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
+        """The index over bucket `key` (WHOLE_GALLERY: every row) under `gallery_classes` soft buckets, made once."""
         cache_key = (key, gallery_classes)
         index = self._cached(self._indexes, cache_key)
         if index is not None:
@@ -263,7 +236,7 @@ class Searcher:
         found_rows, found_scores, candidates = [], [], 0
         query = np.asarray(query, np.float32)
         for key in keys:
-            index = self._index(key, gallery_classes)
+            index = self.index(key, gallery_classes)
             candidates += len(index.rows)
             scores, local = index.search(query, k)
             found_rows.append(index.rows[local])
@@ -279,7 +252,7 @@ class Searcher:
         RERANK_IVF_POOL nearest of an IVF-sized one; ascending, each once."""
         found = []
         for key in keys:
-            index = self._index(key, gallery_classes)
+            index = self.index(key, gallery_classes)
             found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, RERANK_IVF_POOL)[1]])
         return np.unique(np.concatenate(found))
 
@@ -335,9 +308,8 @@ class Searcher:
 
     def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
                   policy: BucketPolicy, k: int) -> Hits:
-        """Candidates scored by cosine (to their DBA vectors with +dba) + W * class agreement, the query expanded
-        by its best candidates and scored again (+qe), then k-reciprocal re-ranking
-        (+krecip, the best rerank.POOL). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
+        """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
+        +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
         query = np.asarray(query, np.float32)
         rows = self._candidates(query, keys, policy.gallery_classes)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
@@ -353,17 +325,9 @@ class Searcher:
         cosine = vectors @ query
         plain = cosine if policy.dba is None else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
-        if policy.qe:
-            best = rank_by_score(cosine + bonus, min(policy.qe[0], len(rows)))
-            expanded = rerank.alpha_qe(query, vectors[best], cosine[best], policy.qe[1], len(best))
-            cosine = vectors @ expanded
-        ranking = cosine + bonus
-        if policy.krecip:
-            pool = rank_by_score(ranking, min(rerank.POOL, len(rows)))
-            with ON_ONE_CORE:
-                mutual = rerank.k_reciprocal(query, vectors[pool], *policy.krecip)
-            ranking[pool] = rerank.POOL_OFFSET + mutual + bonus[pool]
-        best = rank_by_score(rerank.copies_first(ranking, plain), k)
+        ranking, order = reranking.rerank(reranking.FixedGallery(vectors), query[None], cosine[None], bonus[None],
+                                          policy.qe, policy.krecip, plain[None], k)
+        ranking, best = ranking[0], order[0]
         stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
         release_pages(matrix)
         release_pages(self.embeddings)

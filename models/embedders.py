@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lookalike.models.errors import UserError
-from lookalike.models.onnx_runtime import onnx_forward, resolve_runtime
+from lookalike.models.onnx_runtime import embed_with, onnx_forward, resolve_runtime
 from lookalike.models.preprocess import describe_transform
 from lookalike.models.registry import RANDOM, ModelSpec
 from lookalike.models.outputs import l2_normalize
@@ -114,25 +114,30 @@ class ClipEmbedder:
         return dict(record, preprocess=steps) if record and steps else None
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0], self.spec.name)
-        with torch.inference_mode():
-            (features,) = self.precision.run(self.visual, to_model_input(batch, self.device, self.channels_last))
-        return l2_normalize(features.cpu(), self.spec.name)
+        return embed_with(self.onnx, self._eager, batch, self.spec.name)
+
+    def _eager(self, batch: torch.Tensor) -> torch.Tensor:
+        (features,) = self.precision.run(self.visual, to_model_input(batch, self.device, self.channels_last))
+        return features
 
     def describe(self) -> dict:
         return {"spec": self.spec.describe(), "weights": self.weights, "preprocessing": self.preprocessing,
                 "image_size": list(np.atleast_1d(self.image_size).tolist())}
 
 
+def _checkpoint_embedder(spec: ModelSpec, device: str, runtime: str) -> Embedder:
+    from lookalike.models.finetuned import CheckpointEmbedder  # torch-heavy training code only when asked for
+
+    return CheckpointEmbedder(Path(spec.model_id), device, runtime)
+
+
+# The embedder each library's specs make: the one place a library name chooses code.
+EMBEDDERS: dict[str, Callable[[ModelSpec, str, str], Embedder]] = {
+    "timm": TimmEmbedder, "open_clip": ClipEmbedder, "checkpoint": _checkpoint_embedder}
+
+
 def create_embedder(spec: ModelSpec, device: str = "auto", runtime: str = "torch") -> Embedder:
     """The factory for every embedder kind; `runtime` 'onnx' runs it under ONNX Runtime where it matches."""
-    if spec.library == "timm":
-        return TimmEmbedder(spec, device, runtime)
-    if spec.library == "open_clip":
-        return ClipEmbedder(spec, device, runtime)
-    if spec.library == "checkpoint":
-        from lookalike.models.finetuned import CheckpointEmbedder
-
-        return CheckpointEmbedder(Path(spec.model_id), device, runtime)
-    raise UserError(f"{spec.name}: no embedder for library {spec.library}")
+    if spec.library not in EMBEDDERS:
+        raise UserError(f"{spec.name}: no embedder for library {spec.library}")
+    return EMBEDDERS[spec.library](spec, device, runtime)

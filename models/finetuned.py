@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lookalike.models.onnx_runtime import onnx_forward, resolve_runtime
+from lookalike.models.onnx_runtime import embed_with, onnx_forward, resolve_runtime
 from lookalike.models.registry import ModelSpec
 from lookalike.models.run_directory import WEIGHTS_FILE, load_weights, read_run_config, rebuild_net
-from lookalike.models.outputs import l2_normalize
 from lookalike.models.runtime import resolve_device
 
 
@@ -36,10 +35,7 @@ class CheckpointEmbedder:
         return None
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        if self.onnx is not None:
-            return l2_normalize(self.onnx(batch)[0], self.spec.name)
-        with torch.inference_mode():
-            return l2_normalize(self.net(batch.to(self.device)).cpu(), self.spec.name)
+        return embed_with(self.onnx, lambda inputs: self.net(inputs.to(self.device)), batch, self.spec.name)
 
     def describe(self) -> dict:
         """What changes an embedding: the network, its preprocessing and the weights' hash (not the path)."""

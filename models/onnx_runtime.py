@@ -31,6 +31,7 @@ from lookalike.models.errors import UserError, one_line
 from lookalike.models.files import atomic_write, write_text_atomic
 from lookalike.models.files import read_hashed
 from lookalike.models.onnx_session import export_dir, session_from_bytes
+from lookalike.models.outputs import l2_normalize
 from lookalike.models.weights import file_sha256
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -185,6 +186,18 @@ class OnnxForward:
                 self._give_up(mismatch)
         self.checked = True
         return eager
+
+
+def embed_with(onnx: Callable[[torch.Tensor], list[np.ndarray]] | None, eager: Callable[[torch.Tensor], torch.Tensor],
+               batch: torch.Tensor, model: str) -> np.ndarray:
+    """Unit-length embeddings of `batch`: from the model's checked ONNX export when it has one, else from its eager
+    torch forward (in inference mode). The one "ONNX or torch" rule of the embedders that are not a TimmNet
+    (models/embedders.py, models/finetuned.py)."""
+    if onnx is not None:
+        return l2_normalize(onnx(batch)[0], model)
+    with torch.inference_mode():
+        features = eager(batch)
+    return l2_normalize(features.cpu(), model)
 
 
 def onnx_forward(runtime: str, module: torch.nn.Module, input_shape: Sequence[int], identity: Callable[[], dict],

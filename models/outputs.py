@@ -20,10 +20,19 @@ class Prediction:
     pooled: np.ndarray
 
 
+def unit_rows(vectors) -> np.ndarray:
+    """Rows scaled to unit length, as float32; a zero row stays zero. The one L2 normalisation: of every model output
+    (l2_normalize, which first refuses a zero one) and of the sums of stored vectors that re-ranking makes (DBA,
+    query expansion: cache/rerank.py), where a sum that cancels out must not fail a build or a query."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
 def l2_normalize(features, model: str) -> np.ndarray:
-    """Unit-length float32 rows: the one normalisation every embedding goes through (`features` is a numpy array or
-    a CPU tensor). UserError when `model` gave a zero or non-finite vector, which no normalisation can turn into a
-    meaningful embedding (stored, it would match nothing or everything)."""
+    """Unit-length float32 rows of a model's output, the normalisation every embedding goes through (`features` is
+    a numpy array or a CPU tensor). UserError when `model` gave a zero or non-finite vector, which no normalisation
+    can turn into a meaningful embedding (stored, it would match nothing or everything)."""
     if hasattr(features, "detach"):  # a torch tensor, on any device, in any precision
         features = features.detach().float().cpu().numpy()
     features = np.asarray(features, dtype=np.float32)
@@ -32,7 +41,7 @@ def l2_normalize(features, model: str) -> np.ndarray:
     if broken:
         raise UserError(f"{model}: gave a zero or non-finite embedding for {broken} of {len(features)} images; "
                         "its weights or runtime are broken (try --runtime torch or other weights)")
-    return features / norms[:, None]
+    return unit_rows(features)
 
 
 def top_classes(logits, pooled, k: int) -> Prediction:

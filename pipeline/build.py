@@ -20,18 +20,13 @@ import numpy as np
 from lookalike.cache import rerank
 from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
+from lookalike.cache.columns import COLUMNS, DBA_COLUMN, empty_columns
+from lookalike.cache.generations import write_generation
+from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
-from lookalike.cache.store import (
-    COLUMNS,
-    DBA_COLUMN,
-    BuildLock,
-    CacheData,
-    PendingChunks,
-    StackedRows,
-    empty_columns,
-    load_cache,
-    write_generation,
-)
+from lookalike.cache.mapped import StackedRows
+from lookalike.cache.pending import PendingChunks
+from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
 from lookalike.pipeline.items import Item
@@ -199,8 +194,8 @@ def _embed_missing(engine: Engine, todo: list[str], gallery: Path, writer: Chunk
         writer.flush()  # Ctrl-C included: what was embedded is kept for the next run
 
 
-def _merge(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
-           entries: list[GalleryEntry]) -> tuple[dict[str, np.ndarray | StackedRows], int]:
+def merge_rows(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
+               entries: list[GalleryEntry]) -> tuple[dict[str, np.ndarray | StackedRows], int]:
     """Every current gallery image's newest row (pending chunks win over the previous generation), in gallery
     order, without copying the embedding matrix: (columns with embeddings as StackedRows, rows kept)."""
     parts = ([previous.columns] if previous else []) + chunks
@@ -238,25 +233,14 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             refuse_other_pipeline(previous.manifest, wanted, out)
         pending = PendingChunks(out, wanted)
         resumed, first_new = pending.load(), pending.count
-
-        # Rows already embedded (by the previous generation or an interrupted build), keyed by path.
-        known: dict[str, tuple[int, int]] = {}
-        for part in ([previous.columns] if previous else []) + resumed:
-            known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
-        stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
-        labels = {e.relpath: e.label for e in entries}
-        todo = [e.relpath for e in entries
-                if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
-        summary = BuildReport(reused=len(entries) - len(todo), skipped=list(skipped))
-        summary.removed = len(set(known) - set(labels)) if previous else 0
-
+        todo, stats, labels, summary = _new_or_changed(gallery, entries, skipped, previous, resumed)
         topk = config.class_topk if config.uses_classifier else 0
         embedding_started = time.perf_counter()
         _embed_missing(engine, todo, gallery, ChunkWriter(pending, labels, stats, topk), summary, progress)
         summary.phases["embed"] = time.perf_counter() - embedding_started
         summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
 
-        columns, count = _merge(previous, resumed + pending.load(first=first_new), entries)
+        columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
             raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
@@ -264,15 +248,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
         default_policy, fused_weight, dba = "flat", None, None
         if topk and bucket_by == "classifier":
-            # What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels).
-            choosing_started = time.perf_counter()
-            chosen = choose_policy(columns)
-            default_policy = str(chosen) if chosen else "flat"
-            fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
-            if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
-                dba = list(chosen.dba)
-                columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
-            summary.phases["choose_policy"] = time.perf_counter() - choosing_started
+            default_policy, fused_weight, dba = _choose_auto(columns, count, summary)
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
@@ -287,6 +263,37 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, previous: CacheData | None,
+                    resumed: list[dict[str, np.ndarray]]) -> tuple[list[str], dict, dict[str, str], BuildReport]:
+    """The images to embed: those whose (size, mtime) no row of the previous generation or of the resumed chunks
+    has; with every image's stat and label, and the build's report so far (reused, skipped, removed)."""
+    known: dict[str, tuple[int, int]] = {}
+    for part in ([previous.columns] if previous else []) + resumed:
+        known.update(zip(part["paths"].tolist(), zip(part["sizes"].tolist(), part["mtimes"].tolist())))
+    stats = {e.relpath: (gallery / e.relpath).stat() for e in entries}
+    labels = {e.relpath: e.label for e in entries}
+    todo = [e.relpath for e in entries
+            if known.get(e.relpath) != (stats[e.relpath].st_size, stats[e.relpath].st_mtime_ns)]
+    summary = BuildReport(reused=len(entries) - len(todo), skipped=list(skipped))
+    summary.removed = len(set(known) - set(labels)) if previous else 0
+    return todo, stats, labels, summary
+
+
+def _choose_auto(columns: dict, count: int, summary: BuildReport) -> tuple[str, float | None, list | None]:
+    """What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels): (default
+    policy, fused weight, DBA); the DBA vectors the choice uses are added to `columns`."""
+    started = time.perf_counter()
+    chosen = choose_policy(columns)
+    default_policy = str(chosen) if chosen else "flat"
+    fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
+    dba = None
+    if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
+        dba = list(chosen.dba)
+        columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
+    summary.phases["choose_policy"] = time.perf_counter() - started
+    return default_policy, fused_weight, dba
 
 
 def _exports(pipeline: Pipeline, previous: CacheData | None, summary: BuildReport) -> dict[str, dict]:

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
 from lookalike.cache.autopolicy import Score, choose_policy, not_worse, validation_split
-from lookalike.cache.metrics import map_at_r, precision_at_k, rank_by_score
-from lookalike.cache.policies import BucketPolicy
 from lookalike.cache.buckets import class_agreement
-from lookalike.cache.rerank import POOL, POOL_OFFSET, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
-from lookalike.cache.store import COLUMNS, load_cache
+from lookalike.cache.metrics import map_at_r, precision_at_k
+from lookalike.cache.policies import BucketPolicy
+from lookalike.cache.rerank import POOL, LeaveOneOutDBA, alpha_qe, k_reciprocal, nearest
+from lookalike.cache.reranking import FixedGallery, HeldOutGallery, Reranked, RerankGallery, rerank
+from lookalike.cache.columns import COLUMNS
+from lookalike.cache.store import load_cache
 from lookalike.pipeline.datasets import load_labelled, split_queries
 
 DBA = ((1, 0.0), (2, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (5, 3.0), (10, 3.0), (20, 3.0))  # (k, alpha); k 1: none
@@ -88,41 +89,22 @@ class Setting:
             self._dba[(k, alpha)] = LeaveOneOutDBA(self.g, k, alpha)
         return self._dba[(k, alpha)]
 
-    def _similarities(self, queries: np.ndarray, base: LeaveOneOutDBA) -> np.ndarray:
-        if self.held_out is None:
-            scores = queries @ base.augmented.T
-        else:
-            scores = base.similarities(queries, self.held_out)
-            scores[np.arange(len(queries)), self.held_out] = -np.inf  # the query's own row is not in its gallery
-        return scores
+    def _gallery(self, base: LeaveOneOutDBA) -> RerankGallery:
+        return FixedGallery(base.augmented) if self.held_out is None else HeldOutGallery(base, self.held_out)
 
-    def scores(self, method: Method) -> np.ndarray:
-        """Query x gallery scores under `method`; -inf for rows that are not candidates."""
-        base = self.dba(method.dba_k, method.dba_alpha)
-        scores = self._similarities(self.q, base)
-        bonus = self.weight * self.agreement if method.classes else np.zeros_like(scores)
-        mask = self.candidates if method.classes == "auto" else np.ones_like(self.candidates)
-        if method.qe_k:
-            ranked = rank_by_score(np.where(mask, scores + bonus, -np.inf), method.qe_k)
-            if self.held_out is None:
-                neighbours = base.augmented[ranked]
-            else:
-                neighbours = np.stack([base.rows_of(r, int(h)) for r, h in zip(ranked, self.held_out)])
-            sims = np.take_along_axis(scores, ranked, axis=1)
-            scores = self._similarities(alpha_qe(self.q, neighbours, sims, method.qe_alpha, method.qe_k), base)
-        final = np.where(mask, scores + bonus, -np.inf)
-        if method.k1:
-            pools = rank_by_score(final, POOL)
-            for i, pool in enumerate(pools):
-                pool = pool[np.isfinite(final[i, pool])]
-                vectors = base.augmented[pool] if self.held_out is None else base.rows_of(pool, int(self.held_out[i]))
-                reranked = k_reciprocal(self.q[i], vectors, method.k1, method.k2)
-                final[i, pool] = POOL_OFFSET + reranked + bonus[i, pool]
-        return final
+    def reranked(self, method: Method) -> Reranked:
+        """The queries ranked under `method` by the search's re-ranking pipeline (without its copies-first step);
+        -inf scores for rows that are not candidates."""
+        gallery = self._gallery(self.dba(method.dba_k, method.dba_alpha))
+        bonus = self.weight * self.agreement if method.classes else np.zeros_like(self.agreement)
+        if method.classes == "auto":
+            bonus = np.where(self.candidates, bonus, -np.inf)
+        qe = (method.qe_k, method.qe_alpha) if method.qe_k else None
+        krecip = (method.k1, method.k2) if method.k1 else None
+        return rerank(gallery, self.q, gallery.similarities(self.q, np.arange(len(self.q))), bonus, qe, krecip)
 
     def score(self, method: Method) -> Score:
-        final = self.scores(method)
-        ranked = rank_by_score(final)
+        final, ranked = self.reranked(method)
         relevance = (self.g_labels[ranked] == self.q_labels[:, None]) & np.isfinite(np.take_along_axis(final, ranked, 1))
         return Score(map_at_r(relevance, self.n_relevant), precision_at_k(relevance, self.n_relevant, 1),
                      relevance[:, 0], float(np.isfinite(final).mean()))

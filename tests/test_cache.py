@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.cache import store
 from lookalike.pipeline import build
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import CacheError, PendingChunks, load_cache
+from lookalike.cache.manifest import CacheError
+from lookalike.cache.pending import PendingChunks
+from lookalike.cache.store import load_cache
 from lookalike.pipeline.build import build_cache
 from lookalike.pipeline.items import Item
 from lookalike.pipeline.pipeline import build_pipeline
@@ -95,7 +96,7 @@ def test_ctrl_c_saves_the_finished_images_and_the_rerun_resumes(gallery, tiny_co
 
 
 def test_a_new_pending_chunk_never_overwrites_one_left_after_a_gap(tmp_path):
-    from lookalike.cache.store import PendingChunks, empty_columns
+    from lookalike.cache.columns import empty_columns
 
     columns = {name: np.asarray(values) for name, values in empty_columns(4, 2).items()}
     pending = PendingChunks(tmp_path, {"f": 1})
@@ -135,10 +136,10 @@ def test_crash_while_publishing_keeps_the_last_good_cache(gallery, tiny_config, 
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(store.np, "save", failing_save)
+    monkeypatch.setattr(np, "save", failing_save)
     with pytest.raises(OSError):
         build_cache(gallery, out, tiny_config)
-    monkeypatch.setattr(store.np, "save", real_save)
+    monkeypatch.setattr(np, "save", real_save)
     assert len(load_cache(out)) == 18  # the previous generation, intact
     assert build_cache(gallery, out, tiny_config).embedded == 0  # new image came from pending
     assert len(load_cache(out)) == 19

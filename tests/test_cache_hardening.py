@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.cache import store
-from lookalike.cache.manifest import Manifest
-from lookalike.cache.store import CacheError, empty_columns, load_cache, write_generation
+from lookalike.cache import generations
+from lookalike.cache.columns import empty_columns
+from lookalike.cache.generations import write_generation
+from lookalike.cache.manifest import CacheError, Manifest
+from lookalike.cache.mapped import StackedRows
+from lookalike.cache.store import load_cache
 from lookalike.pipeline.build import build_cache
 from tests.conftest import draw_shape
 
@@ -29,20 +34,20 @@ def crash_at(monkeypatch, point: str) -> None:
         raise Crash(point)
 
     if point == "staging":
-        real_write = store._write_npy
-        monkeypatch.setattr(store, "_write_npy",
+        real_write = generations._write_npy
+        monkeypatch.setattr(generations, "_write_npy",
                             lambda path, *a: die() if path.name == "embeddings.npy" else real_write(path, *a))
     elif point == "rename":
-        real_replace = store.os.replace
-        monkeypatch.setattr(store.os, "replace", lambda src, dst: die() if Path(src).is_dir()
+        real_replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda src, dst: die() if Path(src).is_dir()
                             else real_replace(src, dst))
     elif point == "current":
-        real_text = store.write_text_atomic
-        monkeypatch.setattr(store, "write_text_atomic",
+        real_text = generations.write_text_atomic
+        monkeypatch.setattr(generations, "write_text_atomic",
                             lambda path, text: die() if path.name == "CURRENT" else real_text(path, text))
     elif point == "cleanup":
-        real_rmtree = store.shutil.rmtree
-        monkeypatch.setattr(store.shutil, "rmtree", lambda path, *a, **k: die()
+        real_rmtree = shutil.rmtree
+        monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: die()
                             if Path(path).name.startswith(("gen-", "pending")) else real_rmtree(path, *a, **k))
 
 
@@ -71,7 +76,7 @@ def test_a_crash_at_any_publish_step_is_recovered_by_the_next_build(gallery, tin
 def test_a_second_build_into_the_same_cache_is_refused_naming_the_holder(gallery, tiny_config, tmp_path):
     out = tmp_path / "cache"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from lookalike.cache.store import BuildLock\n"
+        "import sys, time; from pathlib import Path; from lookalike.cache.lock import BuildLock\n"
         f"with BuildLock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -99,7 +104,7 @@ def test_queries_never_fail_while_builds_publish(tmp_path):
     out = tmp_path / "cache"
     write_generation(out, Manifest({}, {}, str(tmp_path), 50, 8), small_columns(50, 0))
     writer = subprocess.Popen([sys.executable, "-c", (
-        "from pathlib import Path; from lookalike.cache.manifest import Manifest; from lookalike.cache.store import write_generation\n"
+        "from pathlib import Path; from lookalike.cache.manifest import Manifest; from lookalike.cache.generations import write_generation\n"
         "from tests.test_cache_hardening import small_columns\n"
         f"for seed in range(1, 150):\n"
         f"    write_generation(Path({str(out)!r}), Manifest({{}}, {{}}, {str(tmp_path)!r}, 50, 8), "
@@ -163,16 +168,16 @@ def test_rows_are_stored_grouped_by_top1_bucket(built):
 
 def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypatch):
     """The previous generation is streamed into the new one: gathered a WRITE_ROWS slice at a time."""
-    monkeypatch.setattr(store, "WRITE_ROWS", 64)
+    monkeypatch.setattr(generations, "SLICE_ROWS", 64)
     out = tmp_path / "cache"
     write_generation(out, Manifest({}, {}, str(tmp_path), 500, 8), small_columns(500, 0))
     previous = load_cache(out)
     gathered = []
-    real_take = store.StackedRows.take
-    monkeypatch.setattr(store.StackedRows, "take",
+    real_take = StackedRows.take
+    monkeypatch.setattr(StackedRows, "take",
                         lambda self, rows: gathered.append(len(rows)) or real_take(self, rows))
     columns = {name: np.asarray(values) for name, values in previous.columns.items()}
-    columns["embeddings"] = store.StackedRows([previous.columns["embeddings"]])
+    columns["embeddings"] = StackedRows([previous.columns["embeddings"]])
     write_generation(out, previous.manifest, columns)
     assert max(gathered) == 64 and sum(gathered) == 500
     again = load_cache(out)

@@ -168,7 +168,8 @@ PENDING_DAMAGE = {
 
 @pytest.mark.parametrize("kind", PENDING_DAMAGE)
 def test_a_damaged_pending_folder_is_set_aside_and_the_build_goes_on(pristine, tmp_path, kind):
-    from lookalike.cache.store import PendingChunks, load_cache
+    from lookalike.cache.pending import PendingChunks
+    from lookalike.cache.store import load_cache
     from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
     cache, generation = copy_of(pristine, tmp_path)
@@ -193,10 +194,10 @@ def test_a_damaged_pending_folder_is_set_aside_and_the_build_goes_on(pristine, t
 def test_a_full_disk_leaves_no_staging_and_a_retry_after_freeing_space_succeeds(pristine, tmp_path, monkeypatch):
     import errno
 
-    from lookalike.cache import store
+    from lookalike.cache import generations
     from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
-    real_write = store._write_npy
+    real_write = generations._write_npy
     full = {"disk": True}
 
     def write_until_full(path, *args):
@@ -204,7 +205,7 @@ def test_a_full_disk_leaves_no_staging_and_a_retry_after_freeing_space_succeeds(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, *args)
 
-    monkeypatch.setattr(store, "_write_npy", write_until_full)
+    monkeypatch.setattr(generations, "_write_npy", write_until_full)
     cache = tmp_path / "cache"
     args = ["build-cache", "--gallery", str(pristine / "gallery"), "--out", str(cache), "--classifier",
             TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu", "--runtime", "torch"]
@@ -220,7 +221,8 @@ def test_a_full_disk_leaves_no_staging_and_a_retry_after_freeing_space_succeeds(
 
 
 def test_staging_left_by_a_killed_publish_is_removed_before_the_next_one(pristine, tmp_path):
-    from lookalike.cache.store import load_cache, write_generation
+    from lookalike.cache.generations import write_generation
+    from lookalike.cache.store import load_cache
 
     cache, generation = copy_of(pristine, tmp_path)
     leftover = cache / "gen-000007.tmp"

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from lookalike.cache.duplicates import find_duplicates, similar_pairs
-from lookalike.cache.rerank import normalise
-from lookalike.cache.store import load_cache, write_generation
+from lookalike.models.outputs import unit_rows
+from lookalike.cache.generations import write_generation
+from lookalike.cache.store import load_cache
 from lookalike.cli import cli
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
@@ -22,9 +23,9 @@ THRESHOLD = "0.5"
 def families(seed: int = 0, dim: int = 64):
     """3 families (an original and 2 slight variants, cosine ~0.99) among 20 unrelated vectors."""
     rng = np.random.default_rng(seed)
-    originals = normalise(rng.normal(size=(3, dim)))
-    variants = normalise(np.repeat(originals, 2, axis=0) + 0.1 * rng.normal(size=(6, dim)) / np.sqrt(dim))
-    others = normalise(rng.normal(size=(20, dim)))
+    originals = unit_rows(rng.normal(size=(3, dim)))
+    variants = unit_rows(np.repeat(originals, 2, axis=0) + 0.1 * rng.normal(size=(6, dim)) / np.sqrt(dim))
+    others = unit_rows(rng.normal(size=(20, dim)))
     vectors = np.vstack([originals, variants, others])  # rows 0-2 originals; 3-8 their variants; 9+ unrelated
     return vectors, [{0, 3, 4}, {1, 5, 6}, {2, 7, 8}]
 
@@ -48,9 +49,9 @@ def test_an_image_copied_many_times_is_found_through_the_sure_cosine():
 
 def test_chained_variants_stay_one_group():
     """A variant close to the original but not to the other variant still joins its family (connected components)."""
-    base = normalise(np.eye(8)[0] + 0.0)
-    left = normalise(base + 0.6 * np.eye(8)[1])
-    right = normalise(base - 0.6 * np.eye(8)[1])
+    base = unit_rows(np.eye(8)[0] + 0.0)
+    left = unit_rows(base + 0.6 * np.eye(8)[1])
+    right = unit_rows(base - 0.6 * np.eye(8)[1])
     vectors = np.vstack([left, base, right, np.eye(8)[5]])
     assert float(left @ right) < 0.8 < float(left @ base)
     groups = find_duplicates(vectors, 0.5)
@@ -80,7 +81,7 @@ def duplicated_cache(gallery, tmp_path):
     assert result.exit_code == 0, result.output
     data = load_cache(out, mmap=False)
     paths = [str(p) for p in data.columns["paths"]]
-    vectors = normalise(np.random.default_rng(0).normal(size=(len(paths), 32)))
+    vectors = unit_rows(np.random.default_rng(0).normal(size=(len(paths), 32)))
     for copy in ("red_circles/copy_of_0.png", "blue_squares/copy_of_2.png"):
         vectors[paths.index(copy)] = vectors[paths.index(copy.replace("copy_of_", ""))]
     write_generation(out, replace(data.manifest, dim=32, dba=None, default_policy="flat"),
@@ -123,8 +124,8 @@ def test_floor_drops_lonely_neighbours():
     """Two distinct images that are only each other's closest (cosine 0.6) score high once scaled; the floor
     keeps them apart."""
     rng = np.random.default_rng(5)
-    others = normalise(rng.normal(size=(30, 256)))
-    pair = normalise(np.vstack([np.eye(256)[0] + np.sqrt(2 / 3) * np.eye(256)[1],
+    others = unit_rows(rng.normal(size=(30, 256)))
+    pair = unit_rows(np.vstack([np.eye(256)[0] + np.sqrt(2 / 3) * np.eye(256)[1],
                                 np.eye(256)[0] + np.sqrt(2 / 3) * np.eye(256)[2]]))
     vectors = np.vstack([pair, others])
     assert 0.55 < float(pair[0] @ pair[1]) < 0.65

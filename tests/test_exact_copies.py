@@ -9,7 +9,9 @@ from lookalike.cache.autopolicy import rerank_scores, validation_split
 from lookalike.cache.manifest import Manifest
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import empty_columns, load_cache, write_generation
+from lookalike.cache.columns import empty_columns
+from lookalike.cache.generations import write_generation
+from lookalike.cache.store import load_cache
 
 DIM = 16
 

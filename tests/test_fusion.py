@@ -11,7 +11,8 @@ from lookalike.cache.manifest import Manifest
 from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import parse_policy, resolve_auto
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import CacheData, empty_columns
+from lookalike.cache.columns import empty_columns
+from lookalike.cache.store import CacheData
 
 CLASSES = 20  # the classifier's classes; each image keeps its 10 most probable
 PROBS = np.array([0.83] + [0.17 / 9] * 9, np.float32)  # a nucleus of 0.8 is 1 class, 0.9 is 5, 0.95 is 8

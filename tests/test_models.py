@@ -60,6 +60,8 @@ def photo() -> Image.Image:
     return Image.effect_noise((300, 200), 50).convert("RGB")
 
 
+# Entries of the ImageNet-1k label list (first name of each description), as the checkpoints were trained on it.
+IMAGENET_1K = {0: "tench", 1: "goldfish", 404: "airliner", 999: "toilet tissue"}
 LARGE = {"eva02", "effnet-b7"}  # built at full size (EVA-02-L at 448 px): tens of seconds each
 
 
@@ -69,15 +71,23 @@ def test_every_classifier_preset_runs_with_random_weights(name):
     classifier = Classifier(resolve_spec(f"{name}@random", "classifier"), "cpu")
     prediction = classifier.predict(classifier.transform(photo())[None], k=5)
     assert prediction.classes.shape == (1, 5) and np.all(np.diff(prediction.probs[0]) <= 0)
-    assert isinstance(classifier.class_name(int(prediction.classes[0, 0])), str)
+    if classifier.net.imagenet_subset == "imagenet-1k":
+        assert {i: classifier.class_name(i) for i in IMAGENET_1K} == IMAGENET_1K
+        assert classifier.class_index("n01440764") == 0 and classifier.class_index("airliner") == 404
+    else:
+        assert classifier.class_name(classifier.class_index("n02084071")) == "dog"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS["embedder"]))
-def test_every_embedder_preset_gives_unit_vectors(name):
+def test_every_embedder_preset_tells_images_apart(name):
+    """One image embedded twice in a batch gives one vector; another image gives another."""
     embedder = create_embedder(resolve_spec(f"{name}@random", "embedder"), "cpu")
-    vectors = embedder.embed(torch.stack([embedder.transform(photo()), embedder.transform(photo())]))
-    assert vectors.shape == (2, embedder.dim)
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    same, other = photo(), photo()
+    vectors = embedder.embed(torch.stack([embedder.transform(same), embedder.transform(same),
+                                          embedder.transform(other)]))
+    assert vectors.shape == (3, embedder.dim)
+    assert np.allclose(vectors[0], vectors[1], atol=1e-5)
+    assert float(vectors[0] @ vectors[2]) < float(vectors[0] @ vectors[1]) - 1e-4
 
 
 @pytest.mark.slow

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from lookalike.cache.metrics import map_at_r, precision_at_k, rank_by_score, relevance_matrix
-from lookalike.cache.rerank import LeaveOneOutDBA, alpha_qe, dba, k_reciprocal, nearest, normalise
+from lookalike.cache.rerank import LeaveOneOutDBA, alpha_qe, dba, k_reciprocal, nearest
+from lookalike.models.outputs import unit_rows
 
 
 def clustered(seed: int, clusters: int = 12, per_cluster: int = 15, dim: int = 32, noise: float = 1.2):
     """Unit vectors around random cluster centres (label = cluster): noisy enough that flat search is imperfect."""
     rng = np.random.default_rng(seed)
-    centres = normalise(rng.normal(size=(clusters, dim)))
+    centres = unit_rows(rng.normal(size=(clusters, dim)))
     labels = np.repeat(np.arange(clusters), per_cluster)
-    vectors = normalise(centres[labels] + noise * rng.normal(size=(len(labels), dim)) / np.sqrt(dim))
+    vectors = unit_rows(centres[labels] + noise * rng.normal(size=(len(labels), dim)) / np.sqrt(dim))
     return vectors, labels
 
 
@@ -98,7 +99,7 @@ def test_leave_one_out_dba_matches_brute_force():
 def test_k_reciprocal_scores_stay_finite_among_exact_duplicates():
     """A pool full of identical vectors (exact duplicates in a gallery) used to leave points with no reciprocal
     neighbour at all, and 0/0 weights made every score NaN."""
-    pool = np.tile(normalise(np.ones((1, 8))), (30, 1))
-    pool[20:] = normalise(np.arange(8.0)[None])  # a second group of duplicates
+    pool = np.tile(unit_rows(np.ones((1, 8))), (30, 1))
+    pool[20:] = unit_rows(np.arange(8.0)[None])  # a second group of duplicates
     scores = k_reciprocal(pool[0], pool, k1=5, k2=2)
     assert np.all(np.isfinite(scores)) and scores[:20].min() > scores[20:].max()

@@ -8,11 +8,45 @@ import pytest
 from lookalike.cache.autopolicy import FLAT, choose_policy, rerank_scores
 from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import parse_policy
-from lookalike.cache.rerank import alpha_qe, dba
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import CacheData, empty_columns, load_cache
+from lookalike.cache.columns import COLUMNS, empty_columns
+from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.build import build_cache
 from tests.test_fusion import gallery_columns
+
+
+def reference_dba(vectors: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
+    """DBA written out plainly, in float64: each row plus its k-1 most similar other rows (ties: the lower row),
+    each weighted by max(cosine, 0)^alpha (alpha 0: 1), scaled to unit length."""
+    out = []
+    for i, row in enumerate(vectors.astype(np.float64)):
+        cosines = {j: float(row @ other) for j, other in enumerate(vectors.astype(np.float64)) if j != i}
+        nearest = sorted(cosines, key=lambda j: (-cosines[j], j))[:k - 1]
+        total = row.copy()
+        for j in nearest:
+            total += (max(cosines[j], 0.0) ** alpha if alpha else 1.0) * vectors[j]
+        out.append(total / np.linalg.norm(total))
+    return np.array(out)
+
+
+def reference_expanded(query: np.ndarray, gallery: np.ndarray, count: int, alpha: float) -> np.ndarray:
+    """alpha-QE written out plainly: the query plus its `count` most similar gallery rows (ties: the lower row),
+    each weighted by max(cosine, 0)^alpha, scaled to unit length."""
+    cosines = gallery.astype(np.float64) @ query
+    total = query.astype(np.float64).copy()
+    for j in sorted(range(len(gallery)), key=lambda j: (-cosines[j], j))[:count]:
+        total += max(cosines[j], 0.0) ** alpha * gallery[j]
+    return total / np.linalg.norm(total)
+
+
+def test_reference_dba_and_expansion_by_hand():
+    """The references themselves, on three 2-D unit vectors: a (1, 0), b (0.6, 0.8), c (0, 1)."""
+    vectors = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    # k=2: a + b = (1.6, 0.8) / 1.78885; b's nearest other is c (0.8 > 0.6): (0.6, 1.8) / 1.89737; c + b likewise.
+    assert np.allclose(reference_dba(vectors, 2), [[0.89443, 0.44721], [0.31623, 0.94868], [0.31623, 0.94868]],
+                       atol=1e-5)
+    # q = a, 1 neighbour with alpha 2: a + 0.6^2 * b = (1.216, 0.288) / 1.24964
+    assert np.allclose(reference_expanded(vectors[0], vectors[1:], 1, 2.0), [0.97308, 0.23047], atol=1e-5)
 
 
 @pytest.mark.parametrize("text", ["flat@0.25+dba:20@3+qe:10", "flat+krecip:5/2", "top1+qe:2", "fused:10~0.8@0+soft:3+dba:5",
@@ -36,14 +70,11 @@ def test_search_ranks_as_written_and_reports_the_cosine(tmp_path):
     searcher = Searcher(CacheData.in_memory(columns, tmp_path))
     query = columns["embeddings"][7]
     hits = searcher.search(query, parse_policy("flat+dba:3+qe:2"), 5, columns["classes"][7], columns["probs"][7])
-    augmented = dba(columns["embeddings"], 3)
-    first = augmented @ query
-    best = np.argsort(-first, kind="stable")[:2]
-    expanded = alpha_qe(query, augmented[best], first[best], 1.0, 2)
-    expected = np.argsort(-(augmented @ expanded), kind="stable")[:5]
-    assert hits.rows.tolist() == expected.tolist()
+    augmented = reference_dba(columns["embeddings"], 3)
+    expected = augmented @ reference_expanded(query, augmented, 2, 1.0)
+    assert np.allclose(hits.rank_scores, np.sort(expected)[::-1][:5], atol=1e-5)  # the 5 best, best first
+    assert np.allclose(hits.rank_scores, expected[hits.rows], atol=1e-5)
     assert np.allclose(hits.scores, columns["embeddings"][hits.rows] @ query, atol=1e-6)
-    assert np.allclose(hits.rank_scores, (augmented @ expanded)[hits.rows], atol=1e-6)
 
 
 @pytest.mark.parametrize("text", ["flat+dba:3+qe:2", "flat@0.5+dba:2@3", "flat+krecip:5/2"])
@@ -86,19 +117,24 @@ def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config
     data = load_cache(tmp_path / "cache")
     assert data.manifest.default_policy == "flat+dba:3+qe:2" and data.manifest.dba == [3, 0.0]
     embeddings = np.asarray(data.columns["embeddings"])
-    assert np.allclose(data.columns["dba"], dba(embeddings, 3), atol=1e-6)
+    augmented = reference_dba(embeddings, 3)
+    assert np.allclose(data.columns["dba"], augmented, atol=1e-5)
     hits = Searcher(data).search(embeddings[4], parse_policy(data.manifest.default_policy), 3)
     # Ranked as the stored DBA vectors rank the expanded query (mutual neighbours share one DBA vector and tie).
-    augmented = dba(embeddings, 3)
-    first = augmented @ embeddings[4]
-    best = np.argsort(-first, kind="stable")[:2]
-    expected = augmented @ alpha_qe(embeddings[4], augmented[best], first[best], 1.0, 2)
+    expected = augmented @ reference_expanded(embeddings[4], augmented, 2, 1.0)
     assert np.allclose(hits.rank_scores, np.sort(expected)[::-1][:3], atol=1e-5)
     assert np.allclose(hits.rank_scores, expected[hits.rows], atol=1e-5) and 4 in hits.rows
 
 
-def test_empty_columns_have_no_dba():
-    assert "dba" not in empty_columns(4, 3)
+def test_empty_columns_are_every_stored_column_with_no_rows_and_search_as_an_empty_gallery(tmp_path):
+    """An empty gallery has the stored columns at their widths and no DBA column: a re-ranked policy finds nothing."""
+    columns = empty_columns(4, 3)
+    assert sorted(columns) == sorted(COLUMNS)
+    assert {name: column.shape for name, column in columns.items() if column.ndim == 2} == {
+        "classes": (0, 3), "probs": (0, 3), "boxes": (0, 4), "embeddings": (0, 4)}
+    hits = Searcher(CacheData.in_memory(columns, tmp_path)).search(np.ones(4, np.float32) / 2,
+                                                                   parse_policy("flat+dba:3+qe:2"), 5)
+    assert hits.rows.tolist() == [] and hits.candidates == 0
 
 
 def test_auto_compares_the_rerank_gain_on_one_sample_of_queries(monkeypatch):

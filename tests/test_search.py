@@ -7,7 +7,8 @@ import pytest
 from lookalike.cache.buckets import class_agreement
 from lookalike.cache.policies import BucketPolicy, parse_policy
 from lookalike.cache.search import Searcher
-from lookalike.cache.store import CacheData, empty_columns
+from lookalike.cache.columns import empty_columns
+from lookalike.cache.store import CacheData
 
 
 def unit(*values):
@@ -156,7 +157,7 @@ def test_one_core_is_restored_when_the_last_of_overlapping_users_leaves():
     """Two queries whose one-core sections overlap (enter A, enter B, leave A, leave B) leave BLAS as it was."""
     from threadpoolctl import threadpool_info
 
-    from lookalike.cache.search import OneCore
+    from lookalike.cache.reranking import OneCore
 
     def blas_threads() -> list[int]:
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lookalike.cache import search
-from lookalike.cache import store
+from lookalike.cache import mapped
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import WHOLE_GALLERY, ExactIndex, IVFIndex, Searcher
 from lookalike.cache.store import CacheData, load_cache
@@ -159,7 +159,7 @@ def mapped_mib(filename: str) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
 def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
+    monkeypatch.setattr(mapped, "RELEASE_ABOVE_BYTES", 0)  # as for a matrix of gigabytes
     make_synthetic_cache(tmp_path / "cache", 20_000)
     data = load_cache(tmp_path / "cache")
     searcher = Searcher(data)

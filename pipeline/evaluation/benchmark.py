@@ -164,12 +164,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
     """Run every cell, write report.json, report.md and the pictures into `out`; return the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if data:
-        gallery_set, query_set = split_queries(load_labelled(data), query_fraction, seed)
-    elif gallery and queries:
-        gallery_set, query_set = load_labelled(gallery, gallery_labels), load_labelled(queries, query_labels)
-    else:
-        raise UserError("give --data DIR|ZIP, or both --gallery and --queries")
+    gallery_set, query_set = _labelled_sets(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels)
     gallery_dir = link_tree(gallery_set, out / "gallery")
     base = PipelineConfig(device=device)
     report = {"data": {"source": data or {"gallery": gallery, "queries": queries}, "gallery": len(gallery_set),
@@ -211,6 +206,22 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
             bar.update()
     bar.close()
     report["cells"].sort(key=lambda c: -(c.get("metrics") or {}).get("MAP@R", -1.0))
+    _write_outputs(report, curves, extras, out, sheets, seed)
+    return report
+
+
+def _labelled_sets(data: str | None, query_fraction: float, seed: int, gallery: str | None, queries: str | None,
+                   gallery_labels: str | None, query_labels: str | None) -> tuple:
+    """(gallery set, query set): a seeded split of `data`, or the two sets given."""
+    if data:
+        return split_queries(load_labelled(data), query_fraction, seed)
+    if gallery and queries:
+        return load_labelled(gallery, gallery_labels), load_labelled(queries, query_labels)
+    raise UserError("give --data DIR|ZIP, or both --gallery and --queries")
+
+
+def _write_outputs(report: dict, curves: dict, extras: dict, out: Path, sheets: int, seed: int) -> None:
+    """report.json, report.md, the CMC chart, and the best cell's confusion matrix and result sheets."""
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     reports.write_markdown(report, out / "report.md")
     reports.cmc_chart(curves, out / "cmc.png")
@@ -219,4 +230,3 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
         run, top_rows = extras[Cell(**best["config"]).name]
         reports.confusion_matrix(run, top_rows, out / "confusion.png")
         reports.result_sheets(run, top_rows, sheets, seed, out / "sheets.png")
-    return report

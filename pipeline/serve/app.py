@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from lookalike.cache.manifest import CacheError
 from lookalike.cache.search import PreparationBusy
-from lookalike.cache.store import current_generation
+from lookalike.cache.generations import current_generation
 from lookalike.models.errors import flattened
 from lookalike.pipeline.api import Answer, Index
 from lookalike.pipeline.images import ImageLoadError, NotAnImage

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache.store import unsafe_paths
+from lookalike.cache.paths import unsafe_paths
 from lookalike.models.files import atomic_write
 from lookalike.pipeline.images import load_image
 
