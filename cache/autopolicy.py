@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -112,6 +113,30 @@ def _ap_and_hits(relevant_at: tuple[np.ndarray, np.ndarray], candidate: np.ndarr
     return ap, hits
 
 
+class Validation(NamedTuple):
+    """A validation sample gathered once: its gallery rows, the query positions among them, and the gallery's
+    vectors, label codes (with each label's count) and stored classes with their probabilities."""
+
+    gallery: np.ndarray
+    queries: np.ndarray
+    vectors: np.ndarray
+    codes: np.ndarray
+    counts: np.ndarray
+    classes: np.ndarray
+    probs: np.ndarray
+
+
+def validation_set(columns: dict[str, np.ndarray], seed: int, query_limit: int) -> Validation | None:
+    """validation_split's sample with its rows gathered; None with fewer than two labels."""
+    split = validation_split(np.asarray(columns["labels"]), seed, query_limit)
+    if split is None:
+        return None
+    gallery, queries = split
+    _, codes, counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True, return_counts=True)
+    return Validation(gallery, queries, np.asarray(columns["embeddings"][gallery], np.float32), codes, counts,
+                      np.asarray(columns["classes"])[gallery], np.asarray(columns["probs"], np.float32)[gallery])
+
+
 def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], seed: int = 0,
                query_limit: int = QUERY_LIMIT) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of each policy (fused ones with their weight) on a cache's columns; None without labels.
@@ -119,18 +144,13 @@ def loo_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], see
     A gallery row is a candidate when one of its top-M classes is among the query's classes (top N or its
     nucleus); the query's own row is always one (it shares the query's classes) and is counted, then left out.
     """
-    split = validation_split(np.asarray(columns["labels"]), seed, query_limit)
-    if split is None:
+    sample = validation_set(columns, seed, query_limit)
+    if sample is None:
         return None
-    gallery, queries = split
+    gallery, queries, embeddings, label_codes, label_counts, classes, probs = sample
     policies = list(dict.fromkeys(policies))
-    embeddings = np.asarray(columns["embeddings"][gallery], np.float32)
-    _, label_codes, label_counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True,
-                                             return_counts=True)
-    classes = np.asarray(columns["classes"])[gallery]
     class_ids, class_codes = np.unique(classes, return_inverse=True)
     class_codes = class_codes.reshape(len(gallery), -1)  # gallery x stored classes, compact class ids
-    probs = np.asarray(columns["probs"], np.float32)[gallery]
     stored = class_codes.shape[1]
     buckets = {p.gallery_classes for p in policies if p.uses_buckets}  # M > stored acts as stored (as in search)
     weights = sorted({_weight(p) for p in policies})
@@ -234,15 +254,12 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                   seed: int = 0) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of flat re-ranked policies, scored as cache/search.py's re-ranked search does. No leak:
     the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA)."""
-    split = validation_split(np.asarray(columns["labels"]), seed, RERANK_QUERY_LIMIT)
-    if split is None:
+    sample = validation_set(columns, seed, RERANK_QUERY_LIMIT)
+    if sample is None:
         return None
-    gallery, queries = split
+    _, queries, vectors, codes, counts, classes, probs = sample
     policies = list(dict.fromkeys(policies))
-    vectors = np.asarray(columns["embeddings"][gallery], np.float32)
-    _, codes, counts = np.unique(np.asarray(columns["labels"])[gallery], return_inverse=True, return_counts=True)
     n_relevant = counts[codes[queries]] - 1
-    classes, probs = np.asarray(columns["classes"])[gallery], np.asarray(columns["probs"], np.float32)[gallery]
     agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
     # Every DBA of the family from one k-NN pass; each held-out row's changed vectors are computed once per DBA.
     dbas = {(1, 0.0)} | {p.dba or (1, 0.0) for p in policies}  # (1, 0.0): the plain cosine, for copies first

@@ -52,13 +52,6 @@ class QuerySession:
         self._text_encoder = None
         self._loading = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    @property
-    def gallery_root(self) -> Path:
-        return self.data.gallery_root
-
     @property
     def pipeline(self) -> Pipeline:
         """The image pipeline, loaded once (refused here when its models are not the ones that built the cache)."""
@@ -87,7 +80,7 @@ class QuerySession:
         if not 0 <= row < len(self.data):
             raise IndexError(f"row {row}: the gallery has rows 0 to {len(self.data) - 1}")
         columns = self.data.columns
-        item = Item(str(self.gallery_root / str(columns["paths"][row])),
+        item = Item(str(self.data.gallery_root / str(columns["paths"][row])),
                     embedding=np.asarray(columns["embeddings"][row], np.float32))
         if self.config.uses_classifier:
             item.classes, item.probs = np.asarray(columns["classes"][row]), np.asarray(columns["probs"][row])
