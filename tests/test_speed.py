@@ -85,7 +85,7 @@ def test_ivf_recall_at_5_against_exact(tmp_path):
     exact = Searcher(data, exact_max_rows=10**9)
     queries, _ = synthetic(0)[2](100)
     assert recall_at_5(approximate, exact, queries) >= 0.98
-    assert isinstance(approximate._index(WHOLE_GALLERY, 1), IVFIndex) and isinstance(exact._index(WHOLE_GALLERY, 1), ExactIndex)
+    assert isinstance(approximate.index(WHOLE_GALLERY, 1), IVFIndex) and isinstance(exact.index(WHOLE_GALLERY, 1), ExactIndex)
 
 
 def test_ivf_index_is_saved_beside_the_generation_and_mapped_back(tmp_path):
@@ -96,10 +96,10 @@ def test_ivf_index_is_saved_beside_the_generation_and_mapped_back(tmp_path):
     first = Searcher(load_cache(tmp_path / "cache"), exact_max_rows=1_000)
     hits = [first.search(q, parse_policy("flat"), 5).rows.tolist() for q in queries]
     saved = list((tmp_path / "cache").glob("gen-*/ivf-flat.faiss"))
-    assert len(saved) == 1 and first._index(WHOLE_GALLERY, 1).saved
+    assert len(saved) == 1 and first.index(WHOLE_GALLERY, 1).saved
     second = Searcher(load_cache(tmp_path / "cache"), exact_max_rows=1_000)
     assert [second.search(q, parse_policy("flat"), 5).rows.tolist() for q in queries] == hits
-    assert second._index(WHOLE_GALLERY, 1).saved
+    assert second.index(WHOLE_GALLERY, 1).saved
 
 
 class RecordingArray(np.ndarray):
