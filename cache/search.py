@@ -4,13 +4,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.cache import rerank, reranking
-from lookalike.cache.reranking import ON_ONE_CORE
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
@@ -19,7 +19,7 @@ from lookalike.cache.mapped import release_pages
 from lookalike.cache.store import CacheData
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
-from lookalike.models.machine import give_back_freed_memory
+from lookalike.models.machine import background_thread, give_back_freed_memory
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
 
@@ -146,7 +146,8 @@ class Searcher:
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
         self._mutex = threading.Lock()
         self._making: dict[tuple[int, int], threading.Lock] = {}
-        self._preparing = threading.Lock()  # one DBA preparation at a time
+        self._preparing = threading.Lock()  # one DBA preparation at a time, on a background thread:
+        self._preparer: ThreadPoolExecutor | None = None  # made at the first, its thread at a lower priority
         self.prepare_budget_s: float | None = None  # set: refuse a DBA estimated to take longer, and never queue
         self._knn_seconds_per_row: float | None = None
 
@@ -277,8 +278,7 @@ class Searcher:
             matrix = self._cached(self._dba, dba)  # made by the query this one waited for
             if matrix is None:
                 self._within_budget(dba[0], stored)
-                with ON_ONE_CORE:
-                    matrix = rerank.dba(np.asarray(self.embeddings, np.float32), *dba)
+                matrix = self._in_background(rerank.dba, np.asarray(self.embeddings, np.float32), *dba)
             with self._mutex:
                 self._dba[dba] = matrix
                 while len(self._dba) > 1 and sum(m.nbytes for m in self._dba.values()) > DBA_CACHE_BYTES:
@@ -287,6 +287,14 @@ class Searcher:
         finally:
             self._preparing.release()
         return matrix
+
+    def _in_background(self, work, *args):
+        """work(*args) on the searcher's preparation thread, one core and a lower priority (background_thread): it
+        takes the CPU that queries leave idle (a normal query's p95 beside a client sending new DBA policies:
+        BENCHMARKS.md, Serving)."""
+        if self._preparer is None:
+            self._preparer = ThreadPoolExecutor(1, "lookalike-prepare", initializer=background_thread)
+        return self._preparer.submit(work, *args).result()
 
     def _within_budget(self, k: int, stored: str) -> None:
         """UserError when a DBA of `k` would take longer than `prepare_budget_s` on this gallery. The estimate is

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 from functools import lru_cache
 
 
@@ -13,6 +14,23 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+BACKGROUND_NICE = 10  # CFS gives a nice-10 thread about a tenth of a core's share beside nice-0 work
+
+
+def background_thread() -> None:
+    """Makes the calling thread, and only it, a background one: at BACKGROUND_NICE (Linux: a thread id is a process
+    id to setpriority), and one OpenMP thread for the parallel regions it starts (faiss's k-NN; OpenMP's thread
+    count is per calling thread), so work done on it takes the CPU that queries leave idle. Where the system
+    refuses, nothing changes."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="openmp")
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 @lru_cache(maxsize=1)

@@ -2,8 +2,10 @@
 
 It answers decoded images, gallery rows ("more like this", from the stored embedding and classes) and,
 when the cache's embedder is CLIP, texts; each query may pick its own k and bucket policy. Queries from
-several threads run side by side: ONNX Runtime sessions and torch modules in inference mode are safe to call
-from several threads, the detector keeps its own lock (CropStage), and the searcher guards its caches itself.
+several threads are safe. One at a time runs the models: each run already uses every core (ONNX Runtime's and
+torch's threads), and side by side they halved a server's throughput on 2 cores (8 clients: 30 against 55
+queries/s, BENCHMARKS.md, Serving). Everything else runs side by side: decoding, search and re-ranking (the
+searcher guards its own caches), so a slow re-ranking never holds up another query's models.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class QuerySession:
         self._pipeline: Pipeline | None = None
         self._text_encoder = None
         self._loading = threading.Lock()
+        self._models = threading.Lock()  # one model run at a time (see above)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -72,7 +75,9 @@ class QuerySession:
     def images(self, items: list[Item], buckets: str | None = None, k: int | None = None) -> tuple[list[Item], str]:
         """Items holding decoded images -> classified, embedded and answered; returns them and the policy used."""
         retrieve, used = self.retriever(buckets, k)
-        run_stages([retrieve if stage.name == "retrieve" else stage for stage in self.pipeline.stages], items)
+        with self._models:
+            run_stages([stage for stage in self.pipeline.stages if stage.name != "retrieve"], items)
+        run_stages([retrieve], items)
         return items, used
 
     def row(self, row: int, buckets: str | None = None, k: int | None = None) -> tuple[Item, str]:
@@ -103,5 +108,7 @@ class QuerySession:
     def texts(self, texts: list[str], k: int | None = None) -> tuple[list[Item], str]:
         """Texts embedded by the CLIP text tower and searched flat; UserError for a non-CLIP cache."""
         retrieve, used = self.retriever(TEXT_BUCKETS, k)
-        vectors = self.text.embed(texts)
+        text = self.text
+        with self._models:
+            vectors = text.embed(texts)
         return retrieve([Item(text, embedding=vector) for text, vector in zip(texts, vectors)]), used

@@ -1,7 +1,6 @@
 """The Stage objects: each takes a batch of Items and returns them enriched. Stages know nothing of each other."""
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -80,20 +79,16 @@ class TensorStage(Stage):
 
 
 class CropStage(Stage):
-    """Replace each image by its large, central detected object (padded); whole image if none. One batch at a time
-    goes through the detector: ultralytics keeps per-call state in its predictor."""
+    """Replace each image by its large, central detected object (padded); whole image if none."""
 
     name = "crop"
 
     def __init__(self, detector: Detector, margin: float):
         self.detector = detector
         self.margin = margin
-        self._detecting = threading.Lock()
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        with self._detecting:
-            found = self.detector.detect([item.image for item in items])
-        for item, boxes in zip(items, found):
+        for item, boxes in zip(items, self.detector.detect([item.image for item in items])):
             width, height = item.image.size
             box = choose_box(boxes, width, height)
             if box is not None and _sane(box):
