@@ -171,3 +171,27 @@ def test_one_core_is_restored_when_the_last_of_overlapping_users_leaves():
     assert set(blas_threads()) == {1}  # the other query is still inside
     limit.__exit__(None, None, None)
     assert blas_threads() == before
+
+
+def test_a_new_dba_matrix_is_made_on_a_background_thread_that_yields_to_queries(monkeypatch):
+    """A server's hostile policies take idle CPU only: the DBA of a policy other than the cache's own is made on the
+    searcher's preparation thread, at nice 10."""
+    import os
+    import threading
+
+    from lookalike.cache import rerank
+    from tests.test_fusion import gallery_columns
+
+    seen = {}
+    make_dba = rerank.dba
+
+    def recording(*args, **kwargs):
+        seen["thread"] = threading.current_thread().name
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return make_dba(*args, **kwargs)
+
+    monkeypatch.setattr(rerank, "dba", recording)
+    columns = gallery_columns(informative_classes=False, per_label=10)
+    hits = Searcher(CacheData.in_memory(columns)).search(columns["embeddings"][3], parse_policy("flat+dba:4"), 3)
+    assert hits.rows[0] == 3
+    assert seen["thread"].startswith("lookalike-prepare") and seen["nice"] >= 10
