@@ -16,7 +16,7 @@ import numpy as np
 from lookalike.cache.buckets import grouped_order
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN
 from lookalike.cache.manifest import CacheError, Manifest
-from lookalike.cache.mapped import SLICE_ROWS, StackedRows, first_nonfinite, take_rows
+from lookalike.cache.mapped import StackedRows, first_nonfinite, slice_rows, take_rows
 from lookalike.models.files import fsync_dir, write_text_atomic
 
 _NAME = re.compile(r"gen-(\d+)")  # a generation's folder; what a publish leaves under its name starts so too
@@ -53,19 +53,23 @@ def current_generation(root: Path) -> Path | None:
 
 
 def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -> None:
-    """`array[order]` as a .npy file; a 2-D float matrix is gathered and written a slice at a time."""
+    """`array[order]` as a .npy file; a 2-D float matrix is gathered and written a slice at a time (written from
+    the slice itself: a bytes copy of it would double what is held)."""
     with open(path, "wb") as handle:
-        if isinstance(array, StackedRows) or (array.ndim == 2 and array.dtype.kind == "f" and len(order) > SLICE_ROWS):
+        matrix = len(array.shape) == 2
+        step = slice_rows(array.shape[1]) if matrix else len(order)
+        if isinstance(array, StackedRows) or (matrix and array.dtype.kind == "f" and len(order) > step):
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                       "shape": (len(order), array.shape[1])}
             np.lib.format.write_array_header_1_0(handle, header)
-            for start in range(0, len(order), SLICE_ROWS):
-                block = take_rows(array, order[start:start + SLICE_ROWS])
+            for start in range(0, len(order), step):
+                block = take_rows(array, order[start:start + step])
                 row = first_nonfinite(block)
                 if row is not None:  # never published: no query could rank such a row
                     raise CacheError(f"{path.parent.parent}: {path.stem} row {start + row} is not finite; "
                                      "nothing was published")
-                handle.write(np.ascontiguousarray(block).tobytes())
+                handle.write(memoryview(np.ascontiguousarray(block, np.float32)).cast("B"))
+                del block  # before the next slice is gathered: one slice held at a time
         else:
             np.save(handle, np.ascontiguousarray(np.asarray(array)[order]), allow_pickle=False)
         handle.flush()

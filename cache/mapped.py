@@ -7,7 +7,12 @@ import os
 
 import numpy as np
 
-SLICE_ROWS = 65_536  # large matrices are read, gathered and written in slices this size
+SLICE_BYTES = 8 << 20  # large matrices are read, gathered and written in slices of about this size
+
+
+def slice_rows(width: int) -> int:
+    """Rows of a float32 matrix `width` wide in one slice."""
+    return max(1, SLICE_BYTES // (4 * max(1, width)))
 RELEASE_ABOVE_BYTES = 256 << 20  # a smaller mapped matrix keeps its pages (re-mapping it per query costs ms)
 
 
@@ -79,9 +84,10 @@ def first_nonfinite(block: np.ndarray) -> int | None:
 
 
 def nonfinite_row(matrix: np.ndarray | StackedRows) -> int | None:
-    """The first row holding a NaN or an infinity, read a SLICE_ROWS slice at a time; None when all are finite."""
-    for start in range(0, len(matrix), SLICE_ROWS):
-        row = first_nonfinite(take_rows(matrix, np.arange(start, min(len(matrix), start + SLICE_ROWS))))
+    """The first row holding a NaN or an infinity, read a slice at a time; None when all are finite."""
+    step = slice_rows(matrix.shape[1])
+    for start in range(0, len(matrix), step):
+        row = first_nonfinite(take_rows(matrix, np.arange(start, min(len(matrix), start + step))))
         if row is not None:
             return start + row
     if isinstance(matrix, np.ndarray):

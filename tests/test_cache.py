@@ -217,3 +217,44 @@ def test_new_weights_in_the_same_file_are_detected(gallery, tiny_config, tmp_pat
     # The default query runs the exports the build checked and recorded: the cache's own model, not the new file.
     pipeline, _ = open_query_pipeline(tmp_path / "cache", {})
     assert type(pipeline.stage("embed").embedder).__name__ == "RecordedEmbedder"
+
+
+def test_resuming_holds_the_pending_vectors_once_and_streams_them_into_the_generation(tmp_path):
+    """A resume reads the pending chunks once and writes the new generation from them through StackedRows, a slice
+    at a time: the traced peak is one copy of their embeddings plus a chunk or a slice, never a second matrix."""
+    import tracemalloc
+
+    from lookalike.cache import mapped
+    from lookalike.cache.columns import empty_columns
+    from lookalike.cache.generations import write_generation
+    from lookalike.cache.manifest import Manifest
+    from lookalike.pipeline.build import merge_rows
+    from lookalike.pipeline.gallery import GalleryEntry
+
+    rows, dim, chunks = 30_000, 256, 6  # 29 MiB of embeddings: chunks of 5, write slices of 8
+    pending = PendingChunks(tmp_path, {"f": 1})
+    rng = np.random.default_rng(0)
+    for part in range(chunks):
+        columns = empty_columns(dim, 3)
+        count = rows // chunks
+        columns.update(paths=np.array([f"{part}-{i}.jpg" for i in range(count)]), sizes=np.zeros(count, np.int64),
+                       mtimes=np.zeros(count, np.int64), labels=np.array([""] * count),
+                       label_classes=np.full(count, -1, np.int32), classes=np.zeros((count, 3), np.int32),
+                       probs=np.full((count, 3), 0.3, np.float32), boxes=np.zeros((count, 4), np.float32),
+                       embeddings=rng.normal(size=(count, dim)).astype(np.float32))
+        pending.append(columns)
+    entries = [GalleryEntry(f"{part}-{i}.jpg", None) for part in range(chunks) for i in range(rows // chunks)]
+    matrix_bytes = rows * dim * 4
+    tracemalloc.start()
+    try:
+        merged, count = merge_rows(None, pending.load(), entries)
+        write_generation(tmp_path / "cache", Manifest({}, {}, str(tmp_path), count, dim), merged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == rows
+    # one copy of the embeddings, the small columns (~5 % of it here) and one slice or chunk in flight
+    assert peak < 1.15 * matrix_bytes + 2 * mapped.SLICE_BYTES, \
+        f"peak {peak / 2**20:.0f} MiB for a {matrix_bytes / 2**20:.0f} MiB matrix"
+    stored = load_cache(tmp_path / "cache").columns["embeddings"]
+    assert np.array_equal(stored[rows // chunks], np.load(next((tmp_path / "pending").glob("chunk-*1.npz")))["embeddings"][0])

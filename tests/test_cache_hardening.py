@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.cache import generations
+from lookalike.cache import generations, mapped
 from lookalike.cache.columns import empty_columns
 from lookalike.cache.generations import write_generation
 from lookalike.cache.manifest import CacheError, Manifest
@@ -167,8 +167,8 @@ def test_rows_are_stored_grouped_by_top1_bucket(built):
 
 
 def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypatch):
-    """The previous generation is streamed into the new one: gathered a WRITE_ROWS slice at a time."""
-    monkeypatch.setattr(generations, "SLICE_ROWS", 64)
+    """The previous generation is streamed into the new one: gathered a slice at a time."""
+    monkeypatch.setattr(mapped, "SLICE_BYTES", 64 * 8 * 4)  # 64 rows of 8 float32
     out = tmp_path / "cache"
     write_generation(out, Manifest({}, {}, str(tmp_path), 500, 8), small_columns(500, 0))
     previous = load_cache(out)
