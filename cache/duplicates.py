@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.rerank import nearest_others
 
 LOCAL_K = 5  # neighbours that set an image's usual similarity (best of 3/5/10/20 on the tuning set)
@@ -101,7 +102,7 @@ def find_duplicates(vectors: np.ndarray, threshold: float, bucket_keys: np.ndarr
         members = np.flatnonzero(component == key)
         members = members[np.lexsort((members, -best[members], -degree[members]))]
         inside = np.flatnonzero(component[i] == key)
-        inside = inside[np.argsort(-score[inside], kind="stable")]
+        inside = inside[rank_by_score(score[inside])]
         pairs = [(int(i[p]), int(j[p]), float(cosine[p]), float(score[p])) for p in inside]
         groups.append(DuplicateGroup(members, best[members], pairs))
     groups.sort(key=lambda g: (-len(g.rows), -float(g.best.max()), int(g.rows.min())))
