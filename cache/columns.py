@@ -11,6 +11,7 @@ from lookalike.cache.paths import unsafe_paths
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.
 COLUMNS = ("paths", "sizes", "mtimes", "labels", "label_classes", "classes", "probs", "boxes", "embeddings")
 DBA_COLUMN = "dba"  # optional: DBA vectors of the embeddings (manifest.dba says with which K and a)
+VECTOR_COLUMNS = ("embeddings", DBA_COLUMN)  # unit vectors: every row finite
 KINDS = {DBA_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
 # Rows are vectors (one row per image) or matrices of a fixed width.
@@ -44,7 +45,7 @@ def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: i
     if len(bad):
         raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
                          "root; the cache is corrupt or was tampered with")
-    for name in ("embeddings", DBA_COLUMN):
+    for name in VECTOR_COLUMNS:
         row = nonfinite_row(columns[name]) if name in columns else None
         if row is not None:
             raise CacheError(f"{where}: column {name} row {row} ({str(columns['paths'][row])[:80]!r}) is not finite; "

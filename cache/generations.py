@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.cache.buckets import grouped_order
-from lookalike.cache.columns import COLUMNS, DBA_COLUMN
+from lookalike.cache.columns import COLUMNS, DBA_COLUMN, VECTOR_COLUMNS
 from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import StackedRows, first_nonfinite, slice_rows, take_rows
 from lookalike.models.files import fsync_dir, write_text_atomic
@@ -52,9 +52,10 @@ def current_generation(root: Path) -> Path | None:
     return root / name
 
 
-def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -> None:
+def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray, vectors: bool) -> None:
     """`array[order]` as a .npy file; a 2-D float matrix is gathered and written a slice at a time (written from
-    the slice itself: a bytes copy of it would double what is held)."""
+    the slice itself: a bytes copy of it would double what is held). Rows of `vectors` (embeddings, DBA) must be
+    finite; other float columns may hold NaN (a crop box where there was no crop)."""
     with open(path, "wb") as handle:
         matrix = len(array.shape) == 2
         step = slice_rows(array.shape[1]) if matrix else len(order)
@@ -64,7 +65,7 @@ def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray) -
             np.lib.format.write_array_header_1_0(handle, header)
             for start in range(0, len(order), step):
                 block = take_rows(array, order[start:start + step])
-                row = first_nonfinite(block)
+                row = first_nonfinite(block) if vectors else None
                 if row is not None:  # never published: no query could rank such a row
                     raise CacheError(f"{path.parent.parent}: {path.stem} row {start + row} is not finite; "
                                      "nothing was published")
@@ -119,7 +120,7 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
     names = COLUMNS + ((DBA_COLUMN,) if manifest.dba else ())
     try:
         for name in names:
-            _write_npy(staging / f"{name}.npy", columns[name], order)
+            _write_npy(staging / f"{name}.npy", columns[name], order, name in VECTOR_COLUMNS)
         write_text_atomic(staging / "manifest.json", manifest.to_json())
     except BaseException as err:  # Ctrl-C included: no staging is left behind
         shutil.rmtree(staging, ignore_errors=True)

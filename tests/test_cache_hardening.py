@@ -194,3 +194,15 @@ def test_a_manifest_field_of_the_wrong_kind_is_refused_in_one_line(built, field,
     (built / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=f"manifest.json (field )?{field}"):
         load_cache(built.parent)
+
+
+def test_a_gallery_larger_than_a_slice_without_crops_publishes(tmp_path, monkeypatch):
+    """Crop boxes are NaN when nothing was cropped: only the vector columns must be finite, whatever their size."""
+    monkeypatch.setattr(mapped, "SLICE_BYTES", 64 * 8 * 4)  # 64 rows of 8 float32: every column goes in slices
+    columns = small_columns(500, 0)
+    columns["boxes"] = np.full((500, 4), np.nan, np.float32)
+    write_generation(tmp_path / "cache", Manifest({}, {}, str(tmp_path), 500, 8), columns)
+    assert np.isnan(load_cache(tmp_path / "cache").columns["boxes"]).all()
+    columns["embeddings"][300, 2] = np.inf
+    with pytest.raises(CacheError, match="embeddings row .* is not finite"):
+        write_generation(tmp_path / "other", Manifest({}, {}, str(tmp_path), 500, 8), columns)
