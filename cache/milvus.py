@@ -69,7 +69,7 @@ def connect(target: MilvusTarget):
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
     except ImportError:
-        raise UserError("Milvus needs the milvus extra: pip install -e '.[milvus]'") from None
+        raise UserError("Milvus needs the 'milvus' extra (pymilvus is missing): pip install 'lookalike[milvus]'") from None
     try:
         return MilvusClient(uri=target.uri, token=target.token, timeout=CONNECT_TIMEOUT_S)
     except MilvusException as err:  # a server that does not answer, a Milvus Lite file that cannot be opened
