@@ -209,6 +209,7 @@ def export(data: CacheData, target: MilvusTarget, replace: bool = False, index_t
                 client.drop_collection(target.collection)
         if not client.has_collection(target.collection):
             _create(client, target, data, index_type)
+        client.load_collection(target.collection)  # released when another process made it: queried below
         client.alter_collection_properties(target.collection, {PROPERTY: json.dumps(export_record(data, False))})
         written = 0
         for start in range(0, len(data), EXPORT_BATCH_ROWS):
