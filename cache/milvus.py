@@ -26,7 +26,7 @@ import numpy as np
 from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.manifest import CacheError, differences
 from lookalike.cache.store import CacheData
-from lookalike.models.errors import UserError, message_of
+from lookalike.models.errors import UserError, flattened, message_of
 
 DEFAULT_COLLECTION = "lookalike"
 PROPERTY = "lookalike"  # the collection property holding the export's record (JSON)
@@ -52,6 +52,11 @@ class MilvusTarget:
         return f"Milvus collection {self.collection!r} at {self.uri}"
 
 
+def reason(err: Exception) -> str:
+    """A pymilvus error's own message, on one line (its str() wraps it in '<MilvusException: (code=..., ...)>')."""
+    return flattened(str(getattr(err, "message", "") or "")) or message_of(err)
+
+
 @contextlib.contextmanager
 def milvus_errors(target: MilvusTarget, doing: str) -> Iterator[None]:
     """pymilvus's errors as one UserError line naming the target and what was being done."""
@@ -60,7 +65,7 @@ def milvus_errors(target: MilvusTarget, doing: str) -> Iterator[None]:
     try:
         yield
     except MilvusException as err:
-        raise UserError(f"{target}: {doing} failed: {message_of(err)}") from None
+        raise UserError(f"{target}: {doing} failed: {reason(err)}") from None
 
 
 def connect(target: MilvusTarget):
@@ -73,7 +78,7 @@ def connect(target: MilvusTarget):
     try:
         return MilvusClient(uri=target.uri, token=target.token, timeout=CONNECT_TIMEOUT_S)
     except MilvusException as err:  # a server that does not answer, a Milvus Lite file that cannot be opened
-        raise UserError(f"cannot reach Milvus at {target.uri}: {message_of(err)}") from None
+        raise UserError(f"cannot reach Milvus at {target.uri}: {reason(err)}") from None
 
 
 def export_record(data: CacheData, complete: bool) -> dict:

@@ -172,6 +172,7 @@ def test_each_bad_target_is_one_line_and_exit_1(cache, tmp_path, monkeypatch):
     photo = str(cache.parent / "gallery" / "red_circles" / "1.png")
     cases = {
         ("http://127.0.0.1:9", "lookalike"): "error: cannot reach Milvus at http://127.0.0.1:9: ",
+        (str(tmp_path / "absent" / "rows.db"), "lookalike"): f"error: cannot reach Milvus at {tmp_path}/absent/rows.db: ",
         (uri, "missing"): f"error: Milvus collection 'missing' at {uri}: no such collection; write it with",
         (uri, "eight"): f"error: Milvus collection 'eight' at {uri}: it holds 8-d vectors and this cache",
         (uri, "other_pipeline"): f"error: Milvus collection 'other_pipeline' at {uri}: it was exported from another "
@@ -183,6 +184,7 @@ def test_each_bad_target_is_one_line_and_exit_1(cache, tmp_path, monkeypatch):
         result = run("query", photo, "--cache", str(cache), "--milvus", where, "--collection", name)
         assert result.exit_code == 1 and result.stdout == "", result.output
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+        assert "Exception" not in result.stderr  # pymilvus's own message, not its error's repr
     refused = run("export-milvus", "--cache", str(cache), "--uri", uri, "--collection", "eight")
     assert refused.exit_code == 1
     assert refused.stderr.strip().endswith("give another --collection, or --replace to overwrite it"), refused.stderr
