@@ -337,7 +337,8 @@ def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth,
 @click.option("--milvus-token", envvar="LOOKALIKE_MILVUS_TOKEN", default="",
               help="Milvus credentials: user:password or an API key [env: LOOKALIKE_MILVUS_TOKEN]")
 @click.option("--index", "index_type", default="FLAT", show_default=True,
-              help="FLAT: exact, the local search's answers; IVF_FLAT, HNSW or AUTOINDEX: Milvus's approximate ones")
+              help="made with the collection: FLAT (exact, the local search's answers), or an approximate one of "
+                   "Milvus's: IVF_FLAT, HNSW, AUTOINDEX")
 @click.option("--replace", is_flag=True, help="overwrite a collection that holds another pipeline's rows")
 @one_line_errors
 def export_milvus(cache_dir, uri, collection, milvus_token, index_type, replace):

@@ -12,7 +12,7 @@ One entity per cache row:
   bucket   INT64: the row's top-1 bucket (cache/buckets.py's rule; -1 without a classifier)
   classes  ARRAY<INT64>: the row's top-k classes, most probable first: its soft buckets
 The collection property `lookalike` (JSON) records the manifest's fingerprint, the dimension and metric, which
-generation the rows come from (built, count, bucket_by) and whether the export finished.
+generation the rows come from (its name, built, count, bucket_by) and whether the export finished.
 """
 from __future__ import annotations
 
@@ -84,29 +84,23 @@ def connect(target: MilvusTarget):
 def export_record(data: CacheData, complete: bool) -> dict:
     """What the collection records about the rows it holds: the pipeline, the vectors, the generation."""
     manifest = data.manifest
-    return {"fingerprint": manifest.fingerprint, "dim": manifest.dim, "metric": METRIC, "built": manifest.built,
+    return {"fingerprint": manifest.fingerprint, "dim": manifest.dim, "metric": METRIC,
+            "generation": data.generation.name if data.generation else None, "built": manifest.built,
             "count": len(data), "bucket_by": manifest.bucket_by, "complete": complete}
 
 
-def recorded(client, target: MilvusTarget) -> dict | None:
-    """The collection's export record; None when the collection lacks one (not written by lookalike)."""
+def described(client, target: MilvusTarget) -> tuple[dict | None, int | None]:
+    """The collection's export record (None: it has none, so lookalike did not write it) and the dimension of its
+    `vector` field (None: it has none)."""
     with milvus_errors(target, "describing the collection"):
-        properties = client.describe_collection(target.collection).get("properties") or {}
+        description = client.describe_collection(target.collection)
     try:
-        record = json.loads(properties[PROPERTY])
+        record = json.loads((description.get("properties") or {})[PROPERTY])
     except (KeyError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def vector_dim(client, target: MilvusTarget) -> int | None:
-    """The dimension of the collection's `vector` field (None: it has none)."""
-    with milvus_errors(target, "describing the collection"):
-        fields = client.describe_collection(target.collection).get("fields", [])
-    for field in fields:
-        if field.get("name") == "vector":
-            return int(field.get("params", {}).get("dim", 0))
-    return None
+        record = None
+    dims = [int(field.get("params", {}).get("dim", 0)) for field in description.get("fields", [])
+            if field.get("name") == "vector"]
+    return record if isinstance(record, dict) else None, dims[0] if dims else None
 
 
 def other_pipeline(record: dict | None, dim: int | None, data: CacheData) -> str | None:
@@ -124,7 +118,7 @@ def other_pipeline(record: dict | None, dim: int | None, data: CacheData) -> str
 def other_generation(record: dict, data: CacheData) -> str | None:
     """Why the collection's rows (of this pipeline) are not this cache generation's, or None."""
     mine = export_record(data, complete=True)
-    if any(record.get(key) != mine[key] for key in ("built", "count", "bucket_by", "metric")):
+    if any(record.get(key) != mine[key] for key in ("generation", "built", "count", "bucket_by", "metric")):
         return (f"it holds {record.get('count')} rows of the generation built {record.get('built')}, and this cache "
                 f"{mine['count']} rows built {mine['built']}")
     return None
@@ -138,8 +132,8 @@ def open_collection(target: MilvusTarget, data: CacheData):
     if not exists:
         raise CacheError(f"{target}: no such collection; write it with lookalike export-milvus --cache {data.root} "
                          f"--uri {target.uri} --collection {target.collection}")
-    record = recorded(client, target)
-    why = other_pipeline(record, vector_dim(client, target), data) or other_generation(record, data)
+    record, dim = described(client, target)
+    why = other_pipeline(record, dim, data) or other_generation(record, data)
     if why:
         raise CacheError(f"{target}: {why}; run export-milvus with this cache (or give its own --collection)")
     if not record.get("complete"):
@@ -206,8 +200,8 @@ def export(data: CacheData, target: MilvusTarget, replace: bool = False, index_t
     client = connect(target)
     with milvus_errors(target, "exporting"):
         if client.has_collection(target.collection):
-            record = recorded(client, target)
-            refused = other_pipeline(record, vector_dim(client, target), data)
+            record, dim = described(client, target)
+            refused = other_pipeline(record, dim, data)
             if refused and not replace:
                 raise CacheError(f"{target}: {refused}; give another --collection, or --replace to overwrite it")
             if refused or other_generation(record, data):

@@ -16,7 +16,7 @@ pytest.importorskip("pymilvus", reason="the milvus extra is not installed: pip i
 import lookalike
 from lookalike.cache import milvus
 from lookalike.cache.buckets import BucketTable, bucket_keys
-from lookalike.cache.milvus import PROPERTY, MilvusTarget, connect, export, recorded
+from lookalike.cache.milvus import PROPERTY, MilvusTarget, connect, described, export
 from lookalike.cache.milvus_search import bucket_filter
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.cli import cli
@@ -89,9 +89,10 @@ def test_each_filter_selects_the_rows_of_its_buckets(cache, target):
 
 def test_the_collection_records_the_cache_it_holds(cache, target):
     client, data = connect(target), load_cache(cache)
-    record = recorded(client, target)
+    record, dim = described(client, target)
     assert record["fingerprint"] == data.manifest.fingerprint and record["complete"] is True
-    assert (record["dim"], record["metric"], record["count"]) == (data.manifest.dim, "IP", 18)
+    assert (dim, record["dim"], record["metric"], record["count"]) == (data.manifest.dim, data.manifest.dim, "IP", 18)
+    assert record["generation"] == data.generation.name and record["built"] == data.manifest.built
     [row] = client.query(target.collection, filter="row == 4", output_fields=["path", "label", "bucket", "classes"])
     assert row["path"] == str(data.columns["paths"][4]) and row["label"] == str(data.columns["labels"][4])
     assert row["bucket"] == int(data.columns["classes"][4, 0])
@@ -153,7 +154,7 @@ def tampered(cache: Path, uri: str, name: str, **changes) -> None:
     target = MilvusTarget(uri, name)
     export(load_cache(cache), target)
     client = connect(target)
-    client.alter_collection_properties(name, {PROPERTY: json.dumps(recorded(client, target) | changes)})
+    client.alter_collection_properties(name, {PROPERTY: json.dumps(described(client, target)[0] | changes)})
 
 
 def other_dimension(uri: str) -> None:
@@ -185,6 +186,9 @@ def test_each_bad_target_is_one_line_and_exit_1(cache, tmp_path, monkeypatch):
         assert result.exit_code == 1 and result.stdout == "", result.output
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
         assert "Exception" not in result.stderr  # pymilvus's own message, not its error's repr
+    bad_index = run("export-milvus", "--cache", str(cache), "--uri", uri, "--index", "FAST")
+    assert bad_index.exit_code == 1
+    assert bad_index.stderr == "error: index 'FAST': use one of FLAT, IVF_FLAT, HNSW, AUTOINDEX\n", bad_index.stderr
     refused = run("export-milvus", "--cache", str(cache), "--uri", uri, "--collection", "eight")
     assert refused.exit_code == 1
     assert refused.stderr.strip().endswith("give another --collection, or --replace to overwrite it"), refused.stderr
