@@ -52,6 +52,11 @@ class MilvusTarget:
         return f"Milvus collection {self.collection!r} at {self.uri}"
 
 
+class MilvusFailed(UserError):
+    """Milvus could not be reached or failed a request (a server gone, a collection dropped meanwhile): one line on
+    the command line, a 502 from serve (the fault is neither the client's nor lookalike's)."""
+
+
 def reason(err: Exception) -> str:
     """A pymilvus error's own message, on one line (its str() wraps it in '<MilvusException: (code=..., ...)>')."""
     return flattened(str(getattr(err, "message", "") or "")) or message_of(err)
@@ -59,13 +64,13 @@ def reason(err: Exception) -> str:
 
 @contextlib.contextmanager
 def milvus_errors(target: MilvusTarget, doing: str) -> Iterator[None]:
-    """pymilvus's errors as one UserError line naming the target and what was being done."""
+    """pymilvus's errors as one MilvusFailed line naming the target and what was being done."""
     from pymilvus.exceptions import MilvusException
 
     try:
         yield
     except MilvusException as err:
-        raise UserError(f"{target}: {doing} failed: {reason(err)}") from None
+        raise MilvusFailed(f"{target}: {doing} failed: {reason(err)}") from None
 
 
 def connect(target: MilvusTarget):
@@ -78,7 +83,7 @@ def connect(target: MilvusTarget):
     try:
         return MilvusClient(uri=target.uri, token=target.token, timeout=CONNECT_TIMEOUT_S)
     except MilvusException as err:  # a server that does not answer, a Milvus Lite file that cannot be opened
-        raise UserError(f"cannot reach Milvus at {target.uri}: {reason(err)}") from None
+        raise MilvusFailed(f"cannot reach Milvus at {target.uri}: {reason(err)}") from None
 
 
 def export_record(data: CacheData, complete: bool) -> dict:

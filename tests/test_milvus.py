@@ -135,18 +135,28 @@ def test_export_and_query_from_the_command_line(cache, tmp_path):
     assert [r["row"] for r in answers[1][0]["results"]] == [r["row"] for r in answers[0][0]["results"]]
 
 
-def test_serve_searches_milvus(cache, target):
+def test_serve_searches_milvus_and_a_failing_milvus_is_a_502(cache, target, monkeypatch):
     from fastapi.testclient import TestClient
+    from pymilvus.exceptions import MilvusException
 
     from lookalike.pipeline.serve.app import create_app
 
-    answers = []
+    answers, apps = [], []
     for remote in (None, target):
-        client = TestClient(create_app(cache, {"device": "cpu"}, milvus=remote), base_url="http://localhost:8000")
+        apps.append(create_app(cache, {"device": "cpu"}, milvus=remote))
+        client = TestClient(apps[-1], base_url="http://localhost:8000")
         response = client.post("/api/query", json={"row": 5, "k": 4, "buckets": "fused:3@2"})
         assert response.status_code == 200, response.text
         answers.append([(r["row"], round(r["score"], 4)) for r in response.json()["results"]])
     assert answers[0] == answers[1]
+
+    def gone(*args, **kwargs):
+        raise MilvusException(code=2, message="the server went away")
+
+    monkeypatch.setattr(apps[1].state.live.index.session.searcher.client, "search", gone)
+    response = TestClient(apps[1], base_url="http://localhost:8000").post("/api/query", json={"row": 5})
+    assert response.status_code == 502
+    assert response.json() == {"error": "Milvus collection 'lookalike' at rows.db: searching failed: the server went away"}
 
 
 def tampered(cache: Path, uri: str, name: str, **changes) -> None:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from lookalike.cache.manifest import CacheError
-from lookalike.cache.milvus import MilvusTarget
+from lookalike.cache.milvus import MilvusFailed, MilvusTarget
 from lookalike.cache.search import PreparationBusy
 from lookalike.cache.generations import current_generation
 from lookalike.models.errors import flattened
@@ -163,11 +163,14 @@ class Queries:
         return result
 
     def run(self, query, *args) -> dict:
-        """`query(*args)` with user errors as 400s, unknown rows as 404s, a busy preparation as 429."""
+        """`query(*args)` with user errors as 400s, unknown rows as 404s, a busy preparation as 429, a failing Milvus
+        as 502."""
         try:
             return self._answer(query(*args))
         except IndexError as err:
             raise ApiError(404, str(err)) from None
+        except MilvusFailed as err:
+            raise ApiError(502, str(err)) from None
         except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
             raise ApiError(400, str(err)) from None
         except PreparationBusy as err:
