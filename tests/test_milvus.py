@@ -17,7 +17,8 @@ import lookalike
 from lookalike.cache import milvus
 from lookalike.cache.buckets import BucketTable, bucket_keys
 from lookalike.cache.milvus import PROPERTY, MilvusTarget, connect, described, export
-from lookalike.cache.milvus_search import bucket_filter
+from lookalike.cache.milvus_search import MilvusSearcher, bucket_filter
+from lookalike.cache.search import Searcher
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.cli import cli
 from lookalike.pipeline.build import build_cache
@@ -59,8 +60,7 @@ def same_answers(faiss_answer, milvus_answer) -> None:
 
 def test_milvus_answers_as_faiss_under_every_kind_of_policy(cache, target):
     local, remote = lookalike.open(cache), lookalike.open(cache, target)
-    assert local.session.searcher.__class__.__name__ == "Searcher"
-    assert remote.session.searcher.__class__.__name__ == "MilvusSearcher"
+    assert type(local.session.searcher) is Searcher and isinstance(remote.session.searcher, MilvusSearcher)
     for policy in POLICIES:
         for row in range(0, 18, 2):
             same_answers(local.more_like(row, 5, policy), remote.more_like(row, 5, policy))
