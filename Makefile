@@ -14,9 +14,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,crop,eval,train]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,crop,eval,train,milvus]'
 	$(PY) -c "import torchvision.ops, timm, open_clip, faiss, ultralytics, onnxruntime, fastapi, uvicorn, ray.data, \
-		matplotlib, sklearn, pytorch_metric_learning"
+		matplotlib, sklearn, pytorch_metric_learning, pymilvus, milvus_lite"
 	touch $@
 
 demo: setup

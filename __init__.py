@@ -20,6 +20,8 @@ _HOMES = {
     "build": "lookalike.pipeline.api",
     "open": "lookalike.pipeline.api",
     "Index": "lookalike.pipeline.api",
+    "export_milvus": "lookalike.pipeline.api",
+    "MilvusTarget": "lookalike.cache.milvus",
     "Answer": "lookalike.pipeline.api",
     "Prediction": "lookalike.pipeline.api",
     "Result": "lookalike.pipeline.items",

@@ -137,6 +137,25 @@ def engine_options(command):
                         help="ray: decode in Ray tasks and run the models in a Ray actor pool (pip install -e '.[ray]')")(command)
 
 
+def milvus_options(command):
+    """--milvus, --collection and --milvus-token: search the cache's rows in Milvus (written by export-milvus)."""
+    command = click.option("--milvus-token", envvar="LOOKALIKE_MILVUS_TOKEN", default="",
+                           help="Milvus credentials: user:password or an API key [env: LOOKALIKE_MILVUS_TOKEN]")(command)
+    command = click.option("--collection", default="lookalike", show_default=True,
+                           help="with --milvus: the collection export-milvus wrote")(command)
+    return click.option("--milvus", "milvus_uri", help="search the rows in Milvus instead of locally: a Milvus Lite "
+                        "file (rows.db) or a server (http://host:19530); pip install -e '.[milvus]'")(command)
+
+
+def _milvus_target(uri: str | None, collection: str, token: str):
+    """The Milvus collection a command searches, or None (the cache's own rows)."""
+    if uri is None:
+        return None
+    from lookalike.cache.milvus import MilvusTarget
+
+    return MilvusTarget(uri, collection, token)
+
+
 class UsageLine(click.UsageError):
     """A usage error shown as one line naming the command, like every other lookalike error (exit 2)."""
 
@@ -236,9 +255,10 @@ def _print_table(answer) -> None:
 @click.option("-k", "k", default=5, show_default=True, type=int, help="results per query")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="write a contact sheet PNG")
+@milvus_options
 @pipeline_options(defaults=False)
 @one_line_errors
-def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
+def query(images, texts, cache_dir, buckets, k, as_json, sheet, milvus_uri, collection, milvus_token, **options):
     """Find the k most similar gallery images for each query image (or text, with a CLIP cache)."""
     _check_sheet_folder(sheet)
     import lookalike
@@ -248,7 +268,7 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
         raise UserError("give query images or --text, not both and not neither")
     if texts and sheet:
         raise UserError("--sheet shows query images; it cannot be used with --text")
-    index = lookalike.open(cache_dir, **options)
+    index = lookalike.open(cache_dir, _milvus_target(milvus_uri, collection, milvus_token), **options)
     if texts:
         answers = index.query_text(list(texts), k)
     else:
@@ -288,8 +308,10 @@ def query(images, texts, cache_dir, buckets, k, as_json, sheet, **options):
 @click.option("--show-paths", is_flag=True,
               help="answer with absolute file paths (for a trusted local user; by default rows and gallery-relative "
                    "paths only)")
+@milvus_options
 @one_line_errors
-def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth, show_paths):
+def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth, show_paths, milvus_uri, collection,
+          milvus_token):
     """Search a cache from a web page (and an HTTP API) at http://HOST:PORT/."""
     try:
         from lookalike.pipeline.serve.app import create_app
@@ -302,9 +324,32 @@ def serve(cache_dir, host, port, device, runtime, allowed_hosts, token, no_auth,
         raise UserError(f"--host {host}: other machines could query this gallery; give --token TOKEN (the page "
                         "asks for it once) or --no-auth")
     app = create_app(cache_dir, {"device": device, "runtime": runtime}, show_paths=show_paths, host=host,
-                     extra_hosts=allowed_hosts, token=token or None)
+                     extra_hosts=allowed_hosts, token=token or None,
+                     milvus=_milvus_target(milvus_uri, collection, milvus_token))
     click.echo(f"lookalike: {len(app.state.live.index)} gallery images; open http://{host}:{port}/", err=True)
     run_server(app, host, port)
+
+
+@cli.command("export-milvus")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--uri", required=True, help="a Milvus Lite file (rows.db) or a server (http://host:19530)")
+@click.option("--collection", default="lookalike", show_default=True)
+@click.option("--milvus-token", envvar="LOOKALIKE_MILVUS_TOKEN", default="",
+              help="Milvus credentials: user:password or an API key [env: LOOKALIKE_MILVUS_TOKEN]")
+@click.option("--index", "index_type", default="FLAT", show_default=True,
+              help="made with the collection: FLAT (exact, the local search's answers), or an approximate one of "
+                   "Milvus's: IVF_FLAT, HNSW, AUTOINDEX")
+@click.option("--replace", is_flag=True, help="overwrite a collection that holds another pipeline's rows")
+@one_line_errors
+def export_milvus(cache_dir, uri, collection, milvus_token, index_type, replace):
+    """Write a cache's rows to a Milvus collection (resumable; repeating it writes nothing), for query/serve --milvus."""
+    import lookalike
+    from lookalike.pipeline.build import ProgressBar
+
+    with ProgressBar("exporting") as progress:
+        report = lookalike.export_milvus(cache_dir, _milvus_target(uri, collection, milvus_token), replace, index_type,
+                                         progress)
+    click.echo(report.line())
 
 
 @cli.command()

@@ -233,7 +233,9 @@ class Searcher:
             release_pages(self.embeddings)
         return index
 
-    def _search_buckets(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> Hits:
+    def nearest(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> Hits:
+        """The k nearest rows of buckets `keys` by cosine (no re-ranking). With `candidate_rows`, the part a search
+        backend supplies: another backend (cache/milvus_search.py) overrides these two and keeps the rest."""
         found_rows, found_scores, candidates = [], [], 0
         query = np.asarray(query, np.float32)
         for key in keys:
@@ -248,7 +250,7 @@ class Searcher:
         order = rank_by_score(scores, k)
         return Hits(rows[order], scores[order], candidates, keys)
 
-    def _candidates(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
+    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
         """The rows a re-ranked search scores: every row of an exact bucket (or of the whole gallery), the
         RERANK_IVF_POOL nearest of an IVF-sized one; ascending, each once."""
         found = []
@@ -319,7 +321,7 @@ class Searcher:
         """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
         +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
         query = np.asarray(query, np.float32)
-        rows = self._candidates(query, keys, policy.gallery_classes)
+        rows = self.candidate_rows(query, keys, policy.gallery_classes)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
         matrix = self._matrix(policy.dba)
         vectors = matrix[block] if block else np.asarray(matrix[rows], np.float32)
@@ -349,15 +351,15 @@ class Searcher:
         if not policy.uses_buckets:
             if policy.reranks:
                 return self._reranked(query, classes, probs, [WHOLE_GALLERY], policy, k)
-            return self._search_buckets(query, [WHOLE_GALLERY], 1, k)
+            return self.nearest(query, [WHOLE_GALLERY], 1, k)
         if classes is None:
             raise UserError(f"bucket policy {policy} needs a classifier; use flat")
         table = self.table(policy.gallery_classes)
         keys = [int(c) for c in classes[:policy.classes_used(probs)] if len(table.rows_of(int(c)))]
         if not keys:
-            hits = self._search_buckets(query, [WHOLE_GALLERY], 1, k)
+            hits = self.nearest(query, [WHOLE_GALLERY], 1, k)
             hits.note = "the predicted classes' buckets are empty: searched the whole gallery"
             return hits
         if policy.reranks:
             return self._reranked(query, classes, probs, keys, policy, k)
-        return self._search_buckets(query, keys, policy.gallery_classes, k)
+        return self.nearest(query, keys, policy.gallery_classes, k)

@@ -12,6 +12,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from lookalike.cache.milvus import ExportReport, MilvusTarget, export
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
 from lookalike.pipeline.build import BuildReport, Progress, build_cache
@@ -84,12 +85,12 @@ def _known_options(where: str, options: dict) -> None:
 class Index:
     """A cache opened for queries. The cache is read here; its image models load at the first image query (or
     `load()`), once, and serve every query after it; rows and texts need none (a text loads CLIP's text tower only).
-    Queries from several threads are safe."""
+    Queries from several threads are safe. With `milvus` the rows are searched in that Milvus collection."""
 
-    def __init__(self, cache_dir: str | Path, **options):
+    def __init__(self, cache_dir: str | Path, milvus: MilvusTarget | None = None, **options):
         _known_options("lookalike.open", options)
         self.data: CacheData = load_cache(cache_dir)
-        self.session = QuerySession(self.data, options)
+        self.session = QuerySession(self.data, options, milvus)
 
     def load(self) -> Index:
         """Load the image models now (a server does, before its first request); a pipeline other than the cache's
@@ -178,10 +179,18 @@ class Index:
         return cache_duplicates(self.data, threshold)
 
 
-def open(cache_dir: str | Path, **options) -> Index:  # noqa: A001 - lookalike.open, as open_clip and PIL name it
+def open(cache_dir: str | Path, milvus: MilvusTarget | None = None, **options) -> Index:  # noqa: A001 - as PIL names it
     """A cache for queries. `options` are query-time pipeline settings (runtime, device, batch_size); a model
-    setting that differs from the cache's is refused."""
-    return Index(cache_dir, **options)
+    setting that differs from the cache's is refused. With `milvus` (written by `export_milvus`) its rows are searched
+    there; the cache still gives the pipeline, the policies and the rows re-ranking reads."""
+    return Index(cache_dir, milvus, **options)
+
+
+def export_milvus(cache_dir: str | Path, target: MilvusTarget, replace: bool = False, index_type: str = "FLAT",
+                  progress: Progress | None = None) -> ExportReport:
+    """Write the cache's rows to a Milvus collection (resumable; repeating it writes nothing). A collection of
+    another pipeline is refused unless `replace`."""
+    return export(load_cache(cache_dir), target, replace, index_type, progress)
 
 
 def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineConfig.classifier,

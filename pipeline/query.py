@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lookalike.cache.manifest import CacheError, refuse_other_pipeline
+from lookalike.cache.milvus import MilvusTarget
 from lookalike.cache.policies import resolve_auto
 from lookalike.cache.search import Searcher
 from lookalike.cache.store import CacheData, load_cache
@@ -50,6 +51,16 @@ def runs_recorded_exports(config: PipelineConfig, data: CacheData) -> bool:
             and config.device in ("auto", "cpu"))
 
 
+def open_searcher(data: CacheData, milvus: MilvusTarget | None = None) -> Searcher:
+    """The one choice of search backend: faiss over the cache's own rows, or the Milvus collection they were exported
+    to (the cache still gives the manifest, the pipeline, the buckets and the rows re-ranking reads)."""
+    if milvus is None:
+        return Searcher(data)
+    from lookalike.cache.milvus_search import MilvusSearcher
+
+    return MilvusSearcher(data, milvus)
+
+
 def open_query_pipeline(cache: str | Path | CacheData, overrides: dict | None = None,
                         searcher: Searcher | None = None) -> tuple[Pipeline, PipelineConfig]:
     """The cache's pipeline with a retrieve stage (over `searcher`, or a new one): its recorded ONNX exports where
@@ -57,7 +68,7 @@ def open_query_pipeline(cache: str | Path | CacheData, overrides: dict | None = 
     `cache` is a cache folder or one already loaded."""
     data = cache if isinstance(cache, CacheData) else load_cache(cache)
     config = query_config(data, overrides or {})
-    searcher = searcher or Searcher(data)
+    searcher = searcher or open_searcher(data)
     if runs_recorded_exports(config, data):
         from lookalike.models.recorded import ExportRefused
 

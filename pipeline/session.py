@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.cache.milvus import MilvusTarget
 from lookalike.cache.policies import BucketPolicy, parse_policy
-from lookalike.cache.search import Searcher
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
 from lookalike.models.registry import has_text_tower, require_text_tower, resolve_spec
 from lookalike.pipeline.items import Item
 from lookalike.pipeline.pipeline import Pipeline, run_stages
 from lookalike.pipeline.config import PipelineConfig
-from lookalike.pipeline.query import open_query_pipeline, query_config
+from lookalike.pipeline.query import open_query_pipeline, open_searcher, query_config
 from lookalike.pipeline.stages import RetrieveStage
 
 # Texts search the whole gallery: choosing buckets for a text (e.g. zero-shot over the class names) would
@@ -41,13 +41,15 @@ def query_policy(data: CacheData, buckets: str | None, k: int | None) -> tuple[P
 
 class QuerySession:
     """A cache opened for queries. Rows and texts need no image model: the image pipeline (classify, embed, crop)
-    loads at the first image query, or `load_pipeline()`; a text query loads the CLIP text tower alone."""
+    loads at the first image query, or `load_pipeline()`; a text query loads the CLIP text tower alone. With `milvus`
+    the cache's rows are searched in that collection (exported by export-milvus) instead of locally."""
 
-    def __init__(self, cache: str | Path | CacheData, overrides: dict | None = None):
+    def __init__(self, cache: str | Path | CacheData, overrides: dict | None = None,
+                 milvus: MilvusTarget | None = None):
         self.data = cache if isinstance(cache, CacheData) else load_cache(cache)
         self.overrides = dict(overrides or {})
         self.config = query_config(self.data, self.overrides)
-        self.searcher = Searcher(self.data)
+        self.searcher = open_searcher(self.data, milvus)
         self.embedder_spec = resolve_spec(self.config.embedder, "embedder")
         self.text_queries = has_text_tower(self.embedder_spec)
         self._pipeline: Pipeline | None = None

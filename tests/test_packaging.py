@@ -60,8 +60,8 @@ def test_the_core_install_pulls_no_agpl_distribution():
 
 
 def test_build_query_duplicates_and_serve_need_no_extra(gallery, tmp_path):
-    """Run with the crop, eval and train extras' libraries made unimportable: the core works without them."""
-    blocked = ["ultralytics", "matplotlib", "sklearn", "pytorch_metric_learning"]
+    """Run with the crop, eval, train and milvus extras' libraries made unimportable: the core works without them."""
+    blocked = ["ultralytics", "matplotlib", "sklearn", "pytorch_metric_learning", "pymilvus", "milvus_lite"]
     code = f"""
 import sys
 for name in {blocked!r}:
@@ -92,6 +92,15 @@ def test_crop_without_the_crop_extra_is_one_line_naming_it(gallery, tmp_path, mo
     assert result.stderr.strip().splitlines() == [
         "error: --crop needs the 'crop' extra (ultralytics is missing): pip install 'lookalike[crop]' "
         "(ultralytics, AGPL-3.0)"]
+
+
+def test_milvus_without_the_milvus_extra_is_one_line_naming_it(monkeypatch):
+    from lookalike.cache.milvus import MilvusTarget, connect
+
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    with pytest.raises(lookalike.UserError) as refused:
+        connect(MilvusTarget("rows.db"))
+    assert str(refused.value) == "Milvus needs the 'milvus' extra (pymilvus is missing): pip install 'lookalike[milvus]'"
 
 
 def test_folders_follow_xdg_unless_a_lookalike_variable_says(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from lookalike.cache.manifest import CacheError
+from lookalike.cache.milvus import MilvusFailed, MilvusTarget
 from lookalike.cache.search import PreparationBusy
 from lookalike.cache.generations import current_generation
 from lookalike.models.errors import flattened
@@ -117,14 +118,15 @@ class LiveIndex:
     flight finishes on the generation it started with (its rows stay mapped after the folder goes). A generation
     that cannot be opened yet leaves the current one serving."""
 
-    def __init__(self, cache_dir: str | Path, options: dict):
+    def __init__(self, cache_dir: str | Path, options: dict, milvus: MilvusTarget | None = None):
         self.cache_dir = Path(cache_dir)
         self.options = options
+        self.milvus = milvus
         self._lock = threading.Lock()
         self._open()
 
     def _open(self) -> None:
-        index = Index(self.cache_dir, **self.options).load().limit_preparation(PREPARE_BUDGET_S)
+        index = Index(self.cache_dir, self.milvus, **self.options).load().limit_preparation(PREPARE_BUDGET_S)
         thumbnails = Thumbnails(index.gallery_root, index.data.columns["paths"], _thumbnail_folder(index.data.generation))
         self.index, self.thumbnails = index, thumbnails
 
@@ -161,11 +163,14 @@ class Queries:
         return result
 
     def run(self, query, *args) -> dict:
-        """`query(*args)` with user errors as 400s, unknown rows as 404s, a busy preparation as 429."""
+        """`query(*args)` with user errors as 400s, unknown rows as 404s, a busy preparation as 429, a failing Milvus
+        as 502."""
         try:
             return self._answer(query(*args))
         except IndexError as err:
             raise ApiError(404, str(err)) from None
+        except MilvusFailed as err:
+            raise ApiError(502, str(err)) from None
         except ValueError as err:  # UserError, CacheError, policy errors: one-line messages for the user
             raise ApiError(400, str(err)) from None
         except PreparationBusy as err:
@@ -311,12 +316,13 @@ def _add_routes(app: FastAPI, live: LiveIndex, page: str, max_upload_bytes: int,
 
 def create_app(cache_dir: str | Path, overrides: dict | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, show_paths: bool = False, host: str = "127.0.0.1",
-               extra_hosts: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
+               extra_hosts: tuple[str, ...] = (), token: str | None = None,
+               milvus: MilvusTarget | None = None) -> FastAPI:
     """An app answering queries on `cache_dir`; the pipeline is loaded here, once. Absolute paths never leave it
     (results carry gallery-relative paths and rows) unless `show_paths`, for a trusted local user. It answers only
     to loopback names, `host` and `extra_hosts`, takes POSTs only from its own page, and with a `token` answers
-    only requests that carry it (guard.py)."""
-    live = LiveIndex(cache_dir, overrides or {})
+    only requests that carry it (guard.py). With `milvus` the rows are searched in that collection."""
+    live = LiveIndex(cache_dir, overrides or {}, milvus)
     page = PAGE.read_text()
     app = FastAPI(title="lookalike", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.live = live
