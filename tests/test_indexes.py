@@ -20,16 +20,17 @@ from lookalike.cache.store import load_cache
 from lookalike.models.errors import UserError
 from lookalike.pipeline.evaluation.speed.synthetic import make_synthetic_cache, synthetic
 
-ROWS = 6_000  # synthetic clustered rows of 512 dimensions (the speed figures' generator)
+ROWS, DIM, BUCKETS = 6_000, 64, 4  # the speed figures' clustered generator: buckets of ~1,500 rows use the index
+QUERIES = synthetic(0, dim=DIM, buckets=BUCKETS)[2]
 
 
 def test_auto_keeps_exact_search_then_ivf_then_the_finest_pq_code_that_fits():
     assert factory_key("auto", 32_768, 512, parse_memory("4GB")) is None
     assert factory_key("auto", 10**6, 512, parse_memory("4GB")) == "IVF1000,Flat"  # 2.06 GB of vectors and ids
-    assert factory_key("auto", 10**7, 512, parse_memory("4GB")) == "IVF3162,PQ64"  # 720 MB of codes and ids
-    assert factory_key("auto", 10**7, 512, parse_memory("300MB")) == "IVF3162,PQ16"  # 240 MB
+    assert factory_key("auto", 10**7, 512, parse_memory("4GB")) == "IVF3162,PQ128x4fs"  # 720 MB of codes and ids
+    assert factory_key("auto", 10**7, 512, parse_memory("300MB")) == "IVF3162,PQ32x4fs"  # 240 MB
     assert factory_key("exact", 10**7, 512, 1) is None
-    assert factory_key("ivfpq", 10**5, 1280, parse_memory("2GB")) == "IVF316,PQ64"
+    assert factory_key("ivfpq", 10**5, 1280, parse_memory("2GB")) == "IVF316,PQ128x4fs"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -53,7 +54,7 @@ def test_a_budget_no_code_fits_is_refused_with_what_it_needs():
 def compressed(tmp_path_factory):
     """A synthetic cache with an IVF-PQ index made, tuned and saved as build-cache makes it."""
     folder = tmp_path_factory.mktemp("indexed") / "cache"
-    make_synthetic_cache(folder, ROWS)
+    make_synthetic_cache(folder, ROWS, DIM, BUCKETS)
     data = load_cache(folder)
     record = build_gallery_index(data.generation, data.columns["embeddings"], "ivfpq", parse_memory("1GB"))
     return folder, record
@@ -63,8 +64,8 @@ def test_the_index_is_recorded_beside_the_generation_with_its_tuning(compressed)
     folder, record = compressed
     generation = load_cache(folder).generation
     saved = json.loads((generation / RECORD_FILE).read_text())
-    assert saved["key"] == "IVF77,PQ64" and saved == {**saved, "kind": "ivfpq", "nprobe": record.nprobe}
-    assert record.recall_at_5 >= 0.95 and record.bytes_per_row < 512 * 4 / 10  # over 10x smaller than float32
+    assert saved["key"] == "IVF77,PQ64x4fs" and saved == {**saved, "kind": "ivfpq", "nprobe": record.nprobe}
+    assert record.recall_at_5 >= 0.95 and record.bytes_per_row < DIM * 4  # codes, ids and codebooks
 
 
 @pytest.mark.parametrize("policy", ["flat", "top1", "topk:3", "top1+soft:2"])
@@ -74,7 +75,7 @@ def test_searches_through_the_index_find_what_exact_search_finds_inside_the_same
     indexed = Searcher(data)
     exact = Searcher(data)
     exact.gallery_index = None  # the same cache searched exactly
-    queries, classes = synthetic(0)[2](50)
+    queries, classes = QUERIES(50)
     probs = np.tile(np.array([0.8, 0.15, 0.05], np.float32), (len(classes), 1))
     parsed = parse_policy(policy)
     overlap = []
@@ -96,7 +97,7 @@ def test_searches_through_the_index_find_what_exact_search_finds_inside_the_same
 def test_a_reranked_search_takes_its_candidates_from_the_index(compressed):
     folder, _ = compressed
     data = load_cache(folder)
-    queries, _ = synthetic(0)[2](5)
+    queries, _ = QUERIES(5)
     indexed, exact = Searcher(data), Searcher(data)
     exact.gallery_index = None
     for query in queries:
