@@ -209,17 +209,23 @@ def cli(debug):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="cache folder")
 @click.option("--bucket-by", type=click.Choice(["classifier", "label"]), default="classifier", show_default=True)
 @click.option("--rebuild", is_flag=True, help="replace a cache built with another pipeline")
+@click.option("--index", default="auto", show_default=True,
+              help="the index for large searches: auto (exact up to 32,768 images, then IVF, then IVF-PQ under "
+                   "--index-memory), exact, ivf or ivfpq[:MEMORY]")
+@click.option("--index-memory", default="4GB", show_default=True, help="RAM the index may take (auto, ivfpq)")
 @engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, engine, ray_address, **options):
+def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, index, index_memory, engine, ray_address,
+                        **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
     import lookalike
     from lookalike.pipeline.build import ProgressBar
 
     with ProgressBar() as progress:
         report = lookalike.build(gallery, out, labels=labels_file, bucket_by=bucket_by, rebuild=rebuild,
-                                 engine=engine, ray_address=ray_address, progress=progress, **options)
+                                 engine=engine, ray_address=ray_address, progress=progress, index=index,
+                                 index_memory=index_memory, **options)
     for skipped in report.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
     click.echo(report.line())

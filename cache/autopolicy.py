@@ -25,7 +25,7 @@ from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rel
 from lookalike.cache.policies import FLAT, BucketPolicy
 from lookalike.cache.rerank import LeaveOneOutDBA, nearest_others
 from lookalike.cache.reranking import HeldOutGallery, rerank
-from lookalike.cache.search import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
+from lookalike.cache.indexes import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
 from lookalike.models.machine import usable_cpus
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),

@@ -15,6 +15,7 @@ from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_ag
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
 from lookalike.cache.columns import DBA_COLUMN
+from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, open_gallery_index
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.store import CacheData
 from lookalike.models.errors import UserError
@@ -34,11 +35,13 @@ class Hits:
     rank_scores: np.ndarray | None = None  # what the rows were ranked by, when not `scores` (fused)
 
 
-# Exact inner-product search scans a bucket's rows; above this many rows an IVF index answers instead.
-# Measured (BENCHMARKS.md, Speed, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
+# Exact inner-product search scans a bucket's rows; above EXACT_MAX_ROWS (cache/indexes.py) an IVF index answers
+# instead. Measured (BENCHMARKS.md, Speed, dim 512, 2 cores): one exact query costs 1.2 ms at 10^4 rows and 16 ms at
 # 10^5 (~0.17 ms per 1,000 rows), so exact stays under the 5 ms search budget up to ~30,000 rows; the IVF
 # answers in ~2 ms at 10^6 and costs ~17 s per 10^6 rows to build, once per cache generation (it is saved).
-EXACT_MAX_ROWS = 32_768
+# A cache built with a gallery index (build-cache --index) searches through it above INDEXED_MIN_ROWS rows: a smaller
+# bucket is scanned exactly, as fast and exact.
+INDEXED_MIN_ROWS = 1_024
 # DBA matrices of policies other than the cache's own (one 12 MiB for 2,402 images of 1,280 dimensions), kept least
 # recently used first; the one in use is kept whatever its size. Bounds what distinct policies from a client can hold.
 DBA_CACHE_BYTES = 64 << 20
@@ -101,11 +104,6 @@ class IVFIndex:
         return scores[0][keep], local[0][keep]
 
 
-def ivf_lists(count: int) -> int:
-    """Inverted lists for `count` vectors: about sqrt(count) (~1,000 rows a list at 10^6)."""
-    return max(1, min(4096, int(np.sqrt(count))))
-
-
 def build_ivf(vectors: np.ndarray, rows: np.ndarray | None = None, seed: int = 0):
     """An IndexIVFFlat (inner product) over `vectors[rows]` (all rows when None), added in slices."""
     import faiss
@@ -142,6 +140,7 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows
         self.nprobe = nprobe
+        self.gallery_index = open_gallery_index(data.generation)  # (IndexRecord, index) from build-cache --index
         # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
         self._mutex = threading.Lock()
@@ -201,7 +200,7 @@ class Searcher:
             cache.move_to_end(key)
             return cache[key]
 
-    def index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
+    def index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex | CompressedSearch:
         """The index over bucket `key` (WHOLE_GALLERY: every row) under `gallery_classes` soft buckets, made once."""
         cache_key = (key, gallery_classes)
         index = self._cached(self._indexes, cache_key)
@@ -218,8 +217,11 @@ class Searcher:
                     self._indexes.popitem(last=False)
         return index
 
-    def _new_index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex:
+    def _new_index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex | CompressedSearch:
         rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
+        if self.gallery_index is not None and len(rows) > INDEXED_MIN_ROWS:
+            record, index = self.gallery_index
+            return CompressedSearch(index, self.embeddings, rows, record.nprobe, whole=key == WHOLE_GALLERY)
         if len(rows) > self.exact_max_rows:
             index = self._ivf(rows, key, gallery_classes)
         elif key == WHOLE_GALLERY:

@@ -12,6 +12,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from lookalike.cache.indexes import DEFAULT_MEMORY
 from lookalike.cache.milvus import ExportReport, MilvusTarget, export
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
@@ -196,15 +197,17 @@ def export_milvus(cache_dir: str | Path, target: MilvusTarget, replace: bool = F
 def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineConfig.classifier,
           embedder: str = PipelineConfig.embedder, crop: bool = False, labels: str | Path | None = None,
           bucket_by: str = "classifier", rebuild: bool = False, progress: Progress | None = None,
-          engine: str = "local", ray_address: str | None = None, **options) -> BuildReport:
+          engine: str = "local", ray_address: str | None = None, index: str = "auto",
+          index_memory: str = DEFAULT_MEMORY, **options) -> BuildReport:
     """Build or update the cache `out` over the images under `gallery` (resumable, incremental).
 
     `labels` is a JSON {"file": "label"} map for a flat gallery (folder names are labels otherwise); `progress` is
-    called with (embedded, total) after each batch; `options` are further pipeline settings (runtime, device,
-    batch_size, detector, ...). Unreadable images are skipped and listed in the report."""
+    called with (embedded, total) after each batch; `index` (auto, exact, ivf, ivfpq[:MEMORY]) and `index_memory`
+    choose the gallery index for large searches (cache/indexes.py); `options` are further pipeline settings (runtime,
+    device, batch_size, detector, ...). Unreadable images are skipped and listed in the report."""
     from lookalike.pipeline.engines import create_engine
 
     _known_options("lookalike.build", options)
     config = PipelineConfig(classifier=classifier, embedder=embedder, crop=crop, **options)
     return build_cache(gallery, out, config, labels, bucket_by, rebuild, progress=progress,
-                       engine=create_engine(engine, config, ray_address))
+                       engine=create_engine(engine, config, ray_address), index=index, index_memory=index_memory)

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
+from lookalike.cache.indexes import DEFAULT_MEMORY, build_gallery_index, factory_key, parse_index
 from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
 from lookalike.cache.mapped import StackedRows
@@ -103,15 +104,18 @@ class BuildReport:
     buckets: int = 0
     seconds: float = 0.0
     skipped: list[dict] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)  # seconds: embed, choose_policy, publish (the rest)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: embed, choose_policy, publish, index
+    index: dict | None = None  # the gallery index made (cache/indexes.IndexRecord), None for exact search
 
     @property
     def images_per_s(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        index = (f", index {self.index['key']} (nprobe {self.index['nprobe']}, recall@5 {self.index['recall_at_5']:.3f})"
+                 if self.index else "")
         return (f"{self.images} images in cache ({self.embedded} embedded, {self.reused} reused, "
-                f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped, "
+                f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped{index}, "
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
 
 
@@ -216,10 +220,13 @@ def merge_rows(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
 
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
                 bucket_by: str = "classifier", rebuild: bool = False, progress: Progress | None = None,
-                pipeline: Pipeline | None = None, engine: Engine | None = None) -> BuildReport:
-    """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time)."""
+                pipeline: Pipeline | None = None, engine: Engine | None = None, index: str = "auto",
+                index_memory: str = DEFAULT_MEMORY) -> BuildReport:
+    """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time), with the
+    gallery index `index` chooses under `index_memory` (cache/indexes.py)."""
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
+    index_kind, memory = parse_index(index, index_memory)
     if bucket_by not in BUCKET_BY:
         raise CacheError(f"--bucket-by {bucket_by}: use {' or '.join(BUCKET_BY)}")
     entries, skipped = scan_gallery(gallery, labels_file)
@@ -243,6 +250,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
             raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
+        factory_key(index_kind, count, columns["embeddings"].shape[1], memory)  # an impossible budget: before publishing
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
         if bucket_by == "label":
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
@@ -256,13 +264,23 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             fused_weight=fused_weight, dba=dba, labels_file=str(labels_file) if labels_file else None,
             skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
             built=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_generation(out, manifest, columns)
+        generation = write_generation(out, manifest, columns)
         pending.clear()
-    summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
+        summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
+        summary.index = _index(generation, index_kind, memory, summary)
     summary.images = count
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _index(generation: Path, kind: str, memory: int, summary: BuildReport) -> dict | None:
+    """The published generation's gallery index, made and tuned (cache/indexes.py): its record, or None for exact
+    search."""
+    started = time.perf_counter()
+    record = build_gallery_index(generation, np.load(generation / "embeddings.npy", mmap_mode="r"), kind, memory)
+    summary.phases["index"] = time.perf_counter() - started
+    return asdict(record) if record else None
 
 
 def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, previous: CacheData | None,

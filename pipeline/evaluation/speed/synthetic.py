@@ -45,12 +45,12 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
     return vectors, near[own].astype(np.int32), queries
 
 
-def make_synthetic_cache(folder: Path, count: int) -> None:
+def make_synthetic_cache(folder: Path, count: int, dim: int = SYNTHETIC_DIM, buckets: int = SYNTHETIC_BUCKETS) -> None:
     """A real cache generation (written by cache.generations) holding `count` synthetic rows."""
     from lookalike.cache.generations import write_generation
     from lookalike.cache.manifest import Manifest
 
-    vectors, classes, _ = synthetic(count)
+    vectors, classes, _ = synthetic(count, dim=dim, buckets=buckets)
     columns = {
         "paths": np.char.add("img", np.arange(count).astype(str)), "sizes": np.zeros(count, np.int64),
         "mtimes": np.zeros(count, np.int64), "labels": classes[:, 0].astype(str),
@@ -58,8 +58,8 @@ def make_synthetic_cache(folder: Path, count: int) -> None:
         "probs": np.tile(np.array([0.8, 0.15, 0.05], np.float32), (count, 1)),
         "boxes": np.full((count, 4), np.nan, np.float32), "embeddings": vectors,
     }
-    write_generation(folder, Manifest(fingerprint={}, config={}, gallery_root=str(folder), count=count,
-                                      dim=SYNTHETIC_DIM), columns)
+    write_generation(folder, Manifest(fingerprint={}, config={}, gallery_root=str(folder), count=count, dim=dim),
+                     columns)
 
 
 def _memory() -> dict:

@@ -1,0 +1,208 @@
+"""The gallery's index for large searches, chosen and made at build time under a memory budget (`build-cache --index
+auto|exact|ivf|ivfpq[:MEMORY] --index-memory 4GB`): faiss factory strings, with the lists probed tuned by measured
+recall.
+
+- exact: every search scans the stored float32 rows (memory-mapped): the answer is exact; a search over more than
+  EXACT_MAX_ROWS rows uses an IVF index made at the first such query (cache/search.py), as before.
+- ivf (`IVF{n},Flat`): the rows again, grouped in lists; a query scans the lists nearest to it.
+- ivfpq (`IVF{n},PQ{m}x4fs`): each row as m 4-bit product-quantised codes (m/2 bytes), 32-256x smaller than float32,
+  scanned with faiss's SIMD fast-scan kernels. (8-bit codes trained 100-200x slower here: 106 s for 6,000 rows.)
+
+`auto` keeps exact search up to EXACT_MAX_ROWS rows, IVF while the vectors fit the budget, and IVF-PQ with the finest
+code that fits above that. An index answers searches over the whole gallery and over buckets alike: the bucket is an
+ID selector on the search (a top-1 bucket is one contiguous run of rows), and the index only proposes candidates,
+which are re-scored exactly from the stored rows (read with pread): the scores are true cosines, and an approximate
+code changes which rows are found, never their scores. The number of lists probed is the smallest whose recall@5
+against exact search, measured through that same path on sampled gallery rows, reaches RECALL_TARGET.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.cache.mapped import read_rows, slice_rows
+from lookalike.cache.metrics import rank_by_score
+from lookalike.models.errors import UserError
+from lookalike.models.files import atomic_write, write_text_atomic
+
+INDEX_KINDS = ("auto", "exact", "ivf", "ivfpq")
+DEFAULT_MEMORY = "4GB"
+EXACT_MAX_ROWS = 32_768  # exact search up to this many rows (cache/search.py measured its cost)
+RECALL_TARGET = 0.95  # recall@5 against exact search that the probes are tuned to reach
+TUNING_QUERIES = 200  # sampled gallery rows the probes are tuned on
+PROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PQ_BYTES = (64, 48, 32, 24, 16, 8)  # code sizes tried, finest first: 2 x this many 4-bit parts
+ID_BYTES = 8  # an inverted list keeps each row's 64-bit id beside its code
+CANDIDATES = 64  # rows an index proposes for a top-k search (k at most 100: then 2 k), re-scored exactly
+TRAIN_PER_LIST = 40  # training rows per inverted list (faiss warns below 39)
+PQ_MIN_ROWS = 256  # a PQ code's 256 centroids per part need at least as many training rows
+INDEX_FILE, RECORD_FILE = "index.faiss", "index.json"
+_MEMORY = re.compile(r"^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?i?B)?$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """What a generation's index is: its kind, faiss factory string, lists probed and the recall@5 measured."""
+
+    kind: str
+    key: str
+    nprobe: int
+    recall_at_5: float
+    bytes_per_row: float
+
+
+def parse_memory(text: str) -> int:
+    """'4GB', '512MiB', '2e9' bytes... as bytes; UserError otherwise."""
+    match = _MEMORY.match(text.strip())
+    if match is None:
+        raise UserError(f"index memory {text!r}: give a size such as 4GB or 512MiB")
+    return int(float(match["number"]) * _UNITS[(match["unit"] or "B").lower()])
+
+
+def parse_index(text: str, memory: str = DEFAULT_MEMORY) -> tuple[str, int]:
+    """`--index` (kind, or ivfpq:MEMORY) and `--index-memory` as (kind, budget in bytes)."""
+    kind, _, budget = text.partition(":")
+    if kind not in INDEX_KINDS or (budget and kind != "ivfpq"):
+        raise UserError(f"--index {text}: use {', '.join(INDEX_KINDS[:-1])} or ivfpq[:MEMORY] (ivfpq:2GB)")
+    return kind, parse_memory(budget or memory)
+
+
+def ivf_lists(count: int) -> int:
+    """Inverted lists for `count` vectors: about sqrt(count) (~1,000 rows a list at 10^6)."""
+    return max(1, min(65_536, int(np.sqrt(count))))
+
+
+def factory_key(kind: str, count: int, dim: int, memory: int) -> str | None:
+    """The faiss factory string for `kind` ('auto' resolved) on `count` rows of `dim`, or None for exact search.
+    UserError when no code fits `memory`."""
+    if kind == "auto":
+        kind = "exact" if count <= EXACT_MAX_ROWS else "ivf" if count * (4 * dim + ID_BYTES) <= memory else "ivfpq"
+    if kind == "exact":
+        return None
+    lists = ivf_lists(count)
+    if kind == "ivf":
+        return f"IVF{lists},Flat"
+    if count < PQ_MIN_ROWS:
+        raise UserError(f"--index ivfpq: {count} images are too few to train its codes (at least {PQ_MIN_ROWS}); "
+                        "use exact or ivf")
+    for code in PQ_BYTES:
+        if dim % (2 * code) == 0 and count * (code + ID_BYTES) <= memory:
+            return f"IVF{lists},PQ{2 * code}x4fs"
+    smallest = min((c for c in PQ_BYTES if dim % (2 * c) == 0), default=None)
+    need = f"{count * (smallest + ID_BYTES) / 2**20:,.0f} MiB" if smallest else f"a code size dividing {dim}"
+    raise UserError(f"--index-memory {memory / 2**20:,.0f} MiB: the smallest IVF-PQ index of {count:,} rows needs "
+                    f"{need}")
+
+
+def make_index(vectors: np.ndarray, key: str, seed: int = 0):
+    """A faiss index (inner product) made by `key` over every row of `vectors`, trained on a seeded sample and filled
+    a slice at a time (row i gets id i)."""
+    import faiss
+
+    count, dim = vectors.shape
+    index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    lists = faiss.extract_index_ivf(index).nlist
+    sample = np.sort(np.random.default_rng(seed).choice(count, min(count, TRAIN_PER_LIST * max(lists, 256)),
+                                                        replace=False))
+    index.train(read_rows(vectors, sample))
+    step = slice_rows(dim)
+    for start in range(0, count, step):
+        index.add(read_rows(vectors, np.arange(start, min(count, start + step))))
+    return index
+
+
+class CompressedSearch:
+    """One bucket's (or the whole gallery's) search through the gallery index: the index proposes candidates among
+    `rows` only (an ID selector), which are re-scored exactly from the stored vectors. A bucket holding 1/n of the
+    gallery probes n times the lists (at most all): about as many of its rows are scanned as a gallery search scans,
+    so its recall holds."""
+
+    def __init__(self, index, embeddings: np.ndarray, rows: np.ndarray, nprobe: int, whole: bool):
+        import faiss
+
+        self.index, self.embeddings, self.rows = index, embeddings, rows
+        lists = faiss.extract_index_ivf(index).nlist
+        nprobe = min(lists, nprobe * max(1, round(index.ntotal / max(1, len(rows)))))
+        self.nbytes = 0  # the index is memory-mapped; nothing of the bucket is held
+        contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
+        selector = None if whole else (faiss.IDSelectorRange(int(rows[0]), int(rows[-1]) + 1) if contiguous
+                                       else faiss.IDSelectorBatch(rows.astype(np.int64)))
+        self._selector = selector  # the search parameters point to it: it lives as long as they do
+        self.params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector is not None else \
+            faiss.SearchParametersIVF(nprobe=nprobe)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(exact scores, positions in `rows`), best first."""
+        wanted = min(len(self.rows), max(CANDIDATES, 2 * k))
+        _, found = self.index.search(np.ascontiguousarray(query[None], np.float32), wanted, params=self.params)
+        found = found[0][found[0] >= 0]
+        scores = read_rows(self.embeddings, found) @ np.asarray(query, np.float32)
+        best = rank_by_score(scores, min(k, len(found)))
+        return scores[best], np.searchsorted(self.rows, found[best])
+
+
+def tune_probes(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, float]:
+    """(lists probed, recall@5): the fewest PROBES whose recall@5 against exact search, on TUNING_QUERIES sampled gallery
+    rows searched as queries are (CompressedSearch), reaches RECALL_TARGET; the most probes otherwise."""
+    import faiss
+
+    count = len(embeddings)
+    queries = read_rows(embeddings, np.sort(np.random.default_rng(seed + 1).choice(
+        count, min(count, TUNING_QUERIES), replace=False)))
+    truth = np.full((len(queries), 5), -1, np.int64)
+    best = np.full((len(queries), 5), -np.inf, np.float32)
+    step = slice_rows(embeddings.shape[1])
+    for start in range(0, count, step):  # exact top-5 over the memory-mapped rows, a slice at a time
+        scores, local = faiss.knn(queries, read_rows(embeddings, np.arange(start, min(count, start + step))), 5,
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+        merged_scores, merged = np.concatenate([best, scores], 1), np.concatenate([truth, local + start], 1)
+        keep = rank_by_score(merged_scores, 5)
+        best, truth = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged, keep, 1)
+    rows = np.arange(count)
+    lists = faiss.extract_index_ivf(index).nlist
+    recall = 0.0
+    for probes in (p for p in PROBES if p <= lists):
+        search = CompressedSearch(index, embeddings, rows, probes, whole=True)
+        found = [search.search(query, 5)[1] for query in queries]
+        recall = float(np.mean([len(np.intersect1d(f, t)) / 5 for f, t in zip(found, truth)]))
+        if recall >= RECALL_TARGET:
+            return probes, recall
+    return min(lists, PROBES[-1]), recall
+
+
+def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:
+    """Choose, make and tune the index of a published generation and save it beside its rows (index.faiss, then
+    index.json, each atomically: a generation without index.json searches exactly); None when exact search is the
+    choice."""
+    import faiss
+
+    key = factory_key(kind, *embeddings.shape, memory)
+    if key is None:
+        return None
+    index = make_index(embeddings, key)
+    nprobe, recall = tune_probes(index, embeddings)
+    atomic_write(generation / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+    record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, round(recall, 4),
+                         round((generation / INDEX_FILE).stat().st_size / len(embeddings), 1))
+    write_text_atomic(generation / RECORD_FILE, json.dumps(asdict(record)))
+    return record
+
+
+def open_gallery_index(generation: Path | None):
+    """(IndexRecord, the index memory-mapped) of a generation that has one, else None."""
+    if generation is None or not (generation / RECORD_FILE).is_file():
+        return None
+    import faiss
+
+    try:
+        record = IndexRecord(**json.loads((generation / RECORD_FILE).read_text()))
+        return record, faiss.read_index(str(generation / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        raise UserError(f"{generation}: its index cannot be read ({type(err).__name__}); rebuild the cache with "
+                        "build-cache --rebuild") from None

@@ -1,0 +1,126 @@
+"""The gallery index (build-cache --index): the choice under a memory budget, and searches through a compressed index
+that find what exact search finds, inside the buckets asked for, with exact scores."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lookalike.cache.indexes import (
+    RECORD_FILE,
+    build_gallery_index,
+    factory_key,
+    parse_index,
+    parse_memory,
+)
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.search import ExactIndex, Searcher
+from lookalike.cache.store import load_cache
+from lookalike.models.errors import UserError
+from lookalike.pipeline.evaluation.speed.synthetic import make_synthetic_cache, synthetic
+
+ROWS, DIM, BUCKETS = 6_000, 64, 4  # the speed figures' clustered generator: buckets of ~1,500 rows use the index
+QUERIES = synthetic(0, dim=DIM, buckets=BUCKETS)[2]
+
+
+def test_auto_keeps_exact_search_then_ivf_then_the_finest_pq_code_that_fits():
+    assert factory_key("auto", 32_768, 512, parse_memory("4GB")) is None
+    assert factory_key("auto", 10**6, 512, parse_memory("4GB")) == "IVF1000,Flat"  # 2.06 GB of vectors and ids
+    assert factory_key("auto", 10**7, 512, parse_memory("4GB")) == "IVF3162,PQ128x4fs"  # 720 MB of codes and ids
+    assert factory_key("auto", 10**7, 512, parse_memory("300MB")) == "IVF3162,PQ32x4fs"  # 240 MB
+    assert factory_key("exact", 10**7, 512, 1) is None
+    assert factory_key("ivfpq", 10**5, 1280, parse_memory("2GB")) == "IVF316,PQ128x4fs"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hnsw", "use auto, exact, ivf or ivfpq[:MEMORY]"),
+    ("ivf:2GB", "use auto, exact, ivf or ivfpq[:MEMORY]"),
+    ("ivfpq:lots", "give a size such as 4GB"),
+])
+def test_a_bad_index_choice_is_one_line(text, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_index(text)
+
+
+def test_a_budget_no_code_fits_is_refused_with_what_it_needs():
+    with pytest.raises(UserError, match=r"the smallest IVF-PQ index of 10,000,000 rows needs 153 MiB"):
+        factory_key("ivfpq", 10**7, 512, parse_memory("100MB"))
+    with pytest.raises(UserError, match="too few to train"):
+        factory_key("ivfpq", 100, 512, parse_memory("1GB"))
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A synthetic cache with an IVF-PQ index made, tuned and saved as build-cache makes it."""
+    folder = tmp_path_factory.mktemp("indexed") / "cache"
+    make_synthetic_cache(folder, ROWS, DIM, BUCKETS)
+    data = load_cache(folder)
+    record = build_gallery_index(data.generation, data.columns["embeddings"], "ivfpq", parse_memory("1GB"))
+    return folder, record
+
+
+def test_the_index_is_recorded_beside_the_generation_with_its_tuning(compressed):
+    folder, record = compressed
+    generation = load_cache(folder).generation
+    saved = json.loads((generation / RECORD_FILE).read_text())
+    assert saved["key"] == "IVF77,PQ64x4fs" and saved == {**saved, "kind": "ivfpq", "nprobe": record.nprobe}
+    assert record.recall_at_5 >= 0.95 and record.bytes_per_row < DIM * 4  # codes, ids and codebooks
+
+
+@pytest.mark.parametrize("policy", ["flat", "top1", "topk:3", "top1+soft:2"])
+def test_searches_through_the_index_find_what_exact_search_finds_inside_the_same_buckets(compressed, policy):
+    folder, _ = compressed
+    data = load_cache(folder)
+    indexed = Searcher(data)
+    exact = Searcher(data)
+    exact.gallery_index = None  # the same cache searched exactly
+    queries, classes = QUERIES(50)
+    probs = np.tile(np.array([0.8, 0.15, 0.05], np.float32), (len(classes), 1))
+    parsed = parse_policy(policy)
+    overlap = []
+    for query, query_classes, query_probs in zip(queries, classes, probs):
+        found = indexed.search(query, parsed, 5, query_classes, query_probs)
+        truth = exact.search(query, parsed, 5, query_classes, query_probs)
+        stored = np.asarray(data.columns["embeddings"])[found.rows] @ query
+        np.testing.assert_allclose(found.scores, stored, atol=1e-5)  # re-scored exactly from the stored rows
+        assert set(found.buckets) == set(truth.buckets) and found.candidates == truth.candidates
+        allowed = np.isin(found.rows, np.concatenate([exact.index(b, parsed.gallery_classes).rows
+                                                      for b in truth.buckets]))
+        assert allowed.all()  # the bucket restricts the index (an ID selector), never widened
+        overlap.append(len(np.intersect1d(found.rows, truth.rows)) / len(truth.rows))  # small buckets hold < 5
+    assert np.mean(overlap) >= 0.9
+    assert not any(isinstance(indexed.index(b, parsed.gallery_classes), ExactIndex) for b in found.buckets
+                   if len(indexed.index(b, parsed.gallery_classes).rows) > 1_024)
+
+
+def test_a_reranked_search_takes_its_candidates_from_the_index(compressed):
+    folder, _ = compressed
+    data = load_cache(folder)
+    queries, _ = QUERIES(5)
+    indexed, exact = Searcher(data), Searcher(data)
+    exact.gallery_index = None
+    for query in queries:
+        found = indexed.search(query, parse_policy("flat+qe:3"), 5)
+        truth = exact.search(query, parse_policy("flat+qe:3"), 5)
+        assert found.candidates <= 512 < truth.candidates == ROWS
+        assert len(np.intersect1d(found.rows, truth.rows)) >= 4
+
+
+def test_build_cache_makes_the_index_asked_for_and_refuses_an_impossible_one_before_publishing(gallery, tmp_path):
+    from click.testing import CliRunner
+
+    from lookalike.cli import cli
+    from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
+
+    common = ["build-cache", "--gallery", str(gallery), "--classifier", TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER,
+              "--device", "cpu"]
+    built = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "ivf"), "--index", "ivf"])
+    assert built.exit_code == 0, built.output
+    assert "index IVF4,Flat (nprobe" in built.stdout
+    record = json.loads((load_cache(tmp_path / "ivf").generation / RECORD_FILE).read_text())
+    assert record["kind"] == "ivf" and record["recall_at_5"] == 1.0  # 18 rows: every list is probed in the end
+    refused = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "pq"), "--index", "ivfpq:1GB"])
+    assert refused.exit_code == 1 and "too few to train" in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --index ivfpq")  # one line, after the bar
+    assert not (tmp_path / "pq" / "CURRENT").exists()  # nothing published; the embedded rows wait in pending/
