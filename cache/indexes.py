@@ -12,8 +12,9 @@ recall.
 code that fits above that. An index answers searches over the whole gallery and over buckets alike: the bucket is an
 ID selector on the search (a top-1 bucket is one contiguous run of rows), and the index only proposes candidates,
 which are re-scored exactly from the stored rows (read with pread): the scores are true cosines, and an approximate
-code changes which rows are found, never their scores. The number of lists probed is the smallest whose recall@5
-against exact search, measured through that same path on sampled gallery rows, reaches RECALL_TARGET.
+code changes which rows are found, never their scores. The lists probed and the candidates re-scored are the cheapest
+pair whose recall@5 against exact search, measured through that same path on sampled gallery rows, reaches
+RECALL_TARGET (coarse codes need more candidates: at 10^6 rows 64 capped recall@5 at 0.80).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ TUNING_QUERIES = 200  # sampled gallery rows the probes are tuned on
 PROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PQ_BYTES = (64, 48, 32, 24, 16, 8)  # code sizes tried, finest first: 2 x this many 4-bit parts
 ID_BYTES = 8  # an inverted list keeps each row's 64-bit id beside its code
-CANDIDATES = 64  # rows an index proposes for a top-k search (k at most 100: then 2 k), re-scored exactly
+CANDIDATES = (64, 256, 1024)  # rows an index may propose for a top-k search (at least 2 k), re-scored exactly
 TRAIN_PER_LIST = 40  # training rows per inverted list (faiss warns below 39)
 PQ_MIN_ROWS = 256  # a PQ code's 256 centroids per part need at least as many training rows
 INDEX_FILE, RECORD_FILE = "index.faiss", "index.json"
@@ -53,6 +54,7 @@ class IndexRecord:
     kind: str
     key: str
     nprobe: int
+    candidates: int
     recall_at_5: float
     bytes_per_row: float
 
@@ -123,10 +125,10 @@ class CompressedSearch:
     gallery probes n times the lists (at most all): about as many of its rows are scanned as a gallery search scans,
     so its recall holds."""
 
-    def __init__(self, index, embeddings: np.ndarray, rows: np.ndarray, nprobe: int, whole: bool):
+    def __init__(self, index, embeddings: np.ndarray, rows: np.ndarray, nprobe: int, candidates: int, whole: bool):
         import faiss
 
-        self.index, self.embeddings, self.rows = index, embeddings, rows
+        self.index, self.embeddings, self.rows, self.candidates = index, embeddings, rows, candidates
         lists = faiss.extract_index_ivf(index).nlist
         nprobe = min(lists, nprobe * max(1, round(index.ntotal / max(1, len(rows)))))
         self.nbytes = 0  # the index is memory-mapped; nothing of the bucket is held
@@ -139,7 +141,7 @@ class CompressedSearch:
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(exact scores, positions in `rows`), best first."""
-        wanted = min(len(self.rows), max(CANDIDATES, 2 * k))
+        wanted = min(len(self.rows), max(self.candidates, 2 * k))
         _, found = self.index.search(np.ascontiguousarray(query[None], np.float32), wanted, params=self.params)
         found = found[0][found[0] >= 0]
         scores = read_rows(self.embeddings, found) @ np.asarray(query, np.float32)
@@ -147,9 +149,10 @@ class CompressedSearch:
         return scores[best], np.searchsorted(self.rows, found[best])
 
 
-def tune_probes(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, float]:
-    """(lists probed, recall@5): the fewest PROBES whose recall@5 against exact search, on TUNING_QUERIES sampled gallery
-    rows searched as queries are (CompressedSearch), reaches RECALL_TARGET; the most probes otherwise."""
+def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]:
+    """(lists probed, candidates, recall@5): the fewest CANDIDATES, then the fewest PROBES, whose recall@5 against exact
+    search, on TUNING_QUERIES sampled gallery rows searched as queries are (CompressedSearch), reaches RECALL_TARGET;
+    the most of both otherwise."""
     import faiss
 
     count = len(embeddings)
@@ -167,13 +170,14 @@ def tune_probes(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, floa
     rows = np.arange(count)
     lists = faiss.extract_index_ivf(index).nlist
     recall = 0.0
-    for probes in (p for p in PROBES if p <= lists):
-        search = CompressedSearch(index, embeddings, rows, probes, whole=True)
-        found = [search.search(query, 5)[1] for query in queries]
-        recall = float(np.mean([len(np.intersect1d(f, t)) / 5 for f, t in zip(found, truth)]))
-        if recall >= RECALL_TARGET:
-            return probes, recall
-    return min(lists, PROBES[-1]), recall
+    for candidates in CANDIDATES:
+        for probes in (p for p in PROBES if p <= lists):
+            search = CompressedSearch(index, embeddings, rows, probes, candidates, whole=True)
+            found = [search.search(query, 5)[1] for query in queries]
+            recall = float(np.mean([len(np.intersect1d(f, t)) / 5 for f, t in zip(found, truth)]))
+            if recall >= RECALL_TARGET:
+                return probes, candidates, recall
+    return min(lists, PROBES[-1]), CANDIDATES[-1], recall
 
 
 def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:
@@ -186,9 +190,9 @@ def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, mem
     if key is None:
         return None
     index = make_index(embeddings, key)
-    nprobe, recall = tune_probes(index, embeddings)
+    nprobe, candidates, recall = tune(index, embeddings)
     atomic_write(generation / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
-    record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, round(recall, 4),
+    record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, candidates, round(recall, 4),
                          round((generation / INDEX_FILE).stat().st_size / len(embeddings), 1))
     write_text_atomic(generation / RECORD_FILE, json.dumps(asdict(record)))
     return record

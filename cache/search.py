@@ -221,7 +221,8 @@ class Searcher:
         rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
         if self.gallery_index is not None and len(rows) > INDEXED_MIN_ROWS:
             record, index = self.gallery_index
-            return CompressedSearch(index, self.embeddings, rows, record.nprobe, whole=key == WHOLE_GALLERY)
+            return CompressedSearch(index, self.embeddings, rows, record.nprobe, record.candidates,
+                                    whole=key == WHOLE_GALLERY)
         if len(rows) > self.exact_max_rows:
             index = self._ivf(rows, key, gallery_classes)
         elif key == WHOLE_GALLERY:

@@ -112,8 +112,8 @@ class BuildReport:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        index = (f", index {self.index['key']} (nprobe {self.index['nprobe']}, recall@5 {self.index['recall_at_5']:.3f})"
-                 if self.index else "")
+        index = (f", index {self.index['key']} (nprobe {self.index['nprobe']}, {self.index['candidates']} candidates, "
+                 f"recall@5 {self.index['recall_at_5']:.3f})" if self.index else "")
         return (f"{self.images} images in cache ({self.embedded} embedded, {self.reused} reused, "
                 f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped{index}, "
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")

@@ -60,7 +60,8 @@ def main() -> None:
             indexed.search(queries[0], parse_policy(policy), 5, classes[0], np.array([0.8, 0.15, 0.05], np.float32))
         figures = {policy: measure(indexed, exact, policy, queries, classes) for policy in ("flat", "topk:3")}
     matrix_mib = args.rows * 512 * 4 / 2**20
-    index = (f"{record.key}, nprobe {record.nprobe}, tuned recall@5 {record.recall_at_5:.3f}, "
+    index = (f"{record.key}, nprobe {record.nprobe}, {record.candidates} candidates, tuned recall@5 "
+             f"{record.recall_at_5:.3f}, "
              f"{record.bytes_per_row:.1f} B/row = {record.bytes_per_row * args.rows / 2**20:,.0f} MiB"
              if record else "exact (no index)")
     print("| rows | index | make + tune | " + " | ".join(f"{p} p50 / p95 ms, recall@5" for p in figures) + " |")
