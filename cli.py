@@ -409,10 +409,13 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="YAML/JSON grid instead of the lists")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--index", default="auto", show_default=True,
+              help="build-cache's gallery index for every cache: auto, exact, ivf or ivfpq[:MEMORY] (ivf or ivfpq "
+                   "search every gallery above 1,024 images through it)")
 @engine_options
 @one_line_errors
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
-              buckets, crop, grid_file, device, out, engine, ray_address):
+              buckets, crop, grid_file, device, out, index, engine, ray_address):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
     from lookalike.pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
 
@@ -422,7 +425,7 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
         lists.update(read_grid_file(grid_file))
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
-                           device, engine=engine, ray_address=ray_address)
+                           device, engine=engine, ray_address=ray_address, index=index)
     from lookalike.pipeline.evaluation.reports import markdown_table
 
     click.echo(markdown_table(report))

@@ -47,6 +47,19 @@ def test_caches_are_reused_across_runs(gallery, tmp_path):
     assert report["cells"][0]["cost"]["build_images_per_s"] is None  # nothing embedded the second time
 
 
+def test_an_index_choice_gets_caches_of_its_own(gallery, tmp_path):
+    """--index ivf builds every cache with a gallery index, apart from the auto caches (it answers differently)."""
+    arguments = ["benchmark", "--data", str(gallery), "--classifier", TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER,
+                 "--buckets", "flat", "--out", str(tmp_path / "bench"), "--device", "cpu"]
+    assert CliRunner().invoke(cli, arguments).exit_code == 0
+    result = CliRunner().invoke(cli, [*arguments, "--index", "ivf"])
+    assert result.exit_code == 0, result.output
+    caches = sorted(p.name for p in (tmp_path / "bench" / "caches").iterdir())
+    assert len(caches) == 2 and caches[1] == f"{caches[0]}-ivf"
+    assert list((tmp_path / "bench" / "caches" / caches[1]).glob("gen-*/index.json"))
+    assert not list((tmp_path / "bench" / "caches" / caches[0]).glob("gen-*/index.json"))
+
+
 def test_explicit_gallery_and_queries_with_label_maps_and_a_grid_file(tmp_path):
     from tests.conftest import SHAPES, draw_shape
 

@@ -103,14 +103,15 @@ class GroupRun:
 
 
 def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, base: PipelineConfig,
-              latency_samples: int, engine: str = "local", ray_address: str | None = None) -> GroupRun:
+              latency_samples: int, engine: str = "local", ray_address: str | None = None,
+              index: str = "auto") -> GroupRun:
     config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
     pipeline = build_pipeline(config)
-    # Keyed by the fingerprint: a changed model, weight file or preprocessing gets a cache of its own.
+    # Keyed by the fingerprint (a changed model, weight file or preprocessing gets a cache of its own) and the index.
     key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
-    cache_dir = out / "caches" / key
+    cache_dir = out / "caches" / (key if index == "auto" else f"{key}-{index.replace(':', '-')}")
     summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline, progress=ProgressBar(),
-                          engine=create_engine(engine, config, ray_address, pipeline))
+                          engine=create_engine(engine, config, ray_address, pipeline), index=index)
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]
     started = time.perf_counter()
@@ -160,8 +161,9 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                   seed: int = 0, gallery: str | None = None, queries: str | None = None,
                   gallery_labels: str | None = None, query_labels: str | None = None, device: str = "auto",
                   latency_samples: int = 20, sheets: int = 6, engine: str = "local",
-                  ray_address: str | None = None) -> dict:
-    """Run every cell, write report.json, report.md and the pictures into `out`; return the report."""
+                  ray_address: str | None = None, index: str = "auto") -> dict:
+    """Run every cell, write report.json, report.md and the pictures into `out`; return the report. `index` is
+    build-cache's gallery index for every cache (ivf or ivfpq forces the approximate search path on small sets)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gallery_set, query_set = _labelled_sets(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels)
@@ -178,7 +180,8 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
     bar = tqdm(total=len(cells), desc="cells", unit="cell")
     for group_cells in groups.values():
         try:
-            run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples, engine, ray_address)
+            run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples, engine, ray_address,
+                            index)
         except Exception as err:  # a failing group is recorded and the run goes on
             status = "skipped" if isinstance(err, (WeightsUnavailable, FileNotFoundError)) else "failed"
             reason = message_of(err)
