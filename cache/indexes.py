@@ -121,28 +121,36 @@ def make_index(vectors: np.ndarray, key: str, seed: int = 0):
 
 class CompressedSearch:
     """One bucket's (or the whole gallery's) search through the gallery index: the index proposes candidates among
-    `rows` only (an ID selector), which are re-scored exactly from the stored vectors. A bucket holding 1/n of the
-    gallery probes n times the lists (at most all): about as many of its rows are scanned as a gallery search scans,
-    so its recall holds."""
+    `rows` only (an ID selector), which are re-scored exactly from the stored vectors. The lists probed are the tuned
+    number, scaled so that they hold on average twice the candidates wanted among `rows`: a bucket holding 1/n of the
+    gallery probes n times as many, and a search for many results (a benchmark ranks the whole gallery) probes enough
+    lists to find them (at most all)."""
 
     def __init__(self, index, embeddings: np.ndarray, rows: np.ndarray, nprobe: int, candidates: int, whole: bool):
         import faiss
 
         self.index, self.embeddings, self.rows, self.candidates = index, embeddings, rows, candidates
-        lists = faiss.extract_index_ivf(index).nlist
-        nprobe = min(lists, nprobe * max(1, round(index.ntotal / max(1, len(rows)))))
+        self.lists = faiss.extract_index_ivf(index).nlist
+        self.nprobe = min(self.lists, nprobe * max(1, round(index.ntotal / max(1, len(rows)))))
         self.nbytes = 0  # the index is memory-mapped; nothing of the bucket is held
         contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
-        selector = None if whole else (faiss.IDSelectorRange(int(rows[0]), int(rows[-1]) + 1) if contiguous
-                                       else faiss.IDSelectorBatch(rows.astype(np.int64)))
-        self._selector = selector  # the search parameters point to it: it lives as long as they do
-        self.params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector is not None else \
-            faiss.SearchParametersIVF(nprobe=nprobe)
+        self.selector = None if whole else (faiss.IDSelectorRange(int(rows[0]), int(rows[-1]) + 1) if contiguous
+                                            else faiss.IDSelectorBatch(rows.astype(np.int64)))
+
+    def _params(self, wanted: int):
+        """Search parameters probing enough lists for `wanted` candidates among `rows` (the selector, if any)."""
+        import faiss
+
+        needed = int(np.ceil(2 * wanted * self.lists / max(1, len(self.rows))))
+        probes = min(self.lists, max(self.nprobe, needed))
+        if self.selector is None:
+            return faiss.SearchParametersIVF(nprobe=probes)
+        return faiss.SearchParametersIVF(sel=self.selector, nprobe=probes)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(exact scores, positions in `rows`), best first."""
         wanted = min(len(self.rows), max(self.candidates, 2 * k))
-        _, found = self.index.search(np.ascontiguousarray(query[None], np.float32), wanted, params=self.params)
+        _, found = self.index.search(np.ascontiguousarray(query[None], np.float32), wanted, params=self._params(wanted))
         found = found[0][found[0] >= 0]
         scores = read_rows(self.embeddings, found) @ np.asarray(query, np.float32)
         best = rank_by_score(scores, min(k, len(found)))

@@ -69,8 +69,10 @@ class MilvusSearcher(Searcher):
         rows, scores = self._found(query, keys, gallery_classes, min(k, MAX_LIMIT))
         return Hits(rows, scores, self._rows_in(keys, gallery_classes), keys)
 
-    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
+    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> np.ndarray:
         """Every row of the buckets when Milvus can return them all (MAX_LIMIT; Searcher takes every row of a bucket
-        up to EXACT_MAX_ROWS), else the RERANK_IVF_POOL nearest of them; ascending, each once."""
+        up to EXACT_MAX_ROWS), else the max(RERANK_IVF_POOL, k) nearest of them (at most MAX_LIMIT); ascending,
+        each once."""
         rows = self._rows_in(keys, gallery_classes)
-        return np.unique(self._found(query, keys, gallery_classes, rows if rows <= MAX_LIMIT else RERANK_IVF_POOL)[0])
+        pool = rows if rows <= MAX_LIMIT else min(MAX_LIMIT, max(RERANK_IVF_POOL, k))
+        return np.unique(self._found(query, keys, gallery_classes, pool)[0])

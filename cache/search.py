@@ -253,13 +253,14 @@ class Searcher:
         order = rank_by_score(scores, k)
         return Hits(rows[order], scores[order], candidates, keys)
 
-    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int) -> np.ndarray:
-        """The rows a re-ranked search scores: every row of an exact bucket (or of the whole gallery), the
-        RERANK_IVF_POOL nearest of an IVF-sized one; ascending, each once."""
+    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> np.ndarray:
+        """The rows a re-ranked search for k results scores: every row of an exact bucket (or of the whole gallery),
+        the max(RERANK_IVF_POOL, k) nearest of an indexed one; ascending, each once."""
+        pool = max(RERANK_IVF_POOL, k)
         found = []
         for key in keys:
             index = self.index(key, gallery_classes)
-            found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, RERANK_IVF_POOL)[1]])
+            found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, pool)[1]])
         return np.unique(np.concatenate(found))
 
     def _matrix(self, dba: tuple[int, float] | None) -> np.ndarray:
@@ -324,7 +325,7 @@ class Searcher:
         """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
         +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
         query = np.asarray(query, np.float32)
-        rows = self.candidate_rows(query, keys, policy.gallery_classes)
+        rows = self.candidate_rows(query, keys, policy.gallery_classes, k)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
         matrix = self._matrix(policy.dba)
         vectors = matrix[block] if block else np.asarray(matrix[rows], np.float32)

@@ -124,3 +124,16 @@ def test_build_cache_makes_the_index_asked_for_and_refuses_an_impossible_one_bef
     assert refused.exit_code == 1 and "too few to train" in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --index ivfpq")  # one line, after the bar
     assert not (tmp_path / "pq" / "CURRENT").exists()  # nothing published; the embedded rows wait in pending/
+
+
+def test_a_search_for_many_results_probes_enough_lists_to_return_the_exact_ranking(compressed):
+    """Asking for 2,000 rows of 6,000 probes enough lists to find them: the same rows as exact search, in its order
+    (every candidate re-scored exactly), as a benchmark ranking a whole gallery needs."""
+    folder, _ = compressed
+    data = load_cache(folder)
+    indexed, exact = Searcher(data), Searcher(data)
+    exact.gallery_index = None
+    query = QUERIES(1)[0][0]
+    found, truth = (s.search(query, parse_policy("flat"), 2_000) for s in (indexed, exact))
+    assert len(found.rows) == 2_000
+    assert np.mean(np.isin(found.rows, truth.rows)) > 0.99
