@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.cache.buckets import grouped_order
-from lookalike.cache.columns import COLUMNS, DBA_COLUMN, VECTOR_COLUMNS
+from lookalike.cache.columns import COLUMNS, DBA_COLUMN
 from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import StackedRows, first_nonfinite, slice_rows, take_rows
 from lookalike.models.files import fsync_dir, write_text_atomic
@@ -52,15 +52,16 @@ def current_generation(root: Path) -> Path | None:
     return root / name
 
 
-def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray, vectors: bool) -> None:
+def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray, vectors: np.dtype | None) -> None:
     """`array[order]` as a .npy file; a 2-D float matrix is gathered and written a slice at a time (written from
-    the slice itself: a bytes copy of it would double what is held). Rows of `vectors` (embeddings, DBA) must be
-    finite; other float columns may hold NaN (a crop box where there was no crop)."""
+    the slice itself: a bytes copy of it would double what is held). A column of vectors (embeddings, DBA: `vectors`
+    is the dtype they are stored in) must be finite; other float columns may hold NaN (a crop box without a crop)."""
     with open(path, "wb") as handle:
         matrix = len(array.shape) == 2
         step = slice_rows(array.shape[1]) if matrix else len(order)
+        dtype = np.dtype(vectors or np.float32)
         if isinstance(array, StackedRows) or (matrix and array.dtype.kind == "f" and len(order) > step):
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                       "shape": (len(order), array.shape[1])}
             np.lib.format.write_array_header_1_0(handle, header)
             for start in range(0, len(order), step):
@@ -69,10 +70,11 @@ def _write_npy(path: Path, array: np.ndarray | StackedRows, order: np.ndarray, v
                 if row is not None:  # never published: no query could rank such a row
                     raise CacheError(f"{path.parent.parent}: {path.stem} row {start + row} is not finite; "
                                      "nothing was published")
-                handle.write(memoryview(np.ascontiguousarray(block, np.float32)).cast("B"))
+                handle.write(memoryview(np.ascontiguousarray(block, dtype)).cast("B"))
                 del block  # before the next slice is gathered: one slice held at a time
         else:
-            np.save(handle, np.ascontiguousarray(np.asarray(array)[order]), allow_pickle=False)
+            rows = np.asarray(array)[order]
+            np.save(handle, np.ascontiguousarray(rows, vectors) if vectors else rows, allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -104,8 +106,10 @@ def _generation_numbers(root: Path) -> list[int]:
     return [number for path in root.iterdir() if (number := _number(path.name)) is not None]
 
 
-def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows]) -> Path:
+def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows],
+                     vector_dtype: type = np.float32) -> Path:
     """Write a complete new generation (rows grouped by top-1 bucket), switch CURRENT to it, delete the others.
+    The embeddings are stored as `vector_dtype` (float16: half the disk and page cache; read back as float32).
 
     Its number is above every generation on disk, so one left half-published by a crash never blocks the
     publish, and is removed with the rest. The caller holds the build lock.
@@ -118,9 +122,11 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
     staging.mkdir()
     order = grouped_order(columns, manifest.bucket_by)
     names = COLUMNS + ((DBA_COLUMN,) if manifest.dba else ())
+    # The DBA vectors stay float32: stored as float16 they changed the order of 2 of the 22 demo answers under auto.
+    vector_dtypes = {"embeddings": vector_dtype, DBA_COLUMN: np.float32}
     try:
         for name in names:
-            _write_npy(staging / f"{name}.npy", columns[name], order, name in VECTOR_COLUMNS)
+            _write_npy(staging / f"{name}.npy", columns[name], order, vector_dtypes.get(name))
         write_text_atomic(staging / "manifest.json", manifest.to_json())
     except BaseException as err:  # Ctrl-C included: no staging is left behind
         shutil.rmtree(staging, ignore_errors=True)

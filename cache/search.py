@@ -74,8 +74,9 @@ class ExactIndex:
         query = np.ascontiguousarray(query[None], np.float32)
         found, found_scores = [], []
         for start in range(0, len(self.vectors), SCAN_CHUNK_ROWS):
-            # np.asarray: a plain ndarray view (faiss.contrib.torch_utils, once imported, rejects memmaps)
-            scores, local = faiss.knn(query, np.asarray(self.vectors[start:start + SCAN_CHUNK_ROWS]), k,
+            # a plain float32 ndarray: a view of float32 rows, a copy of a float16 slice (faiss.contrib.torch_utils,
+            # once imported, rejects memmaps)
+            scores, local = faiss.knn(query, np.asarray(self.vectors[start:start + SCAN_CHUNK_ROWS], np.float32), k,
                                       metric=faiss.METRIC_INNER_PRODUCT)
             keep = local[0] >= 0
             found.append(local[0][keep] + start)
@@ -227,7 +228,7 @@ class Searcher:
             index = self._ivf(rows, key, gallery_classes)
         elif key == WHOLE_GALLERY:
             vectors = self.embeddings
-            if not isinstance(vectors, np.memmap) or vectors.dtype != np.float32:
+            if not isinstance(vectors, np.memmap):  # a mapped matrix (float32 or float16) is scanned in slices
                 vectors = np.asarray(vectors, np.float32)
             index = ExactIndex(rows, vectors)
         else:  # a top-1 bucket of a grouped cache is one contiguous block: a sequential read
@@ -328,7 +329,7 @@ class Searcher:
         rows = self.candidate_rows(query, keys, policy.gallery_classes, k)
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
         matrix = self._matrix(policy.dba)
-        vectors = matrix[block] if block else np.asarray(matrix[rows], np.float32)
+        vectors = np.asarray(matrix[block] if block else matrix[rows], np.float32)  # a view of float32 rows
         weight = self.data.manifest.weight_for(policy.weight) if policy.kind == "fused" else (policy.weight or 0.0)
         bonus = np.zeros(len(rows), np.float32)
         if weight:

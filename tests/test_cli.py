@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -116,3 +117,22 @@ def test_a_sheet_in_a_missing_folder_creates_no_folder(built, tmp_path):
     result = CliRunner().invoke(cli, ["duplicates", "--cache", str(built), "--sheet", str(target)])
     assert result.exit_code == 1 and "does not exist" in result.stderr
     assert not target.parent.exists()
+
+
+def test_float16_vectors_take_half_the_disk_and_give_the_same_answers(built, gallery, tmp_path):
+    from lookalike.cache.store import load_cache
+
+    out = tmp_path / "half"
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(out), "--classifier",
+                                      TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER, "--device", "cpu", "--float16"])
+    assert result.exit_code == 0, result.output
+    half, full = load_cache(out), load_cache(built)
+    assert half.columns["embeddings"].dtype == np.float16 and full.columns["embeddings"].dtype == np.float32
+    assert (half.generation / "embeddings.npy").stat().st_size < 0.6 * (full.generation / "embeddings.npy").stat().st_size
+    photos = [str(p) for p in sorted(gallery.glob("*/*.png"))[::4]]
+    for policy in ("flat", "auto", "topk:3"):
+        answers = [json.loads(CliRunner().invoke(cli, ["query", *photos, "--cache", str(cache), "--buckets", policy,
+                                                       "--json", "--device", "cpu"]).stdout) for cache in (out, built)]
+        for a, b in zip(*answers):
+            assert [r["row"] for r in a["results"]] == [r["row"] for r in b["results"]]
+            assert [r["score"] for r in a["results"]] == pytest.approx([r["score"] for r in b["results"]], abs=2e-3)
