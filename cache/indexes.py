@@ -206,15 +206,32 @@ def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, mem
     return record
 
 
-def open_gallery_index(generation: Path | None):
-    """(IndexRecord, the index memory-mapped) of a generation that has one, else None."""
+def open_gallery_index(generation: Path | None, rows: int, dim: int):
+    """(IndexRecord, the index memory-mapped) of a generation that has one, else None. A record or index that is not
+    the one build-cache writes for these `rows` of `dim` (damaged, or planted) is refused with one line."""
     if generation is None or not (generation / RECORD_FILE).is_file():
         return None
     import faiss
 
     try:
         record = IndexRecord(**json.loads((generation / RECORD_FILE).read_text()))
-        return record, faiss.read_index(str(generation / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+        index = faiss.read_index(str(generation / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+        problem = _mismatch(record, index, rows, dim)
     except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserError(f"{generation}: its index cannot be read ({type(err).__name__}); rebuild the cache with "
-                        "build-cache --rebuild") from None
+        problem = f"it cannot be read ({type(err).__name__})"
+    if problem:
+        raise UserError(f"{generation}: its index: {problem}; rebuild the cache with build-cache --rebuild")
+    return record, index
+
+
+def _mismatch(record: IndexRecord, index, rows: int, dim: int) -> str | None:
+    """What makes `record` and `index` unusable for a gallery of `rows` vectors of `dim`; None when nothing."""
+    import faiss
+
+    if record.kind not in ("ivf", "ivfpq") or not all(type(v) is int and 1 <= v <= 1 << 20
+                                                       for v in (record.nprobe, record.candidates)):
+        return f"its record is not one build-cache writes ({record.kind!r}, nprobe {record.nprobe!r}, " \
+               f"candidates {record.candidates!r})"
+    if index.ntotal != rows or index.d != dim or faiss.try_extract_index_ivf(index) is None:
+        return f"it holds {index.ntotal:,} vectors of {index.d} dimensions, the cache {rows:,} of {dim}"
+    return None

@@ -6,6 +6,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,13 @@ SCAN_CHUNK_ROWS = 65_536  # exact scans of a memory-mapped matrix read it in sli
 CACHED_BYTES = 512 << 20  # bucket vectors kept in RAM between queries (LRU), at most
 RERANK_IVF_POOL = 256  # rows a re-ranked (or fused) search takes from a bucket large enough for an IVF index
 TIMED_ROWS = 256  # gallery rows whose k-NN pass is timed to estimate a whole DBA preparation
+
+
+@lru_cache(maxsize=1)
+def preparation_thread() -> ThreadPoolExecutor:
+    """The process's one thread for per-policy preparation, made at the first (every searcher shares it: a server
+    that opens each new cache generation adds no thread)."""
+    return ThreadPoolExecutor(1, "lookalike-prepare", initializer=background_thread)
 
 
 class PreparationBusy(RuntimeError):
@@ -141,13 +149,13 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows
         self.nprobe = nprobe
-        self.gallery_index = open_gallery_index(data.generation)  # (IndexRecord, index) from build-cache --index
+        # (IndexRecord, index) from build-cache --index
+        self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape)
         # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
         self._mutex = threading.Lock()
         self._making: dict[tuple[int, int], threading.Lock] = {}
-        self._preparing = threading.Lock()  # one DBA preparation at a time, on a background thread:
-        self._preparer: ThreadPoolExecutor | None = None  # made at the first, its thread at a lower priority
+        self._preparing = threading.Lock()  # one DBA preparation at a time, on the background thread
         self.prepare_budget_s: float | None = None  # set: refuse a DBA estimated to take longer, and never queue
         self._knn_seconds_per_row: float | None = None
 
@@ -296,12 +304,10 @@ class Searcher:
         return matrix
 
     def _in_background(self, work, *args):
-        """work(*args) on the searcher's preparation thread, one core and a lower priority (background_thread): it
+        """work(*args) on the preparation thread, one core and a lower priority (background_thread): it
         takes the CPU that queries leave idle (a normal query's p95 beside a client sending new DBA policies:
         BENCHMARKS.md, Serving)."""
-        if self._preparer is None:
-            self._preparer = ThreadPoolExecutor(1, "lookalike-prepare", initializer=background_thread)
-        return self._preparer.submit(work, *args).result()
+        return preparation_thread().submit(work, *args).result()
 
     def _within_budget(self, k: int, stored: str) -> None:
         """UserError when a DBA of `k` would take longer than `prepare_budget_s` on this gallery. The estimate is

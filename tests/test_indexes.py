@@ -137,3 +137,38 @@ def test_a_search_for_many_results_probes_enough_lists_to_return_the_exact_ranki
     found, truth = (s.search(query, parse_policy("flat"), 2_000) for s in (indexed, exact))
     assert len(found.rows) == 2_000
     assert np.mean(np.isin(found.rows, truth.rows)) > 0.99
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda g: (g / RECORD_FILE).write_text("{not json"), "cannot be read"),
+    (lambda g: (g / RECORD_FILE).write_text(json.dumps({**json.loads((g / RECORD_FILE).read_text()), "nprobe": -5})),
+     "not one build-cache writes"),
+    (lambda g: (g / RECORD_FILE).write_text(json.dumps({**json.loads((g / RECORD_FILE).read_text()),
+                                                         "candidates": 10**12})), "not one build-cache writes"),
+    (lambda g: (g / "index.faiss").write_bytes((g / "index.faiss").read_bytes()[:1000]), "cannot be read"),
+])
+def test_a_damaged_or_planted_index_is_refused_in_one_line(compressed, tmp_path, damage, message):
+    import shutil
+
+    folder, _ = compressed
+    copy = tmp_path / "cache"
+    shutil.copytree(folder, copy)
+    damage(load_cache(copy).generation)
+    with pytest.raises(UserError, match=message) as refused:
+        Searcher(load_cache(copy))
+    assert "\n" not in str(refused.value) and "rebuild the cache" in str(refused.value)
+
+
+def test_an_index_of_other_rows_is_refused(compressed, tmp_path):
+    """An index.faiss of another generation (another row count) would return rows this cache does not have."""
+    import shutil
+
+    folder, _ = compressed
+    copy = tmp_path / "cache"
+    shutil.copytree(folder, copy)
+    make_synthetic_cache(tmp_path / "small", 2_000, DIM, BUCKETS)
+    small = load_cache(tmp_path / "small")
+    build_gallery_index(small.generation, small.columns["embeddings"], "ivf", parse_memory("1GB"))
+    shutil.copy(small.generation / "index.faiss", load_cache(copy).generation / "index.faiss")
+    with pytest.raises(UserError, match="holds 2,000 vectors of 64 dimensions, the cache 6,000 of 64"):
+        Searcher(load_cache(copy))
