@@ -14,6 +14,9 @@ DBA_COLUMN = "dba"  # optional: DBA vectors of the embeddings (manifest.dba says
 VECTOR_COLUMNS = ("embeddings", DBA_COLUMN)  # unit vectors: every row finite
 KINDS = {DBA_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
+# Vector columns up to this size are checked finite when a cache opens (~0.1 s); a larger one (10^7 rows are 10 GB)
+# was checked when its generation was written, and a search refuses any row it scores that is not (Searcher).
+CHECKED_AT_OPEN_BYTES = 256 << 20
 # Rows are vectors (one row per image) or matrices of a fixed width.
 NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2}
 
@@ -29,7 +32,8 @@ def empty_columns(dim: int, topk: int) -> dict[str, np.ndarray]:
 
 def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: int) -> None:
     """Every column `count` rows long, of the expected kind and shape (vectors 1-D; classes and probs of one width;
-    boxes 4 wide; embeddings and dba `dim` wide and finite); no path outside the gallery. CacheError otherwise."""
+    boxes 4 wide; embeddings and dba `dim` wide and finite, up to CHECKED_AT_OPEN_BYTES); no path outside the
+    gallery. CacheError otherwise."""
     for name, column in columns.items():
         if column.dtype.kind != KINDS[name]:
             raise CacheError(f"{where}: column {name} has dtype {column.dtype}, not a {KINDS[name]!r} array")
@@ -46,7 +50,7 @@ def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: i
         raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
                          "root; the cache is corrupt or was tampered with")
     for name in VECTOR_COLUMNS:
-        row = nonfinite_row(columns[name]) if name in columns else None
+        row = nonfinite_row(columns[name]) if name in columns and columns[name].nbytes <= CHECKED_AT_OPEN_BYTES else None
         if row is not None:
             raise CacheError(f"{where}: column {name} row {row} ({str(columns['paths'][row])[:80]!r}) is not finite; "
                              "the cache is corrupt: rebuild with build-cache --rebuild")

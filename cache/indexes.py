@@ -150,11 +150,32 @@ class CompressedSearch:
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(exact scores, positions in `rows`), best first."""
         wanted = min(len(self.rows), max(self.candidates, 2 * k))
-        _, found = self.index.search(np.ascontiguousarray(query[None], np.float32), wanted, params=self._params(wanted))
+        # faiss.contrib.torch_utils (pytorch-metric-learning imports it) replaces `search` with one taking no search
+        # parameters, keeping faiss's own as `search_numpy`
+        search = getattr(self.index, "search_numpy", self.index.search)
+        _, found = search(np.ascontiguousarray(query[None], np.float32), wanted, params=self._params(wanted))
         found = found[0][found[0] >= 0]
         scores = read_rows(self.embeddings, found) @ np.asarray(query, np.float32)
         best = rank_by_score(scores, min(k, len(found)))
         return scores[best], np.searchsorted(self.rows, found[best])
+
+
+def exact_top(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the exact top k of each query (inner product), best first, over a memory-mapped matrix read a
+    slice at a time: every query in one pass, however large the gallery."""
+    import faiss
+
+    count = len(embeddings)
+    truth = np.full((len(queries), k), -1, np.int64)
+    best = np.full((len(queries), k), -np.inf, np.float32)
+    step = slice_rows(embeddings.shape[1])
+    for start in range(0, count, step):
+        scores, local = faiss.knn(queries, read_rows(embeddings, np.arange(start, min(count, start + step))), k,
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+        merged_scores, merged = np.concatenate([best, scores], 1), np.concatenate([truth, local + start], 1)
+        keep = rank_by_score(merged_scores, k)
+        best, truth = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged, keep, 1)
+    return truth
 
 
 def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]:
@@ -166,15 +187,7 @@ def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]
     count = len(embeddings)
     queries = read_rows(embeddings, np.sort(np.random.default_rng(seed + 1).choice(
         count, min(count, TUNING_QUERIES), replace=False)))
-    truth = np.full((len(queries), 5), -1, np.int64)
-    best = np.full((len(queries), 5), -np.inf, np.float32)
-    step = slice_rows(embeddings.shape[1])
-    for start in range(0, count, step):  # exact top-5 over the memory-mapped rows, a slice at a time
-        scores, local = faiss.knn(queries, read_rows(embeddings, np.arange(start, min(count, start + step))), 5,
-                                  metric=faiss.METRIC_INNER_PRODUCT)
-        merged_scores, merged = np.concatenate([best, scores], 1), np.concatenate([truth, local + start], 1)
-        keep = rank_by_score(merged_scores, 5)
-        best, truth = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged, keep, 1)
+    truth = exact_top(embeddings, queries, 5)
     rows = np.arange(count)
     lists = faiss.extract_index_ivf(index).nlist
     recall = 0.0

@@ -94,7 +94,7 @@ class OneCore:
 ON_ONE_CORE = OneCore()
 
 
-def _expanded(gallery: RerankGallery, queries: np.ndarray, cosine: np.ndarray, ranking: np.ndarray,
+def expanded(gallery: RerankGallery, queries: np.ndarray, cosine: np.ndarray, ranking: np.ndarray,
               qe: tuple[int, float]) -> np.ndarray:
     """alpha-QE: each query expanded by its qe[0] best candidates by `ranking`, weighted by their cosine."""
     count, alpha = qe
@@ -135,7 +135,7 @@ def rerank(gallery: RerankGallery, queries: np.ndarray, cosine: np.ndarray, bonu
     (None: no copies-first step); `depth` how many rows `order` keeps (None: all)."""
     scores = cosine + bonus
     if qe:
-        cosine = gallery.similarities(_expanded(gallery, queries, cosine, scores, qe), np.arange(len(queries)))
+        cosine = gallery.similarities(expanded(gallery, queries, cosine, scores, qe), np.arange(len(queries)))
         scores = cosine + bonus
     if krecip:
         _k_reciprocal(gallery, queries, scores, np.broadcast_to(bonus, scores.shape), krecip)

@@ -18,6 +18,7 @@ from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
 from lookalike.cache.columns import DBA_COLUMN
 from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, open_gallery_index
 from lookalike.cache.mapped import release_pages
+from lookalike.cache.manifest import CacheError
 from lookalike.cache.store import CacheData
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
@@ -260,7 +261,17 @@ class Searcher:
         rows, first = np.unique(rows, return_index=True)  # soft assignment can find an image twice
         scores = scores[first]
         order = rank_by_score(scores, k)
+        self._check_finite(query, rows[order], scores[order])
         return Hits(rows[order], scores[order], candidates, keys)
+
+    def _check_finite(self, query: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> None:
+        """CacheError naming the first of `rows` whose score against a finite query is not finite: its stored vector
+        is not (a cache above CHECKED_AT_OPEN_BYTES was not read whole when it opened: cache/columns.py)."""
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad) and np.isfinite(query).all():
+            row = int(rows[bad[0]])
+            raise CacheError(f"{self.data.root}: row {row} ({str(self.data.columns['paths'][row])[:80]!r}) is not "
+                             "finite; the cache is corrupt: rebuild with build-cache --rebuild")
 
     def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> np.ndarray:
         """The rows a re-ranked search for k results scores: every row of an exact bucket (or of the whole gallery),
@@ -327,12 +338,10 @@ class Searcher:
                             f"{seconds:.1f} s, over the {self.prepare_budget_s:g} s allowed per query; this cache "
                             f"stores {stored}")
 
-    def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
-                  policy: BucketPolicy, k: int) -> Hits:
-        """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
-        +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by."""
-        query = np.asarray(query, np.float32)
-        rows = self.candidate_rows(query, keys, policy.gallery_classes, k)
+    def _scored(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, rows: np.ndarray,
+                policy: BucketPolicy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors, cosine, bonus, plain cosine, matrix) of candidate `rows` under `policy`: the vectors ranked
+        (DBA ones with +dba), the query's cosine to them, the class bonus, the cosine to the stored embeddings."""
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
         matrix = self._matrix(policy.dba)
         vectors = np.asarray(matrix[block] if block else matrix[rows], np.float32)  # a view of float32 rows
@@ -346,6 +355,33 @@ class Searcher:
         cosine = vectors @ query
         plain = cosine if policy.dba is None else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
+        self._check_finite(query, rows, cosine + plain)
+        return vectors, cosine, bonus, plain, matrix
+
+    def _every_row(self, rows: np.ndarray, keys: list[int], gallery_classes: int) -> bool:
+        """Whether candidate_rows' `rows` are every row of the buckets, not a pool that an index proposed."""
+        if WHOLE_GALLERY in keys:
+            return len(rows) == len(self.embeddings)
+        table = self.table(gallery_classes)
+        return len(rows) == len(np.unique(np.concatenate([table.rows_of(key) for key in keys])))
+
+    def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
+                  policy: BucketPolicy, k: int) -> Hits:
+        """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
+        +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by.
+
+        With +qe, candidates an index proposed (a pool of the nearest, not every row) are joined by those it proposes
+        for the expanded query, as a second search would find them."""
+        query = np.asarray(query, np.float32)
+        rows = self.candidate_rows(query, keys, policy.gallery_classes, k)
+        vectors, cosine, bonus, plain, matrix = self._scored(query, classes, probs, rows, policy)
+        if policy.qe and not self._every_row(rows, keys, policy.gallery_classes):
+            expanded = reranking.expanded(reranking.FixedGallery(vectors), query[None], cosine[None],
+                                          (cosine + bonus)[None], policy.qe)[0]
+            more = np.union1d(rows, self.candidate_rows(expanded, keys, policy.gallery_classes, k))
+            if len(more) > len(rows):
+                rows = more
+                vectors, cosine, bonus, plain, matrix = self._scored(query, classes, probs, rows, policy)
         ranking, order = reranking.rerank(reranking.FixedGallery(vectors), query[None], cosine[None], bonus[None],
                                           policy.qe, policy.krecip, plain[None], k)
         ranking, best = ranking[0], order[0]

@@ -206,3 +206,27 @@ def test_a_gallery_larger_than_a_slice_without_crops_publishes(tmp_path, monkeyp
     columns["embeddings"][300, 2] = np.inf
     with pytest.raises(CacheError, match="embeddings row .* is not finite"):
         write_generation(tmp_path / "other", Manifest({}, {}, str(tmp_path), 500, 8), columns)
+
+
+def test_a_large_cache_opens_without_reading_its_vectors_and_a_search_refuses_a_row_that_is_not_finite(
+        tmp_path, monkeypatch):
+    """10^7 rows are 10 GB: above CHECKED_AT_OPEN_BYTES a cache opens without reading them, and a search that scores
+    a damaged row says so in one line instead of ranking it first."""
+    from lookalike.cache import columns as columns_module
+    from lookalike.cache.policies import FLAT, parse_policy
+    from lookalike.cache.search import Searcher
+
+    write_generation(tmp_path / "cache", Manifest({}, {}, str(tmp_path), 500, 8), small_columns(500, 0))
+    generation = tmp_path / "cache" / (tmp_path / "cache" / "CURRENT").read_text()
+    stored = np.load(generation / "embeddings.npy", mmap_mode="r+")
+    query = np.abs(np.asarray(stored[300])) / np.linalg.norm(stored[300])
+    stored[300, 2] = np.inf
+    stored.flush()
+    del stored
+    with pytest.raises(CacheError, match="embeddings row 300 .* is not finite"):
+        load_cache(tmp_path / "cache")
+    monkeypatch.setattr(columns_module, "CHECKED_AT_OPEN_BYTES", 0)
+    searcher = Searcher(load_cache(tmp_path / "cache"))
+    for policy in (FLAT, parse_policy("flat+qe:2")):
+        with pytest.raises(CacheError, match=r"row 300 \('\d+.png'\) is not finite"):
+            searcher.search(query, policy, 5)

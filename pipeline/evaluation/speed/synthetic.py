@@ -17,20 +17,22 @@ SYNTHETIC_BUCKETS = 1000
 
 
 def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int = SYNTHETIC_BUCKETS,
-              noise: float = 1.2):
-    """(vectors, classes[count, 3], query sampler): clustered unit vectors, bucket centres in 50 groups.
+              noise: float = 1.2, into: np.ndarray | None = None):
+    """(vectors, classes[count, 3], query sampler): clustered unit vectors, bucket centres in 50 groups, rows in
+    bucket order (as a cache stores them).
 
     Each vector is its bucket centre plus Gaussian noise (cosine to the centre ~0.64); bucket centres
     scatter around 50 group centres, so neighbouring buckets overlap as similar classes do. Classes are
-    the bucket and its two nearest buckets (a classifier's usual confusions).
+    the bucket and its two nearest buckets (a classifier's usual confusions). The vectors are written into `into`
+    when given (a float16 memory map: 10^7 rows on disk, not in RAM), 100,000 rows at a time.
     """
     rng = np.random.default_rng(seed)
     groups = unit_rows(rng.standard_normal((50, dim), dtype=np.float32))
     group_of = rng.integers(0, 50, buckets)
     centres = unit_rows(groups[group_of] + 0.8 * unit_rows(rng.standard_normal((buckets, dim), dtype=np.float32)))
     near = np.argsort(-(centres @ centres.T), axis=1)[:, :3]  # itself first
-    own = rng.integers(0, buckets, count)
-    vectors = np.empty((count, dim), np.float32)
+    own = np.sort(rng.integers(0, buckets, count))
+    vectors = np.empty((count, dim), np.float32) if into is None else into
     for start in range(0, count, 100_000):
         part = slice(start, min(count, start + 100_000))
         noise_part = rng.standard_normal((len(own[part]), dim), dtype=np.float32) * (noise / np.sqrt(dim))
@@ -45,21 +47,31 @@ def synthetic(count: int, seed: int = 0, dim: int = SYNTHETIC_DIM, buckets: int 
     return vectors, near[own].astype(np.int32), queries
 
 
-def make_synthetic_cache(folder: Path, count: int, dim: int = SYNTHETIC_DIM, buckets: int = SYNTHETIC_BUCKETS) -> None:
-    """A real cache generation (written by cache.generations) holding `count` synthetic rows."""
+def make_synthetic_cache(folder: Path, count: int, dim: int = SYNTHETIC_DIM, buckets: int = SYNTHETIC_BUCKETS,
+                         vector_dtype: type = np.float32) -> None:
+    """A real cache generation (written by cache.generations) holding `count` synthetic rows, its vectors stored as
+    `vector_dtype`. They are made in a memory-mapped file of that dtype beside the cache, so a float16 cache of 10^7
+    rows needs 10 GB of disk twice and little RAM."""
     from lookalike.cache.generations import write_generation
     from lookalike.cache.manifest import Manifest
 
-    vectors, classes, _ = synthetic(count, dim=dim, buckets=buckets)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "synthetic-vectors.npy"
+    into = np.lib.format.open_memmap(source, "w+", np.dtype(vector_dtype), (count, dim))
+    _, classes, _ = synthetic(count, dim=dim, buckets=buckets, into=into)
     columns = {
         "paths": np.char.add("img", np.arange(count).astype(str)), "sizes": np.zeros(count, np.int64),
         "mtimes": np.zeros(count, np.int64), "labels": classes[:, 0].astype(str),
         "label_classes": np.full(count, -1, np.int32), "classes": classes,
         "probs": np.tile(np.array([0.8, 0.15, 0.05], np.float32), (count, 1)),
-        "boxes": np.full((count, 4), np.nan, np.float32), "embeddings": vectors,
+        "boxes": np.full((count, 4), np.nan, np.float32), "embeddings": into,
     }
-    write_generation(folder, Manifest(fingerprint={}, config={}, gallery_root=str(folder), count=count, dim=dim),
-                     columns)
+    try:
+        write_generation(folder, Manifest(fingerprint={}, config={}, gallery_root=str(folder), count=count, dim=dim),
+                         columns, vector_dtype)
+    finally:
+        del into, columns
+        source.unlink()
 
 
 def _memory() -> dict:
