@@ -193,6 +193,12 @@ class DropErrorRecords(logging.Filter):
         return record.levelno < logging.ERROR
 
 
+exact_max_rows_option = click.option(
+    "--exact-max-rows", type=click.IntRange(min=1), default=None,
+    help="above this many images (default 32,768) searches take an index's candidates and `auto` is validated "
+         "through them, with DBA from an approximate k-NN graph; lower it to use that large-gallery path on a small set")
+
+
 @click.group(cls=OneLineGroup)
 @click.version_option(__version__, prog_name="lookalike")
 @click.option("--debug", is_flag=True, help="show the full traceback of an unexpected error")
@@ -215,11 +221,12 @@ def cli(debug):
 @click.option("--index-memory", default="4GB", show_default=True, help="RAM the index may take (auto, ivfpq)")
 @click.option("--float16", is_flag=True, help="store the vectors as float16: half the disk and page cache (scores "
               "within ~1e-3 of float32's)")
+@exact_max_rows_option
 @engine_options
 @pipeline_options(defaults=True)
 @one_line_errors
-def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, index, index_memory, float16, engine,
-                        ray_address, **options):
+def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, index, index_memory, float16, exact_max_rows,
+                        engine, ray_address, **options):
     """Embed every image of a gallery into a cache (resumable, incremental)."""
     import lookalike
     from lookalike.pipeline.build import ProgressBar
@@ -227,7 +234,8 @@ def build_cache_command(gallery, labels_file, out, bucket_by, rebuild, index, in
     with ProgressBar() as progress:
         report = lookalike.build(gallery, out, labels=labels_file, bucket_by=bucket_by, rebuild=rebuild,
                                  engine=engine, ray_address=ray_address, progress=progress, index=index,
-                                 index_memory=index_memory, float16=float16, **options)
+                                 index_memory=index_memory, float16=float16, exact_max_rows=exact_max_rows,
+                                 **options)
     for skipped in report.skipped:
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
     click.echo(report.line())
@@ -414,10 +422,11 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--index", default="auto", show_default=True,
               help="build-cache's gallery index for every cache: auto, exact, ivf or ivfpq[:MEMORY] (ivf or ivfpq "
                    "search every gallery above 1,024 images through it)")
+@exact_max_rows_option
 @engine_options
 @one_line_errors
 def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels, classifier, embedder,
-              buckets, crop, grid_file, device, out, index, engine, ray_address):
+              buckets, crop, grid_file, device, out, index, exact_max_rows, engine, ray_address):
     """Compare configurations on a labelled image set: metrics, costs, report and plots."""
     from lookalike.pipeline.evaluation.benchmark import make_grid, read_grid_file, run_benchmark
 
@@ -427,7 +436,8 @@ def benchmark(data, query_fraction, seed, gallery, queries, gallery_labels, quer
         lists.update(read_grid_file(grid_file))
     cells = make_grid(lists["classifier"], lists["embedder"], lists["buckets"], lists["crop"])
     report = run_benchmark(cells, out, data, query_fraction, seed, gallery, queries, gallery_labels, query_labels,
-                           device, engine=engine, ray_address=ray_address, index=index)
+                           device, engine=engine, ray_address=ray_address, index=index,
+                           exact_max_rows=exact_max_rows)
     from lookalike.pipeline.evaluation.reports import markdown_table
 
     click.echo(markdown_table(report))

@@ -25,7 +25,9 @@ from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rel
 from lookalike.cache.policies import FLAT, BucketPolicy
 from lookalike.cache.rerank import LeaveOneOutDBA, nearest_others
 from lookalike.cache.reranking import HeldOutGallery, rerank
-from lookalike.cache.indexes import EXACT_MAX_ROWS  # DBA needs an exact k-NN pass, as exact search
+from lookalike.cache.indexes import EXACT_MAX_ROWS
+from lookalike.cache.search import WHOLE_GALLERY, Scored, Searcher, rerank_pool
+from lookalike.cache.store import CacheData
 from lookalike.models.machine import usable_cpus
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
@@ -38,6 +40,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
+POOLED_DEPTH = 1_024  # a validation through the search path ranks each query's best this many (R counts up to it)
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
 WORKERS = usable_cpus()  # validation threads
@@ -210,13 +213,15 @@ def auto_family(stored_classes: int) -> list[BucketPolicy]:
     return list(dict.fromkeys(family))
 
 
-def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = True) -> BucketPolicy | None:
+def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = True,
+                  exact_max_rows: int = EXACT_MAX_ROWS) -> BucketPolicy | None:
     """`auto` for a gallery, in two steps on leave-one-out:
     1. of the policies searching fewer images than flat search (candidate fraction rounded to 0.001 below 1) and
        not worse than it, the one searching the fewest (ties: the higher MAP@R); flat when there is none;
-    2. (`rerank`, galleries up to EXACT_MAX_ROWS) a re-ranked flat search of rerank_family() replaces it when it is
-       not worse than flat search and gains MAP@R over step 1's choice scored on the same queries (step 2's
-       sample); the one with the best MAP@R.
+    2. (`rerank`) a re-ranked flat search of rerank_family() replaces it when it is not worse than flat search and
+       gains MAP@R over step 1's choice scored on the same queries (step 2's sample); the one with the best MAP@R.
+       Up to `exact_max_rows` images from score matrices (rerank_scores); above, each query searched through the
+       search path itself (pooled_scores).
     None without labels."""
     family = auto_family(np.asarray(columns["classes"]).shape[1])
     scores = loo_scores(columns, [FLAT, *family], seed)
@@ -225,15 +230,77 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     searched = {p: round(scores[p].candidates, 3) for p in family}
     eligible = [p for p in family if searched[p] < 1 and not_worse(scores[p], scores[FLAT])]
     chosen = min(eligible, key=lambda p: (searched[p], -scores[p].map_at_r), default=FLAT)
-    if not rerank or len(columns["labels"]) > EXACT_MAX_ROWS:
+    if not rerank:
         return chosen
     weight = chosen.weight if chosen.kind == "fused" and chosen.weight else None
     candidates = rerank_family(weight)
-    reranked = rerank_scores(columns, [FLAT, *candidates], seed)
-    baseline = loo_scores(columns, [chosen], seed, RERANK_QUERY_LIMIT)[chosen]  # step 2's queries, not step 1's
+    if len(columns["labels"]) > exact_max_rows:
+        reranked = pooled_scores(columns, [FLAT, chosen, *candidates], seed, exact_max_rows)
+        baseline = reranked[chosen]
+    else:
+        reranked = rerank_scores(columns, [FLAT, *candidates], seed)
+        baseline = loo_scores(columns, [chosen], seed, RERANK_QUERY_LIMIT)[chosen]  # step 2's queries, not step 1's
     better = [p for p in candidates if not_worse(reranked[p], reranked[FLAT])
               and reranked[p].map_at_r > baseline.map_at_r]
     return max(better, key=lambda p: reranked[p].map_at_r, default=chosen)
+
+
+def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], seed: int,
+                  exact_max_rows: int) -> dict[BucketPolicy, Score]:
+    """Leave-one-out Score of each policy on a gallery of any size, each query searched through the search path
+    itself: a Searcher over every row (an IVF index above `exact_max_rows`), re-ranked policies through rerank_pool
+    (a pool of candidates, a second search for +qe), others through Searcher.search. The queries are
+    RERANK_QUERY_LIMIT labelled rows of the whole gallery, each ranked to depth min(R, POOLED_DEPTH). No leak: the
+    query's row is out of its candidates and of every DBA vector it is scored against (LeaveOneOutDBA over the
+    approximate k-NN graph, rows made for candidates only). `columns["embeddings"]`: float32 rows in memory."""
+    labels = np.asarray(columns["labels"])
+    _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    usable = np.flatnonzero((labels != "") & (counts[codes] > 1))
+    queries = np.sort(np.random.default_rng(seed).permutation(usable)[:RERANK_QUERY_LIMIT])
+    vectors, classes, probs = columns["embeddings"], np.asarray(columns["classes"]), np.asarray(columns["probs"])
+    n_relevant = counts[codes[queries]] - 1
+    depth = int(min(n_relevant.max(), POOLED_DEPTH))
+    searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows)
+    dbas = {p.dba for p in policies if p.dba}
+    neighbours = nearest_others(vectors, max(k for k, _ in dbas), exact_max_rows) if dbas else None
+    galleries = {dba: LeaveOneOutDBA(vectors, *dba, neighbours=neighbours) for dba in dbas}
+
+    def ranked(row: int) -> list[np.ndarray]:
+        """Each policy's rows for the query of gallery row `row`, best first, without that row."""
+        query = vectors[row]
+        out = []
+        for policy in policies:
+            if not policy.reranks or policy.uses_buckets:
+                found = searcher.search(query, policy, depth + 1, classes[row], probs[row]).rows
+                out.append(found[found != row][:depth])
+                continue
+            dba, weight = galleries.get(policy.dba), policy.weight or 0.0
+
+            def candidates(q: np.ndarray) -> np.ndarray:
+                found = searcher.candidate_rows(q, [WHOLE_GALLERY], 1, depth)
+                return found[found != row]
+
+            def scored(rows: np.ndarray) -> Scored:
+                plain = vectors[rows] @ query
+                ranked_against = dba.rows_of(rows, row) if dba else vectors[rows]
+                bonus = (weight * class_agreement(classes[row], probs[row], classes[rows], probs[rows])[0] if weight
+                         else np.zeros(len(rows), np.float32))
+                return Scored(ranked_against, ranked_against @ query if dba else plain, bonus, plain)
+
+            rows, _, _, best = rerank_pool(query, policy, depth, candidates, scored,
+                                           lambda rows: len(rows) == len(vectors) - 1)
+            out.append(rows[best])
+        return out
+
+    found = _in_threads(ranked, queries.tolist())
+    scores = {}
+    for i, policy in enumerate(policies):
+        relevance = np.zeros((len(queries), depth), bool)
+        for q, rows in enumerate(f[i] for f in found):
+            relevance[q, :len(rows)] = labels[rows] == labels[queries[q]]
+        capped = np.minimum(n_relevant, depth)
+        scores[policy] = Score(map_at_r(relevance, capped), precision_at_k(relevance, capped, 1), relevance[:, 0], 1.0)
+    return scores
 
 
 # Re-ranking `auto` considers (docs/rerank-study.md: the study's 186 combinations on three galleries, trimmed to those

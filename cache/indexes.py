@@ -76,8 +76,9 @@ def parse_index(text: str, memory: str = DEFAULT_MEMORY) -> tuple[str, int]:
 
 
 def ivf_lists(count: int) -> int:
-    """Inverted lists for `count` vectors: about sqrt(count) (~1,000 rows a list at 10^6)."""
-    return max(1, min(65_536, int(np.sqrt(count))))
+    """Inverted lists for `count` vectors: about sqrt(count) (~1,000 rows a list at 10^6), and at most one per
+    TRAIN_PER_LIST rows (faiss's k-means wants that many training rows per list)."""
+    return max(1, min(65_536, int(np.sqrt(count)), count // TRAIN_PER_LIST))
 
 
 def factory_key(kind: str, count: int, dim: int, memory: int) -> str | None:
@@ -199,6 +200,33 @@ def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]
             if recall >= RECALL_TARGET:
                 return probes, candidates, recall
     return min(lists, PROBES[-1]), CANDIDATES[-1], recall
+
+
+def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
+    the rows (exact scores of the rows it finds): a k-NN graph of any size in O(rows x probed rows), where an exact
+    pass costs O(rows^2). The lists probed are the fewest PROBES whose recall@k against exact search, on
+    TUNING_QUERIES sampled rows, reaches RECALL_TARGET."""
+    count = len(vectors)
+    index = make_index(vectors, f"IVF{ivf_lists(count)},Flat", seed)
+    sample = np.sort(np.random.default_rng(seed + 1).choice(count, min(count, TUNING_QUERIES), replace=False))
+    queries = read_rows(vectors, sample)
+    truth = exact_top(vectors, queries, k)
+    for probes in (p for p in PROBES if p <= index.nlist):
+        index.nprobe = probes
+        found = index.search(queries, k)[1]
+        if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)]) >= RECALL_TARGET:
+            break
+    sims, ids = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+    step = slice_rows(vectors.shape[1])
+    for start in range(0, count, step):
+        part = slice(start, min(count, start + step))
+        sims[part], ids[part] = index.search(read_rows(vectors, np.arange(part.start, part.stop)), k)
+    short = np.flatnonzero((ids < 0).any(axis=1))  # probed lists held fewer than k rows: probe them all
+    if len(short):
+        index.nprobe = index.nlist
+        sims[short], ids[short] = index.search(read_rows(vectors, short), k)
+    return sims, ids
 
 
 def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:

@@ -35,6 +35,9 @@ class Manifest:
     default_policy: str = "flat"  # what `--buckets auto` means for this gallery (cache/autopolicy.py)
     fused_weight: float | None = None  # W fitted for the default policy when it is fused
     dba: list | None = None  # [K, a] of the DBA vectors stored as column `dba` (the default policy's +dba)
+    # build-cache --exact-max-rows: above this many rows search and re-ranking take the large-gallery path (an index's
+    # candidates, an approximate k-NN graph); None: cache/indexes.EXACT_MAX_ROWS
+    exact_max_rows: int | None = None
     labels_file: str | None = None
     skipped: list[dict] = field(default_factory=list)  # {path, reason} of files left out
     # Per model stage, the ONNX export that embedded the rows, checked against eager torch: {"file", "sha256",
@@ -93,6 +96,9 @@ class Manifest:
             raise CacheError(f"{where}: manifest.json has a negative count or dim")
         if self.fused_weight is not None and not isinstance(self.fused_weight, (int, float)):
             raise CacheError(f"{where}: manifest.json fused_weight is not a number")
+        if self.exact_max_rows is not None and (not isinstance(self.exact_max_rows, int)
+                                                or isinstance(self.exact_max_rows, bool) or self.exact_max_rows < 1):
+            raise CacheError(f"{where}: manifest.json exact_max_rows is not a positive whole number")
         if self.dba is not None and not (isinstance(self.dba, list) and len(self.dba) == 2
                                          and all(isinstance(v, (int, float)) for v in self.dba)):
             raise CacheError(f"{where}: manifest.json dba is not [K, a]")

@@ -10,8 +10,11 @@ Leave-one-out validation on the gallery must not let the held-out row shape what
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
+from lookalike.cache.indexes import EXACT_MAX_ROWS, approximate_nearest
 from lookalike.cache.metrics import rank_by_score
 from lookalike.models.outputs import unit_rows
 
@@ -37,9 +40,14 @@ def _weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(similarities, 0.0) ** np.float32(alpha) if alpha else np.ones_like(similarities)
 
 
-def nearest_others(vectors: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it)."""
-    sims, ids = nearest(vectors, vectors, depth + 1)
+def nearest_others(vectors: np.ndarray, depth: int,
+                   exact_max_rows: int = EXACT_MAX_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it): exact up to
+    `exact_max_rows` rows, from an approximate k-NN graph above (cache/indexes.approximate_nearest)."""
+    if len(vectors) > exact_max_rows:
+        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)))
+    else:
+        sims, ids = nearest(vectors, vectors, depth + 1)
     own = ids == np.arange(len(vectors))[:, None]
     # Drop the own row where found, else the last column: every row keeps `depth` others, best first.
     drop = np.where(own.any(axis=1), own.argmax(axis=1), ids.shape[1] - 1)
@@ -63,15 +71,17 @@ def _augment(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.nda
     return unit_rows(_mixed(own, _weights(sims, alpha), vectors, ids))
 
 
-def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None) -> np.ndarray:
+def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None,
+        exact_max_rows: int = EXACT_MAX_ROWS) -> np.ndarray:
     """Database-side augmentation: each row becomes the normalised mean of its k nearest rows, itself included,
-    weighted by similarity^alpha (k=1: unchanged). A `held_out` row contributes to no other row's vector (the
-    gallery that row is scored against in leave-one-out validation)."""
+    weighted by similarity^alpha (k=1: unchanged); the nearest from an approximate k-NN graph above `exact_max_rows`
+    rows. A `held_out` row contributes to no other row's vector (the gallery that row is scored against in
+    leave-one-out validation)."""
     vectors = np.asarray(vectors, np.float32)
     if k <= 1 or len(vectors) < 2:
         return vectors.copy()
     extra = 1 if held_out is not None else 0
-    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1))
+    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows)
     if held_out is not None:
         keep = ids != held_out
         keep &= np.cumsum(keep, axis=1) <= k - 1  # the first k-1 others that are not the held-out row
@@ -85,7 +95,8 @@ class LeaveOneOutDBA:
     """DBA of a gallery from which any one row can be held out exactly and cheaply: `augmented` is dba(vectors,
     k, alpha); holding out row q changes only the rows that had q among their k-1 nearest others (about k-1 rows),
     which are recomputed with their next neighbour instead. Equal to dba(vectors, k, alpha, held_out=q).
-    `neighbours` (nearest_others of at least k columns) lets several of them share one k-NN pass."""
+    `neighbours` (nearest_others of at least k columns) lets several of them share one k-NN pass; over a gallery too
+    large for a score matrix, they come from the approximate graph and only candidates' rows are made (rows_of)."""
 
     def __init__(self, vectors: np.ndarray, k: int, alpha: float = 0.0,
                  neighbours: tuple[np.ndarray, np.ndarray] | None = None):
@@ -98,13 +109,25 @@ class LeaveOneOutDBA:
             sims, ids = neighbours if neighbours is not None else nearest_others(self.vectors, depth)
             self._sims, self._ids = sims[:, :depth], ids[:, :depth].astype(np.int64)
         used = self._ids[:, :k - 1]
-        self.augmented = (_augment(self.vectors, self.vectors, self._sims[:, :k - 1], used, alpha) if k > 1
-                          else self.vectors.copy())
         rows = np.repeat(np.arange(len(self.vectors)), used.shape[1])
         order = np.argsort(used.reshape(-1), kind="stable")
         self._users = rows[order]  # rows listing q among their used neighbours, grouped by q, ascending
         self._starts = np.searchsorted(used.reshape(-1)[order], np.arange(len(self.vectors) + 1))
         self._changed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # without(), memoised per held-out row
+
+    @cached_property
+    def augmented(self) -> np.ndarray:
+        """dba(vectors, k, alpha) of every row, made at its first use (a search through a pool reads only its rows)."""
+        return self._augmented(np.arange(len(self.vectors)))
+
+    def _augmented(self, rows: np.ndarray) -> np.ndarray:
+        """The augmented vectors of `rows` (none held out)."""
+        if "augmented" in self.__dict__:
+            return self.augmented[rows]
+        if self.k <= 1:
+            return self.vectors[rows].copy()
+        return _augment(self.vectors, self.vectors[rows], self._sims[rows, :self.k - 1], self._ids[rows, :self.k - 1],
+                        self.alpha)
 
     def without(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, their augmented vectors) that differ when `row` is held out."""
@@ -132,7 +155,7 @@ class LeaveOneOutDBA:
 
     def rows_of(self, rows: np.ndarray, held_out: int) -> np.ndarray:
         """The augmented vectors of `rows` as seen when `held_out` is held out."""
-        out = self.augmented[rows]
+        out = self._augmented(rows)
         users, vectors = self.without(held_out)  # users: ascending, each once
         changed = np.flatnonzero(np.isin(rows, users))
         out[changed] = vectors[np.searchsorted(users, rows[changed])]

@@ -4,10 +4,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,6 +66,35 @@ def preparation_thread() -> ThreadPoolExecutor:
 class PreparationBusy(RuntimeError):
     """Another query is preparing a policy's DBA matrix right now: under a preparation budget (a server) this one is
     refused, to be sent again shortly, rather than queued behind it."""
+
+
+class Scored(NamedTuple):
+    """A re-ranked search's candidates as scored for its policy."""
+
+    vectors: np.ndarray  # what the candidates are ranked against (DBA vectors with +dba)
+    cosine: np.ndarray  # the query's cosine to those vectors
+    bonus: np.ndarray  # the class term added to it
+    plain: np.ndarray  # the cosine to the stored embeddings (copies first)
+
+
+def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Callable[[np.ndarray], np.ndarray],
+                scored: Callable[[np.ndarray], Scored],
+                every_row: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, Scored, np.ndarray, np.ndarray]:
+    """A re-ranked search, written once for the search and for `auto`'s validation through it: the rows
+    `candidates(query)` gives, scored by `scored(rows)`, ranked by the re-ranking pipeline (cache/reranking.py).
+    With +qe, rows an index proposed (a pool of the nearest: not `every_row`) are joined by those it proposes for the
+    expanded query, a second search. (rows, their Scored, what each was ranked by, the best k positions)."""
+    rows = candidates(query)
+    found = scored(rows)
+    if policy.qe and not every_row(rows):
+        expanded = reranking.expanded(reranking.FixedGallery(found.vectors), query[None], found.cosine[None],
+                                      (found.cosine + found.bonus)[None], policy.qe)[0]
+        more = np.union1d(rows, candidates(expanded))
+        if len(more) > len(rows):
+            rows, found = more, scored(more)
+    ranking, order = reranking.rerank(reranking.FixedGallery(found.vectors), query[None], found.cosine[None],
+                                      found.bonus[None], policy.qe, policy.krecip, found.plain[None], k)
+    return rows, found, ranking[0], order[0]
 
 
 class ExactIndex:
@@ -140,7 +171,7 @@ class Searcher:
     `exact_max_rows` use an IVF index, saved next to the cache generation and memory-mapped back.
     """
 
-    def __init__(self, data: CacheData, index_cache_size: int = 64, exact_max_rows: int = EXACT_MAX_ROWS,
+    def __init__(self, data: CacheData, index_cache_size: int = 64, exact_max_rows: int | None = None,
                  nprobe: int = IVF_NPROBE):
         self.data = data
         self.embeddings = data.columns["embeddings"]
@@ -148,7 +179,7 @@ class Searcher:
         self._dba: OrderedDict[tuple[int, float], np.ndarray] = OrderedDict()
         self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
-        self.exact_max_rows = exact_max_rows
+        self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
         self.nprobe = nprobe
         # (IndexRecord, index) from build-cache --index
         self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape)
@@ -294,9 +325,9 @@ class Searcher:
         if matrix is not None:
             return matrix
         stored = f"DBA {self.data.manifest.dba}" if self.data.manifest.dba else "no DBA"
-        if len(self.embeddings) > EXACT_MAX_ROWS:
-            raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {EXACT_MAX_ROWS:,} images another "
-                            "DBA needs a rebuild with it as the cache's choice")
+        if len(self.embeddings) > self.exact_max_rows:
+            raise UserError(f"+dba:{dba[0]}: this cache stores {stored}; above {self.exact_max_rows:,} images "
+                            "another DBA needs a rebuild with it as the cache's choice")
         if not self._preparing.acquire(blocking=self.prepare_budget_s is None):
             raise PreparationBusy(f"+dba:{dba[0]}: another query is preparing a DBA matrix; send this one again in "
                                   "a moment")
@@ -339,9 +370,8 @@ class Searcher:
                             f"stores {stored}")
 
     def _scored(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, rows: np.ndarray,
-                policy: BucketPolicy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(vectors, cosine, bonus, plain cosine, matrix) of candidate `rows` under `policy`: the vectors ranked
-        (DBA ones with +dba), the query's cosine to them, the class bonus, the cosine to the stored embeddings."""
+                policy: BucketPolicy) -> Scored:
+        """Candidate `rows` scored for a re-ranked `policy` (the vectors ranked are DBA ones with +dba)."""
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
         matrix = self._matrix(policy.dba)
         vectors = np.asarray(matrix[block] if block else matrix[rows], np.float32)  # a view of float32 rows
@@ -356,7 +386,7 @@ class Searcher:
         plain = cosine if policy.dba is None else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
         self._check_finite(query, rows, cosine + plain)
-        return vectors, cosine, bonus, plain, matrix
+        return Scored(vectors, cosine, bonus, plain)
 
     def _every_row(self, rows: np.ndarray, keys: list[int], gallery_classes: int) -> bool:
         """Whether candidate_rows' `rows` are every row of the buckets, not a pool that an index proposed."""
@@ -367,26 +397,16 @@ class Searcher:
 
     def _reranked(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, keys: list[int],
                   policy: BucketPolicy, k: int) -> Hits:
-        """The candidates ranked by the re-ranking pipeline (cache/reranking.py) over their vectors (DBA ones with
-        +dba). `scores` stay the cosine to the stored embeddings; `rank_scores` is what was ranked by.
-
-        With +qe, candidates an index proposed (a pool of the nearest, not every row) are joined by those it proposes
-        for the expanded query, as a second search would find them."""
+        """The candidates ranked by the re-ranking pipeline (rerank_pool). `scores` stay the cosine to the stored
+        embeddings; `rank_scores` is what was ranked by."""
         query = np.asarray(query, np.float32)
-        rows = self.candidate_rows(query, keys, policy.gallery_classes, k)
-        vectors, cosine, bonus, plain, matrix = self._scored(query, classes, probs, rows, policy)
-        if policy.qe and not self._every_row(rows, keys, policy.gallery_classes):
-            expanded = reranking.expanded(reranking.FixedGallery(vectors), query[None], cosine[None],
-                                          (cosine + bonus)[None], policy.qe)[0]
-            more = np.union1d(rows, self.candidate_rows(expanded, keys, policy.gallery_classes, k))
-            if len(more) > len(rows):
-                rows = more
-                vectors, cosine, bonus, plain, matrix = self._scored(query, classes, probs, rows, policy)
-        ranking, order = reranking.rerank(reranking.FixedGallery(vectors), query[None], cosine[None], bonus[None],
-                                          policy.qe, policy.krecip, plain[None], k)
-        ranking, best = ranking[0], order[0]
-        stored = np.asarray(vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
-        release_pages(matrix)
+        gallery_classes = policy.gallery_classes
+        rows, scored, ranking, best = rerank_pool(
+            query, policy, k, lambda q: self.candidate_rows(q, keys, gallery_classes, k),
+            lambda r: self._scored(query, classes, probs, r, policy),
+            lambda r: self._every_row(r, keys, gallery_classes))
+        stored = np.asarray(scored.vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
+        release_pages(self._matrix(policy.dba))
         release_pages(self.embeddings)
         return Hits(rows[best], stored @ query, len(rows), keys, rank_scores=ranking[best])
 

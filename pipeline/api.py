@@ -198,12 +198,14 @@ def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineCon
           embedder: str = PipelineConfig.embedder, crop: bool = False, labels: str | Path | None = None,
           bucket_by: str = "classifier", rebuild: bool = False, progress: Progress | None = None,
           engine: str = "local", ray_address: str | None = None, index: str = "auto",
-          index_memory: str = DEFAULT_MEMORY, float16: bool = False, **options) -> BuildReport:
+          index_memory: str = DEFAULT_MEMORY, float16: bool = False, exact_max_rows: int | None = None,
+          **options) -> BuildReport:
     """Build or update the cache `out` over the images under `gallery` (resumable, incremental).
 
     `labels` is a JSON {"file": "label"} map for a flat gallery (folder names are labels otherwise); `progress` is
     called with (embedded, total) after each batch; `index` (auto, exact, ivf, ivfpq[:MEMORY]) and `index_memory`
     choose the gallery index for large searches (cache/indexes.py); `float16` stores the vectors in half the space;
+    `exact_max_rows` is where the large-gallery path starts (default 32,768; lower forces it on a small set);
     `options` are further pipeline settings (runtime, device, batch_size, detector, ...). Unreadable images are
     skipped and listed in the report."""
     from lookalike.pipeline.engines import create_engine
@@ -212,4 +214,4 @@ def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineCon
     config = PipelineConfig(classifier=classifier, embedder=embedder, crop=crop, **options)
     return build_cache(gallery, out, config, labels, bucket_by, rebuild, progress=progress,
                        engine=create_engine(engine, config, ray_address), index=index, index_memory=index_memory,
-                       float16=float16)
+                       float16=float16, exact_max_rows=exact_max_rows)

@@ -22,10 +22,10 @@ from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
-from lookalike.cache.indexes import DEFAULT_MEMORY, build_gallery_index, factory_key, parse_index
+from lookalike.cache.indexes import DEFAULT_MEMORY, EXACT_MAX_ROWS, build_gallery_index, factory_key, parse_index
 from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
-from lookalike.cache.mapped import StackedRows
+from lookalike.cache.mapped import StackedRows, take_rows
 from lookalike.cache.pending import PendingChunks
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.pipeline.config import PipelineConfig
@@ -106,6 +106,7 @@ class BuildReport:
     skipped: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: embed, choose_policy, publish, index
     index: dict | None = None  # the gallery index made (cache/indexes.IndexRecord), None for exact search
+    auto_path: str | None = None  # how `auto` was validated: "exact" score matrices or "search path" (large galleries)
 
     @property
     def images_per_s(self) -> float:
@@ -221,10 +222,13 @@ def merge_rows(previous: CacheData | None, chunks: list[dict[str, np.ndarray]],
 def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, labels_file: str | Path | None = None,
                 bucket_by: str = "classifier", rebuild: bool = False, progress: Progress | None = None,
                 pipeline: Pipeline | None = None, engine: Engine | None = None, index: str = "auto",
-                index_memory: str = DEFAULT_MEMORY, float16: bool = False) -> BuildReport:
+                index_memory: str = DEFAULT_MEMORY, float16: bool = False,
+                exact_max_rows: int | None = None) -> BuildReport:
     """Create or update the cache at `out` for the images under `gallery` (one build per `out` at a time), with the
     gallery index `index` chooses under `index_memory` (cache/indexes.py), and the vectors stored as float16 when
-    asked (half the disk and page cache)."""
+    asked (half the disk and page cache). Above `exact_max_rows` images (default EXACT_MAX_ROWS) `auto` is validated
+    through the search path and DBA made from an approximate k-NN graph, as searches then take an index's
+    candidates: set lower, it forces that large-gallery path on a small set."""
     started = time.perf_counter()
     gallery, out = Path(gallery).resolve(), Path(out)
     index_kind, memory = parse_index(index, index_memory)
@@ -257,12 +261,13 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
         default_policy, fused_weight, dba = "flat", None, None
         if topk and bucket_by == "classifier":
-            default_policy, fused_weight, dba = _choose_auto(columns, count, summary)
+            default_policy, fused_weight, dba = _choose_auto(columns, count, summary,
+                                                             exact_max_rows or EXACT_MAX_ROWS)
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
             class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
-            fused_weight=fused_weight, dba=dba, labels_file=str(labels_file) if labels_file else None,
+            fused_weight=fused_weight, dba=dba, exact_max_rows=exact_max_rows, labels_file=str(labels_file) if labels_file else None,
             skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
             built=time.strftime("%Y-%m-%dT%H:%M:%S"))
         generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32)
@@ -300,18 +305,24 @@ def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, p
     return todo, stats, labels, summary
 
 
-def _choose_auto(columns: dict, count: int, summary: BuildReport) -> tuple[str, float | None, list | None]:
+def _choose_auto(columns: dict, count: int, summary: BuildReport,
+                 exact_max_rows: int) -> tuple[str, float | None, list | None]:
     """What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels): (default
-    policy, fused weight, DBA); the DBA vectors the choice uses are added to `columns`."""
+    policy, fused weight, DBA); the DBA vectors the choice uses are added to `columns`. Above `exact_max_rows` the
+    validation searches every row (pooled_scores), so the vectors are gathered in memory once for it and the DBA."""
     started = time.perf_counter()
-    chosen = choose_policy(columns)
+    large = count > exact_max_rows
+    embeddings = take_rows(columns["embeddings"], np.arange(count)) if large else None
+    chosen = choose_policy({**columns, "embeddings": embeddings} if large else columns, exact_max_rows=exact_max_rows)
     default_policy = str(chosen) if chosen else "flat"
     fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
     dba = None
     if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
         dba = list(chosen.dba)
-        columns[DBA_COLUMN] = rerank.dba(columns["embeddings"].take(np.arange(count)), *chosen.dba)
+        vectors = embeddings if large else take_rows(columns["embeddings"], np.arange(count))
+        columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows)
     summary.phases["choose_policy"] = time.perf_counter() - started
+    summary.auto_path = "search path, approximate k-NN graph" if large else "exact"
     return default_policy, fused_weight, dba
 
 

@@ -123,7 +123,7 @@ def test_build_cache_makes_the_index_asked_for_and_refuses_an_impossible_one_bef
               "--device", "cpu"]
     built = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "ivf"), "--index", "ivf"])
     assert built.exit_code == 0, built.output
-    assert "index IVF4,Flat (nprobe" in built.stdout
+    assert "index IVF1,Flat (nprobe" in built.stdout  # 18 rows: one list (40 training rows a list)
     record = json.loads((load_cache(tmp_path / "ivf").generation / RECORD_FILE).read_text())
     assert record["kind"] == "ivf" and record["recall_at_5"] == 1.0  # 18 rows: every list is probed in the end
     refused = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "pq"), "--index", "ivfpq:1GB"])
@@ -178,3 +178,15 @@ def test_an_index_of_other_rows_is_refused(compressed, tmp_path):
     shutil.copy(small.generation / "index.faiss", load_cache(copy).generation / "index.faiss")
     with pytest.raises(UserError, match="holds 2,000 vectors of 64 dimensions, the cache 6,000 of 64"):
         Searcher(load_cache(copy))
+
+
+def test_the_approximate_knn_graph_finds_the_exact_neighbours_with_their_exact_scores():
+    """DBA above exact_max_rows takes each row's neighbours from an IVF index probed to recall@k 0.95."""
+    from lookalike.cache.indexes import approximate_nearest, exact_top
+
+    vectors, _, _ = synthetic(ROWS, dim=DIM, buckets=BUCKETS)
+    sims, ids = approximate_nearest(vectors, 10)
+    truth = exact_top(vectors, vectors, 10)
+    assert np.mean([len(np.intersect1d(f, t)) / 10 for f, t in zip(ids, truth)]) >= 0.95
+    assert np.allclose(sims, np.einsum("id,ikd->ik", vectors, vectors[ids]), atol=1e-5)
+    assert (ids[:, 0] == np.arange(ROWS)).mean() > 0.99  # a row is its own nearest

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.cache.autopolicy import FLAT, choose_policy, rerank_scores
+from lookalike.cache.autopolicy import FLAT, choose_policy, pooled_scores, rerank_family, rerank_scores
 from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
 from lookalike.cache.columns import COLUMNS, empty_columns
 from lookalike.cache.store import CacheData, load_cache
+from lookalike.models.errors import UserError
 from lookalike.pipeline.build import build_cache
 from tests.test_fusion import gallery_columns
 
@@ -110,9 +111,41 @@ def test_auto_adopts_reranking_where_it_gains_and_not_where_nothing_can():
     assert choose_policy(perfect) == choose_policy(perfect, rerank=False)  # MAP@R 1 already: nothing to gain
 
 
+def test_validation_through_the_search_path_agrees_with_the_score_matrices():
+    """pooled_scores (galleries above exact_max_rows) searches each held-out query through the search path. Over
+    every row with exact neighbours it is the score matrices' leave-one-out (equal scores may round apart); through
+    an IVF index's candidates and an approximate k-NN graph (exact_max_rows forced low) it stays within 0.01."""
+    columns = gallery_columns(informative_classes=False, per_label=30)
+    policies = [FLAT, *rerank_family(None), *rerank_family(0.5)]
+    exact = rerank_scores(columns, policies)
+    every_row = pooled_scores(columns, policies, 0, len(columns["labels"]))
+    approximate = pooled_scores(columns, policies, 0, 60)
+    for policy in policies:
+        assert every_row[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=1e-3), policy
+        assert np.mean(every_row[policy].hits != exact[policy].hits) <= 0.01, policy
+        assert approximate[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=0.01), policy
+    assert choose_policy(columns, exact_max_rows=60).reranks
+
+
+def test_a_build_above_exact_max_rows_validates_through_the_search_path_and_stores_its_dba(gallery, tiny_config,
+                                                                                           tmp_path, monkeypatch):
+    from lookalike.pipeline import build
+
+    monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+dba:3+qe:2"))
+    report = build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8)
+    data = load_cache(tmp_path / "cache")
+    assert report.auto_path.startswith("search path") and data.manifest.exact_max_rows == 8
+    embeddings = np.asarray(data.columns["embeddings"])
+    assert np.allclose(data.columns["dba"], reference_dba(embeddings, 3), atol=1e-5)  # an IVF probed to recall 0.95
+    searcher = Searcher(data)
+    assert searcher.exact_max_rows == 8
+    with pytest.raises(UserError, match=r"\+dba:5: this cache stores DBA \[3, 0.0\]; above 8 images"):
+        searcher.search(embeddings[0], parse_policy("flat+dba:5"), 3)
+
+
 def test_the_build_stores_the_chosen_dba_and_queries_use_it(gallery, tiny_config, tmp_path, monkeypatch):
     from lookalike.pipeline import build
-    monkeypatch.setattr(build, "choose_policy", lambda columns: parse_policy("flat+dba:3+qe:2"))
+    monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+dba:3+qe:2"))
     build_cache(gallery, tmp_path / "cache", tiny_config)
     data = load_cache(tmp_path / "cache")
     assert data.manifest.default_policy == "flat+dba:3+qe:2" and data.manifest.dba == [3, 0.0]

@@ -104,14 +104,17 @@ class GroupRun:
 
 def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, base: PipelineConfig,
               latency_samples: int, engine: str = "local", ray_address: str | None = None,
-              index: str = "auto") -> GroupRun:
+              index: str = "auto", exact_max_rows: int | None = None) -> GroupRun:
     config = replace(base, classifier=cell.classifier, embedder=cell.embedder, crop=cell.crop == "on")
     pipeline = build_pipeline(config)
     # Keyed by the fingerprint (a changed model, weight file or preprocessing gets a cache of its own) and the index.
     key = hashlib.sha1(json.dumps(fingerprint(pipeline.describe(), "classifier"), sort_keys=True).encode()).hexdigest()[:10]
-    cache_dir = out / "caches" / (key if index == "auto" else f"{key}-{index.replace(':', '-')}")
+    variant = "".join([f"-{index.replace(':', '-')}" if index != "auto" else "",
+                       f"-exact{exact_max_rows}" if exact_max_rows else ""])
+    cache_dir = out / "caches" / f"{key}{variant}"
     summary = build_cache(gallery_dir, cache_dir, config, pipeline=pipeline, progress=ProgressBar(),
-                          engine=create_engine(engine, config, ray_address, pipeline), index=index)
+                          engine=create_engine(engine, config, ray_address, pipeline), index=index,
+                          exact_max_rows=exact_max_rows)
     data = load_cache(cache_dir)
     paths = [str(queries.root / p) for p in queries.paths]
     started = time.perf_counter()
@@ -127,20 +130,26 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
         single.append((time.perf_counter() - started) * 1000)
     cost = {"build_images_per_s": summary.images_per_s or None, "query_images_per_s": len(paths) / batch_seconds,
             "embed_ms_p50": float(np.percentile(single, 50)), "embed_ms_p95": float(np.percentile(single, 95)),
-            "cache_bytes": folder_bytes(cache_dir)}
+            "cache_bytes": folder_bytes(cache_dir), "auto_validated_on": summary.auto_path,
+            "choose_policy_s": summary.phases.get("choose_policy")}
     return GroupRun(Searcher(data), items, np.array(queries.labels), cost)
 
 
 def evaluate_policy(run: GroupRun, policy: BucketPolicy) -> tuple[dict, np.ndarray, np.ndarray, list]:
-    """Metrics of one policy: every query ranks all its candidates (the rest count as not retrieved)."""
+    """Metrics of one policy: every query ranks all its candidates (the rest count as not retrieved); on the
+    large-gallery path (a gallery index, or more rows than the cache's exact_max_rows) to the depth MAP@R needs,
+    the largest R, as a search there takes a pool of an index's candidates for the results asked."""
     columns = run.searcher.data.columns
     gallery_labels = np.asarray(columns["labels"])
     n_gallery = len(gallery_labels)
+    n_relevant = np.array([(gallery_labels == label).sum() for label in run.query_labels])
+    large = run.searcher.gallery_index is not None or n_gallery > run.searcher.exact_max_rows
+    depth = max(CMC_DEPTH, int(n_relevant.max(initial=1))) if large else n_gallery
     relevance = np.zeros((len(run.items), n_gallery), dtype=bool)
     candidates, search_ms, top_rows, agreement = [], [], [], []
     for i, item in enumerate(run.items):
         started = time.perf_counter()
-        hits = run.searcher.search(item.embedding, policy, n_gallery, item.classes, item.probs)
+        hits = run.searcher.search(item.embedding, policy, depth, item.classes, item.probs)
         search_ms.append((time.perf_counter() - started) * 1000)
         relevance[i, :len(hits.rows)] = gallery_labels[hits.rows] == run.query_labels[i]
         candidates.append(hits.candidates)
@@ -148,7 +157,6 @@ def evaluate_policy(run: GroupRun, policy: BucketPolicy) -> tuple[dict, np.ndarr
         if item.classes is not None:
             same = gallery_labels == run.query_labels[i]
             agreement.append(np.mean(columns["classes"][same, 0] == item.classes[0]) if same.any() else np.nan)
-    n_relevant = np.array([(gallery_labels == label).sum() for label in run.query_labels])
     metrics = compute_metrics(relevance, n_relevant, n_gallery)
     metrics["bucket_hit_rate"] = float(np.mean(relevance.any(axis=1)[n_relevant > 0]))
     metrics["candidate_fraction"] = float(np.mean(candidates) / n_gallery)
@@ -161,9 +169,10 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
                   seed: int = 0, gallery: str | None = None, queries: str | None = None,
                   gallery_labels: str | None = None, query_labels: str | None = None, device: str = "auto",
                   latency_samples: int = 20, sheets: int = 6, engine: str = "local",
-                  ray_address: str | None = None, index: str = "auto") -> dict:
+                  ray_address: str | None = None, index: str = "auto", exact_max_rows: int | None = None) -> dict:
     """Run every cell, write report.json, report.md and the pictures into `out`; return the report. `index` is
-    build-cache's gallery index for every cache (ivf or ivfpq forces the approximate search path on small sets)."""
+    build-cache's gallery index for every cache (ivf or ivfpq forces the approximate search path on small sets), and
+    `exact_max_rows` where its large-gallery path starts (lower forces it: pooled validation, approximate DBA)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gallery_set, query_set = _labelled_sets(data, query_fraction, seed, gallery, queries, gallery_labels, query_labels)
@@ -181,7 +190,7 @@ def run_benchmark(cells: list[Cell], out: str | Path, data: str | None = None, q
     for group_cells in groups.values():
         try:
             run = run_group(group_cells[0], gallery_dir, query_set, out, base, latency_samples, engine, ray_address,
-                            index)
+                            index, exact_max_rows)
         except Exception as err:  # a failing group is recorded and the run goes on
             status = "skipped" if isinstance(err, (WeightsUnavailable, FileNotFoundError)) else "failed"
             reason = message_of(err)
