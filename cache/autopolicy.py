@@ -28,6 +28,7 @@ from lookalike.cache.reranking import HeldOutGallery, rerank
 from lookalike.cache.indexes import EXACT_MAX_ROWS
 from lookalike.cache.search import WHOLE_GALLERY, Scored, Searcher, rerank_pool
 from lookalike.cache.store import CacheData
+from lookalike.cache.whitening import can_fit_whitening, fit_whitening, whiten
 from lookalike.models.machine import usable_cpus
 
 # The family `auto` chooses among: query class sets (top N, or a nucleus of probability T over the top 10),
@@ -40,6 +41,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
+WHITENING_FOLDS = 2  # +white is validated cross-fitted: each half of the queries ranked in a whitening fitted without it
 POOLED_DEPTH = 1_024  # a validation through the search path ranks each query's best this many (R counts up to it)
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
@@ -240,7 +242,7 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     else:
         reranked = rerank_scores(columns, [FLAT, *candidates], seed)
         baseline = loo_scores(columns, [chosen], seed, RERANK_QUERY_LIMIT)[chosen]  # step 2's queries, not step 1's
-    better = [p for p in candidates if not_worse(reranked[p], reranked[FLAT])
+    better = [p for p in candidates if p in reranked and not_worse(reranked[p], reranked[FLAT])
               and reranked[p].map_at_r > baseline.map_at_r]
     return max(better, key=lambda p: reranked[p].map_at_r, default=chosen)
 
@@ -248,59 +250,96 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], seed: int,
                   exact_max_rows: int) -> dict[BucketPolicy, Score]:
     """Leave-one-out Score of each policy on a gallery of any size, each query searched through the search path
-    itself: a Searcher over every row (an IVF index above `exact_max_rows`), re-ranked policies through rerank_pool
-    (a pool of candidates, a second search for +qe), others through Searcher.search. The queries are
-    RERANK_QUERY_LIMIT labelled rows of the whole gallery, each ranked to depth min(R, POOLED_DEPTH). No leak: the
-    query's row is out of its candidates and of every DBA vector it is scored against (LeaveOneOutDBA over the
-    approximate k-NN graph, rows made for candidates only). `columns["embeddings"]`: float32 rows in memory."""
+    itself (PooledSearch). The queries are RERANK_QUERY_LIMIT labelled rows of the whole gallery, each ranked to
+    depth min(R, POOLED_DEPTH); with +white policies, cross-fitted as in rerank_scores.
+    A +white policy has no score when the whitening cannot be fitted (no label with two images).
+    `columns["embeddings"]`: float32 rows in memory."""
     labels = np.asarray(columns["labels"])
     _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     usable = np.flatnonzero((labels != "") & (counts[codes] > 1))
     queries = np.sort(np.random.default_rng(seed).permutation(usable)[:RERANK_QUERY_LIMIT])
-    vectors, classes, probs = columns["embeddings"], np.asarray(columns["classes"]), np.asarray(columns["probs"])
-    n_relevant = counts[codes[queries]] - 1
-    depth = int(min(n_relevant.max(), POOLED_DEPTH))
-    searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows)
-    dbas = {p.dba for p in policies if p.dba}
-    neighbours = nearest_others(vectors, max(k for k, _ in dbas), exact_max_rows) if dbas else None
-    galleries = {dba: LeaveOneOutDBA(vectors, *dba, neighbours=neighbours) for dba in dbas}
-
-    def ranked(row: int) -> list[np.ndarray]:
-        """Each policy's rows for the query of gallery row `row`, best first, without that row."""
-        query = vectors[row]
-        out = []
-        for policy in policies:
-            if not policy.reranks or policy.uses_buckets:
-                found = searcher.search(query, policy, depth + 1, classes[row], probs[row]).rows
-                out.append(found[found != row][:depth])
-                continue
-            dba, weight = galleries.get(policy.dba), policy.weight or 0.0
-
-            def candidates(q: np.ndarray) -> np.ndarray:
-                found = searcher.candidate_rows(q, [WHOLE_GALLERY], 1, depth)
-                return found[found != row]
-
-            def scored(rows: np.ndarray) -> Scored:
-                plain = vectors[rows] @ query
-                ranked_against = dba.rows_of(rows, row) if dba else vectors[rows]
-                bonus = (weight * class_agreement(classes[row], probs[row], classes[rows], probs[rows])[0] if weight
-                         else np.zeros(len(rows), np.float32))
-                return Scored(ranked_against, ranked_against @ query if dba else plain, bonus, plain)
-
-            rows, _, _, best = rerank_pool(query, policy, depth, candidates, scored,
-                                           lambda rows: len(rows) == len(vectors) - 1)
-            out.append(rows[best])
-        return out
-
-    found = _in_threads(ranked, queries.tolist())
+    n_relevant = np.minimum(counts[codes[queries]] - 1, POOLED_DEPTH)
+    folds = np.array_split(queries, WHITENING_FOLDS)
+    if not all(can_fit_whitening(np.delete(labels, fold)) for fold in folds):
+        policies = [p for p in policies if not p.white]
+    white = any(p.white for p in policies)
+    search = PooledSearch(columns, policies, exact_max_rows, int(n_relevant.max()))
+    found = []
+    for fold in folds if white else [queries]:
+        search.whitened_without(fold if white else None)
+        found += _in_threads(search.ranked, fold.tolist())
     scores = {}
-    for i, policy in enumerate(policies):
-        relevance = np.zeros((len(queries), depth), bool)
+    for i, policy in enumerate(policies):  # each fold's queries in `queries` order (np.array_split keeps it)
+        relevance = np.zeros((len(queries), search.depth), bool)
         for q, rows in enumerate(f[i] for f in found):
             relevance[q, :len(rows)] = labels[rows] == labels[queries[q]]
-        capped = np.minimum(n_relevant, depth)
-        scores[policy] = Score(map_at_r(relevance, capped), precision_at_k(relevance, capped, 1), relevance[:, 0], 1.0)
+        scores[policy] = Score(map_at_r(relevance, n_relevant), precision_at_k(relevance, n_relevant, 1),
+                               relevance[:, 0], 1.0)
     return scores
+
+
+class PooledSearch:
+    """pooled_scores' search of a held-out gallery row through the search path: a Searcher over every row (an IVF
+    index above `exact_max_rows`); re-ranked flat policies through rerank_pool (a pool of candidates, a second search
+    for +qe), others through Searcher.search. No leak: the row is out of its candidates and of every DBA vector it is
+    scored against (LeaveOneOutDBA over the approximate k-NN graph, rows made for candidates only), and the
+    whitening is fitted without it."""
+
+    def __init__(self, columns: dict[str, np.ndarray], policies: list[BucketPolicy], exact_max_rows: int, depth: int):
+        self.columns, self.policies, self.exact_max_rows, self.depth = columns, policies, exact_max_rows, depth
+        self.vectors = columns["embeddings"]
+        self.classes, self.probs = np.asarray(columns["classes"]), np.asarray(columns["probs"])
+        self.searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows)
+        self.dbas = {(p.dba, p.white) for p in policies if p.dba}
+        self.spaces = {False: self.vectors}
+        self.galleries = self._galleries(False)
+
+    def _galleries(self, white: bool) -> dict:
+        """The LeaveOneOutDBA of each (K, a) the policies name in one space, from one k-NN graph of it."""
+        named = [dba for dba, w in self.dbas if w == white]
+        if not named:
+            return {}
+        graph = nearest_others(self.spaces[white], max(k for k, _ in named), self.exact_max_rows)
+        return {(dba, white): LeaveOneOutDBA(self.spaces[white], *dba, neighbours=graph) for dba in named}
+
+    def whitened_without(self, held_out: np.ndarray | None) -> None:
+        """The whitened space (and its DBAs) fitted on every row but `held_out`; None: no whitened space."""
+        if held_out is None:
+            return
+        labels = np.asarray(self.columns["labels"])
+        whitening = fit_whitening(np.delete(self.vectors, held_out, axis=0), np.delete(labels, held_out))
+        self.spaces[True] = whiten(self.vectors, whitening)
+        self.galleries = {**{key: g for key, g in self.galleries.items() if not key[1]}, **self._galleries(True)}
+
+    def ranked(self, row: int) -> list[np.ndarray]:
+        """Each policy's rows for the query of gallery row `row`, best first, without that row."""
+        out = []
+        for policy in self.policies:
+            if policy.reranks and not policy.uses_buckets:
+                out.append(self._reranked(row, policy))
+            else:
+                found = self.searcher.search(self.vectors[row], policy, self.depth + 1, self.classes[row],
+                                             self.probs[row]).rows
+                out.append(found[found != row][:self.depth])
+        return out
+
+    def _reranked(self, row: int, policy: BucketPolicy) -> np.ndarray:
+        query, space = self.vectors[row], self.spaces[policy.white]
+        dba, weight = self.galleries.get((policy.dba, policy.white)), policy.weight or 0.0
+
+        def candidates(q: np.ndarray) -> np.ndarray:
+            found = self.searcher.candidate_rows(q, [WHOLE_GALLERY], 1, self.depth)
+            return found[found != row]
+
+        def scored(rows: np.ndarray) -> Scored:
+            stored, against = self.vectors[rows], dba.rows_of(rows, row) if dba else space[rows]
+            bonus = (weight * class_agreement(self.classes[row], self.probs[row], self.classes[rows],
+                                              self.probs[rows])[0] if weight else np.zeros(len(rows), np.float32))
+            return Scored(space[row], against, against @ space[row], bonus, stored, stored @ query)
+
+        rows, _, _, best = rerank_pool(query, policy, self.depth, candidates, scored,
+                                       lambda rows: len(rows) == len(self.vectors) - 1)
+        return rows[best]
 
 
 # Re-ranking `auto` considers (docs/rerank-study.md: the study's 186 combinations on three galleries, trimmed to those
@@ -312,20 +351,47 @@ RERANK_KRECIP = ((5, 2), (20, 6))
 
 def rerank_family(weight: float | None) -> list[BucketPolicy]:
     """Flat searches re-ranked by DBA and/or alpha-QE, or k-reciprocal; with the class term (flat@W) when the
-    bucketed choice found one worth a weight."""
+    bucketed choice found one worth a weight; each also in the learned whitened space (+white)."""
     family = [BucketPolicy("flat", weight=weight, dba=d, qe=q) for d in RERANK_DBA for q in RERANK_QE if d or q]
-    return family + [BucketPolicy("flat", weight=weight, krecip=k) for k in RERANK_KRECIP]
+    family += [BucketPolicy("flat", weight=weight, krecip=k) for k in RERANK_KRECIP]
+    return family + [replace(p, white=True) for p in [BucketPolicy("flat", weight=weight), *family]]
 
 
 def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                   seed: int = 0) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of flat re-ranked policies, scored as cache/search.py's re-ranked search does. No leak:
-    the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA)."""
+    the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA), and +white
+    policies are cross-fitted: each of WHITENING_FOLDS parts of the queries is ranked in a whitening fitted on every
+    validation row but that part's."""
     sample = validation_set(columns, seed, RERANK_QUERY_LIMIT)
     if sample is None:
         return None
-    _, queries, vectors, codes, counts, classes, probs = sample
     policies = list(dict.fromkeys(policies))
+    plain, white = [p for p in policies if not p.white], [p for p in policies if p.white]
+    scores = _sample_scores(sample, plain) if plain else {}
+    if white:
+        labels = np.asarray(columns["labels"])[sample.gallery]
+        folds = np.array_split(sample.queries, WHITENING_FOLDS)
+        fitted = [fit_whitening(np.delete(sample.vectors, fold, axis=0), np.delete(labels, fold)) for fold in folds]
+        if all(whitening is not None for whitening in fitted):  # else too few labelled images: no +white score
+            parts = [_sample_scores(sample._replace(queries=fold, vectors=whiten(sample.vectors, whitening)), white)
+                     for fold, whitening in zip(folds, fitted)]
+            scores.update({p: _merged([part[p] for part in parts]) for p in white})
+    return {p: scores[p] for p in policies if p in scores}
+    return {p: scores[p] for p in policies}
+
+
+def _merged(parts: list[Score]) -> Score:
+    """One Score of several parts' queries, in their order."""
+    counts = np.array([len(part.hits) for part in parts])
+    return Score(float(np.average([p.map_at_r for p in parts], weights=counts)),
+                 float(np.average([p.p_at_1 for p in parts], weights=counts)),
+                 np.concatenate([p.hits for p in parts]), 1.0)
+
+
+def _sample_scores(sample: Validation, policies: list[BucketPolicy]) -> dict[BucketPolicy, Score]:
+    """rerank_scores of `policies` on one sample, the queries ranked against its `vectors` as they are."""
+    _, queries, vectors, codes, counts, classes, probs = sample
     n_relevant = counts[codes[queries]] - 1
     agreement = class_agreement(classes[queries], probs[queries], classes, probs) if classes.shape[1] else None
     # Every DBA of the family from one k-NN pass; each held-out row's changed vectors are computed once per DBA.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lookalike.cache.manifest import CacheError
+from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import nonfinite_row
 from lookalike.cache.paths import unsafe_paths
 
@@ -11,14 +11,21 @@ from lookalike.cache.paths import unsafe_paths
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.
 COLUMNS = ("paths", "sizes", "mtimes", "labels", "label_classes", "classes", "probs", "boxes", "embeddings")
 DBA_COLUMN = "dba"  # optional: DBA vectors of the embeddings (manifest.dba says with which K and a)
-VECTOR_COLUMNS = ("embeddings", DBA_COLUMN)  # unit vectors: every row finite
-KINDS = {DBA_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
+WHITE_COLUMN = "white"  # optional: the embeddings whitened (manifest.whitening; cache/whitening.py)
+WHITENING_FILE = "whitening.npy"  # beside them: the whitening itself, [dim + 1, dim] (a query is whitened with it)
+VECTOR_COLUMNS = ("embeddings", DBA_COLUMN, WHITE_COLUMN)  # unit vectors: every row finite
+KINDS = {DBA_COLUMN: "f", WHITE_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
 # Vector columns up to this size are checked finite when a cache opens (~0.1 s); a larger one (10^7 rows are 10 GB)
 # was checked when its generation was written, and a search refuses any row it scores that is not (Searcher).
 CHECKED_AT_OPEN_BYTES = 256 << 20
 # Rows are vectors (one row per image) or matrices of a fixed width.
-NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2}
+NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2, WHITE_COLUMN: 2}
+
+
+def stored_columns(manifest: Manifest) -> tuple[str, ...]:
+    """The columns a generation with this manifest holds: COLUMNS, then DBA and whitened vectors when it has them."""
+    return COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()) + ((WHITE_COLUMN,) if manifest.whitening else ())
 
 
 def empty_columns(dim: int, topk: int) -> dict[str, np.ndarray]:
@@ -41,7 +48,7 @@ def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: i
             raise CacheError(f"{where}: column {name} is {column.ndim}-D {column.shape}, not {NDIM.get(name, 1)}-D")
         if len(column) != count:
             raise CacheError(f"{where}: column {name} has {len(column)} rows, the manifest says {count}")
-    widths = {"boxes": 4, "embeddings": dim, DBA_COLUMN: dim, "probs": columns["classes"].shape[1]}
+    widths = {"boxes": 4, "embeddings": dim, DBA_COLUMN: dim, WHITE_COLUMN: dim, "probs": columns["classes"].shape[1]}
     for name, width in widths.items():
         if name in columns and columns[name].shape[1] != width:
             raise CacheError(f"{where}: column {name} is {columns[name].shape}, not {width} wide")

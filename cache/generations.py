@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.cache.buckets import grouped_order
-from lookalike.cache.columns import COLUMNS, DBA_COLUMN
+from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN, WHITENING_FILE, stored_columns
 from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import StackedRows, first_nonfinite, slice_rows, take_rows
 from lookalike.models.files import fsync_dir, write_text_atomic
@@ -107,9 +107,10 @@ def _generation_numbers(root: Path) -> list[int]:
 
 
 def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows],
-                     vector_dtype: type = np.float32) -> Path:
+                     vector_dtype: type = np.float32, whitening: np.ndarray | None = None) -> Path:
     """Write a complete new generation (rows grouped by top-1 bucket), switch CURRENT to it, delete the others.
-    The embeddings are stored as `vector_dtype` (float16: half the disk and page cache; read back as float32).
+    The embeddings are stored as `vector_dtype` (float16: half the disk and page cache; read back as float32);
+    `whitening` (cache/whitening.py) beside them when the manifest says it has one.
 
     Its number is above every generation on disk, so one left half-published by a crash never blocks the
     publish, and is removed with the rest. The caller holds the build lock.
@@ -121,12 +122,14 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
     staging = root / f"{generation.name}.tmp"
     staging.mkdir()
     order = grouped_order(columns, manifest.bucket_by)
-    names = COLUMNS + ((DBA_COLUMN,) if manifest.dba else ())
+    names = stored_columns(manifest)
     # The DBA vectors stay float32: stored as float16 they changed the order of 2 of the 22 demo answers under auto.
-    vector_dtypes = {"embeddings": vector_dtype, DBA_COLUMN: np.float32}
+    vector_dtypes = {"embeddings": vector_dtype, DBA_COLUMN: np.float32, WHITE_COLUMN: np.float32}
     try:
         for name in names:
             _write_npy(staging / f"{name}.npy", columns[name], order, vector_dtypes.get(name))
+        if manifest.whitening:
+            np.save(staging / WHITENING_FILE, np.asarray(whitening, np.float32), allow_pickle=False)
         write_text_atomic(staging / "manifest.json", manifest.to_json())
     except BaseException as err:  # Ctrl-C included: no staging is left behind
         shutil.rmtree(staging, ignore_errors=True)

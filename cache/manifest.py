@@ -38,6 +38,7 @@ class Manifest:
     # build-cache --exact-max-rows: above this many rows search and re-ranking take the large-gallery path (an index's
     # candidates, an approximate k-NN graph); None: cache/indexes.EXACT_MAX_ROWS
     exact_max_rows: int | None = None
+    whitening: bool = False  # a learned whitening is stored (whitening.npy and column `white`): +white policies
     labels_file: str | None = None
     skipped: list[dict] = field(default_factory=list)  # {path, reason} of files left out
     # Per model stage, the ONNX export that embedded the rows, checked against eager torch: {"file", "sha256",
@@ -96,6 +97,8 @@ class Manifest:
             raise CacheError(f"{where}: manifest.json has a negative count or dim")
         if self.fused_weight is not None and not isinstance(self.fused_weight, (int, float)):
             raise CacheError(f"{where}: manifest.json fused_weight is not a number")
+        if not isinstance(self.whitening, bool):
+            raise CacheError(f"{where}: manifest.json whitening is not true or false")
         if self.exact_max_rows is not None and (not isinstance(self.exact_max_rows, int)
                                                 or isinstance(self.exact_max_rows, bool) or self.exact_max_rows < 1):
             raise CacheError(f"{where}: manifest.json exact_max_rows is not a positive whole number")

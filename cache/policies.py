@@ -15,6 +15,8 @@ Grammar (as typed on the command line):
   flat@W          the whole gallery ranked by cosine + W * p_q . p_g
   ...+soft:M      gallery images count in the buckets of their M most probable classes (default 1)
 Re-ranking of the candidates (cache/rerank.py), in this order after the rest:
+  ...+white       candidates ranked in the gallery's learned whitened space (cache/whitening.py; stored at build
+                  time, so only a cache that stores it takes it), DBA, expansion and k-reciprocal included
   ...+dba:K[@a]   database-side augmentation: gallery vectors replaced by the normalised sum of their K nearest
                   gallery vectors (itself included) weighted by cosine^a (a = 0 by default); stored at build time
   ...+qe:K[@a]    alpha query expansion: the query plus its K best candidates weighted by cosine^a (a = 1), again
@@ -31,11 +33,11 @@ import numpy as np
 from lookalike.models.errors import UserError
 
 _PATTERN = re.compile(r"^(?P<kind>flat|top1|topk|fused)(?::(?P<n>\d+)(?:~(?P<t>[0-9.]+))?)?"
-                      r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?"
+                      r"(?:@(?P<w>[0-9.]+))?(?:\+soft:(?P<m>\d+))?(?:\+(?P<white>white))?"
                       r"(?:\+dba:(?P<dk>\d+)(?:@(?P<da>[0-9.]+))?)?(?:\+qe:(?P<qk>\d+)(?:@(?P<qa>[0-9.]+))?)?"
                       r"(?:\+krecip:(?P<k1>\d+)/(?P<k2>\d+))?$")
 FORMS = ("flat[@W], top1, topk:N[~T], fused[:N[~T]][@W], optionally followed by +soft:M, then re-ranking "
-         "+dba:K[@a], +qe:K[@a], +krecip:K1/K2")
+         "+white, +dba:K[@a], +qe:K[@a], +krecip:K1/K2")
 QE_ALPHA = 1.0  # the expansion's weight exponent when qe:K is given without @a
 # Limits on what a policy from a request may ask for (every entry point parses here): re-ranking sizes bound the
 # work per query (a DBA of K neighbours, an expansion of K rows, k-reciprocal sets of K1), and decimals are finite.
@@ -63,6 +65,7 @@ class BucketPolicy:
     dba: tuple[int, float] | None = None  # (K, a) of +dba:K@a
     qe: tuple[int, float] | None = None  # (K, a) of +qe:K@a
     krecip: tuple[int, int] | None = None  # (K1, K2) of +krecip:K1/K2
+    white: bool = False  # +white: ranked in the learned whitened space the cache stores
 
     @property
     def uses_buckets(self) -> bool:
@@ -71,7 +74,7 @@ class BucketPolicy:
     @property
     def reranks(self) -> bool:
         """Whether candidates are scored beyond plain cosine (class term, DBA vectors, expansion, k-reciprocal)."""
-        return bool(self.weight) or self.kind == "fused" or any((self.dba, self.qe, self.krecip))
+        return bool(self.weight) or self.kind == "fused" or any((self.white, self.dba, self.qe, self.krecip))
 
     def classes_used(self, probs: np.ndarray | None) -> np.ndarray | int:
         """How many of the query's most probable classes pick its buckets (per row of `probs`, best first):
@@ -92,6 +95,7 @@ class BucketPolicy:
         if self.weight is not None:
             text += f"@{_decimal(self.weight)}"
         text += f"+soft:{self.gallery_classes}" if self.gallery_classes > 1 else ""
+        text += "+white" if self.white else ""
         if self.dba:
             text += f"+dba:{self.dba[0]}" + (f"@{_decimal(self.dba[1])}" if self.dba[1] else "")
         if self.qe:
@@ -139,8 +143,8 @@ def parse_policy(text: str) -> BucketPolicy:
 
 
 def _rerank_parts(text: str, match: re.Match) -> dict:
-    """The +dba, +qe and +krecip parts of a policy as BucketPolicy fields."""
-    parts = {}
+    """The +white, +dba, +qe and +krecip parts of a policy as BucketPolicy fields."""
+    parts = {"white": True} if match["white"] else {}
     if match["dk"]:
         parts["dba"] = (_size(text, match["dk"]), _number(text, match["da"], "a") if match["da"] else 0.0)
     if match["qk"]:

@@ -16,12 +16,13 @@ import numpy as np
 from lookalike.cache import rerank, reranking
 from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_agreement
 from lookalike.cache.metrics import rank_by_score
-from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy
-from lookalike.cache.columns import DBA_COLUMN
+from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
+from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
 from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, open_gallery_index
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.manifest import CacheError
 from lookalike.cache.store import CacheData
+from lookalike.cache.whitening import whiten
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write
 from lookalike.models.machine import background_thread, give_back_freed_memory
@@ -71,10 +72,12 @@ class PreparationBusy(RuntimeError):
 class Scored(NamedTuple):
     """A re-ranked search's candidates as scored for its policy."""
 
-    vectors: np.ndarray  # what the candidates are ranked against (DBA vectors with +dba)
+    query: np.ndarray  # the query in the space they are ranked in (whitened with +white)
+    vectors: np.ndarray  # what the candidates are ranked against (whitened and/or DBA vectors)
     cosine: np.ndarray  # the query's cosine to those vectors
     bonus: np.ndarray  # the class term added to it
-    plain: np.ndarray  # the cosine to the stored embeddings (copies first)
+    stored: np.ndarray  # the candidates' stored embeddings (the space an index searches)
+    plain: np.ndarray  # the query's cosine to them (copies first, the scores reported)
 
 
 def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Callable[[np.ndarray], np.ndarray],
@@ -83,16 +86,17 @@ def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Cal
     """A re-ranked search, written once for the search and for `auto`'s validation through it: the rows
     `candidates(query)` gives, scored by `scored(rows)`, ranked by the re-ranking pipeline (cache/reranking.py).
     With +qe, rows an index proposed (a pool of the nearest: not `every_row`) are joined by those it proposes for the
-    expanded query, a second search. (rows, their Scored, what each was ranked by, the best k positions)."""
+    query expanded in the stored space by the same best candidates, a second search. (rows, their Scored, what each
+    was ranked by, the best k positions)."""
     rows = candidates(query)
     found = scored(rows)
     if policy.qe and not every_row(rows):
-        expanded = reranking.expanded(reranking.FixedGallery(found.vectors), query[None], found.cosine[None],
+        expanded = reranking.expanded(reranking.FixedGallery(found.stored), query[None], found.plain[None],
                                       (found.cosine + found.bonus)[None], policy.qe)[0]
         more = np.union1d(rows, candidates(expanded))
         if len(more) > len(rows):
             rows, found = more, scored(more)
-    ranking, order = reranking.rerank(reranking.FixedGallery(found.vectors), query[None], found.cosine[None],
+    ranking, order = reranking.rerank(reranking.FixedGallery(found.vectors), found.query[None], found.cosine[None],
                                       found.bonus[None], policy.qe, policy.krecip, found.plain[None], k)
     return rows, found, ranking[0], order[0]
 
@@ -176,7 +180,7 @@ class Searcher:
         self.data = data
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
-        self._dba: OrderedDict[tuple[int, float], np.ndarray] = OrderedDict()
+        self._dba: OrderedDict[tuple[tuple[int, float], bool], np.ndarray] = OrderedDict()  # by (K, a), +white
         self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
@@ -314,14 +318,24 @@ class Searcher:
             found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, pool)[1]])
         return np.unique(np.concatenate(found))
 
-    def _matrix(self, dba: tuple[int, float] | None) -> np.ndarray:
-        """The vectors candidates are scored against: the embeddings, or their DBA (stored at build time for the
-        cache's own choice; made here once for another K on a gallery small enough for an exact k-NN pass)."""
-        if dba is None:
+    def _space(self, white: bool) -> np.ndarray:
+        """The stored vectors a policy ranks in: the embeddings, or with +white their whitened copy."""
+        if not white:
             return self.embeddings
-        if self.data.manifest.dba == list(dba):
+        if self.data.whitening is None:
+            raise UserError("+white: this cache stores no learned whitening (build-cache stores it when `auto`, "
+                            "validated on the gallery's labels, adopts it)")
+        return self.data.columns[WHITE_COLUMN]
+
+    def _matrix(self, dba: tuple[int, float] | None, white: bool = False) -> np.ndarray:
+        """The vectors candidates are scored against: the embeddings (whitened with +white), or their DBA (stored at
+        build time for the cache's own choice; made here once for another on a gallery up to exact_max_rows)."""
+        space = self._space(white)
+        if dba is None:
+            return space
+        if self.data.manifest.dba == list(dba) and parse_policy(self.data.manifest.default_policy).white == white:
             return self.data.columns[DBA_COLUMN]
-        matrix = self._cached(self._dba, dba)
+        matrix = self._cached(self._dba, (dba, white))
         if matrix is not None:
             return matrix
         stored = f"DBA {self.data.manifest.dba}" if self.data.manifest.dba else "no DBA"
@@ -332,12 +346,12 @@ class Searcher:
             raise PreparationBusy(f"+dba:{dba[0]}: another query is preparing a DBA matrix; send this one again in "
                                   "a moment")
         try:
-            matrix = self._cached(self._dba, dba)  # made by the query this one waited for
+            matrix = self._cached(self._dba, (dba, white))  # made by the query this one waited for
             if matrix is None:
                 self._within_budget(dba[0], stored)
-                matrix = self._in_background(rerank.dba, np.asarray(self.embeddings, np.float32), *dba)
+                matrix = self._in_background(rerank.dba, np.asarray(space, np.float32), *dba)
             with self._mutex:
-                self._dba[dba] = matrix
+                self._dba[(dba, white)] = matrix
                 while len(self._dba) > 1 and sum(m.nbytes for m in self._dba.values()) > DBA_CACHE_BYTES:
                     self._dba.popitem(last=False)  # least recently used first: distinct policies never pile up
             give_back_freed_memory()  # the k-NN pass's and the evicted matrix's memory
@@ -371,9 +385,9 @@ class Searcher:
 
     def _scored(self, query: np.ndarray, classes: np.ndarray | None, probs: np.ndarray | None, rows: np.ndarray,
                 policy: BucketPolicy) -> Scored:
-        """Candidate `rows` scored for a re-ranked `policy` (the vectors ranked are DBA ones with +dba)."""
+        """Candidate `rows` scored for a re-ranked `policy`."""
         block = as_slice(rows)  # the whole gallery, or a top-1 bucket: a view, not a gather
-        matrix = self._matrix(policy.dba)
+        matrix = self._matrix(policy.dba, policy.white)
         vectors = np.asarray(matrix[block] if block else matrix[rows], np.float32)  # a view of float32 rows
         weight = self.data.manifest.weight_for(policy.weight) if policy.kind == "fused" else (policy.weight or 0.0)
         bonus = np.zeros(len(rows), np.float32)
@@ -382,11 +396,12 @@ class Searcher:
                 raise UserError(f"bucket policy {policy} ranks by class agreement and needs a classifier")
             columns = self.data.columns
             bonus = weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
-        cosine = vectors @ query
-        plain = cosine if policy.dba is None else np.asarray(
-            self.embeddings[block] if block else self.embeddings[rows], np.float32) @ query
+        ranked_query = whiten(query, self.data.whitening) if policy.white else query
+        stored = vectors if matrix is self.embeddings else np.asarray(
+            self.embeddings[block] if block else self.embeddings[rows], np.float32)
+        cosine, plain = vectors @ ranked_query, stored @ query
         self._check_finite(query, rows, cosine + plain)
-        return Scored(vectors, cosine, bonus, plain)
+        return Scored(ranked_query, vectors, cosine, bonus, stored, plain)
 
     def _every_row(self, rows: np.ndarray, keys: list[int], gallery_classes: int) -> bool:
         """Whether candidate_rows' `rows` are every row of the buckets, not a pool that an index proposed."""
@@ -405,10 +420,9 @@ class Searcher:
             query, policy, k, lambda q: self.candidate_rows(q, keys, gallery_classes, k),
             lambda r: self._scored(query, classes, probs, r, policy),
             lambda r: self._every_row(r, keys, gallery_classes))
-        stored = np.asarray(scored.vectors[best] if policy.dba is None else self.embeddings[rows[best]], np.float32)
-        release_pages(self._matrix(policy.dba))
+        release_pages(self._matrix(policy.dba, policy.white))
         release_pages(self.embeddings)
-        return Hits(rows[best], stored @ query, len(rows), keys, rank_scores=ranking[best])
+        return Hits(rows[best], scored.plain[best], len(rows), keys, rank_scores=ranking[best])
 
     def search(self, query: np.ndarray, policy: BucketPolicy, k: int,
                classes: np.ndarray | None = None, probs: np.ndarray | None = None) -> Hits:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache.columns import COLUMNS, DBA_COLUMN, check_columns
+from lookalike.cache.columns import WHITENING_FILE, check_columns, stored_columns
 from lookalike.cache.generations import current_generation, read_text
 from lookalike.cache.manifest import CacheError, Manifest
 
@@ -28,6 +28,7 @@ class CacheData:
     manifest: Manifest
     columns: dict[str, np.ndarray]
     generation: Path | None = None  # the generation folder these rows were read from (None: held in memory)
+    whitening: np.ndarray | None = None  # the learned whitening, when the cache stores one (cache/whitening.py)
 
     def __len__(self) -> int:
         return len(self.columns["paths"])
@@ -48,13 +49,29 @@ def _load_generation(root: Path, generation: Path, mmap_mode: str | None) -> Cac
     where = f"{root} ({generation.name})"
     manifest = Manifest.from_json(read_text(generation / "manifest.json", where), where)
     columns = {}
-    for name in COLUMNS + ((DBA_COLUMN,) if manifest.dba else ()):
+    for name in stored_columns(manifest):
         try:
             columns[name] = np.load(generation / f"{name}.npy", mmap_mode=mmap_mode, allow_pickle=False)
         except ValueError as err:  # object arrays (pickles) and malformed headers
             raise CacheError(f"{where}: column {name} is unreadable ({err})") from None
     check_columns(where, columns, manifest.count, manifest.dim)
-    return CacheData(root, manifest, columns, generation)
+    return CacheData(root, manifest, columns, generation, _whitening(generation, manifest, where))
+
+
+def _whitening(generation: Path, manifest: Manifest, where: str) -> np.ndarray | None:
+    """The generation's learned whitening ([dim + 1, dim], finite), None when it has none; CacheError otherwise."""
+    if not manifest.whitening:
+        return None
+    try:
+        whitening = np.load(generation / WHITENING_FILE, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{where}: {WHITENING_FILE} is unreadable ({type(err).__name__}); rebuild with "
+                         "build-cache --rebuild") from None
+    if whitening.shape != (manifest.dim + 1, manifest.dim) or whitening.dtype.kind != "f" or \
+            not np.isfinite(whitening).all():
+        raise CacheError(f"{where}: {WHITENING_FILE} is not a finite [{manifest.dim + 1}, {manifest.dim}] matrix; "
+                         "rebuild with build-cache --rebuild")
+    return whitening
 
 
 def load_cache(root: str | Path, mmap: bool = True, attempts: int = 5) -> CacheData:

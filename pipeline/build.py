@@ -20,7 +20,7 @@ import numpy as np
 from lookalike.cache import rerank
 from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
-from lookalike.cache.columns import COLUMNS, DBA_COLUMN, empty_columns
+from lookalike.cache.columns import COLUMNS, DBA_COLUMN, WHITE_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
 from lookalike.cache.indexes import DEFAULT_MEMORY, EXACT_MAX_ROWS, build_gallery_index, factory_key, parse_index
 from lookalike.cache.lock import BuildLock
@@ -28,6 +28,7 @@ from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_oth
 from lookalike.cache.mapped import StackedRows, take_rows
 from lookalike.cache.pending import PendingChunks
 from lookalike.cache.store import CacheData, load_cache
+from lookalike.cache.whitening import fit_whitening, whiten
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
 from lookalike.pipeline.items import Item
@@ -259,18 +260,19 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
         if bucket_by == "label":
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
-        default_policy, fused_weight, dba = "flat", None, None
+        default_policy, fused_weight, dba, whitening = "flat", None, None, None
         if topk and bucket_by == "classifier":
-            default_policy, fused_weight, dba = _choose_auto(columns, count, summary,
-                                                             exact_max_rows or EXACT_MAX_ROWS)
+            default_policy, fused_weight, dba, whitening = _choose_auto(columns, count, summary,
+                                                                        exact_max_rows or EXACT_MAX_ROWS)
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
             class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
-            fused_weight=fused_weight, dba=dba, exact_max_rows=exact_max_rows, labels_file=str(labels_file) if labels_file else None,
+            fused_weight=fused_weight, dba=dba, exact_max_rows=exact_max_rows, whitening=whitening is not None,
+            labels_file=str(labels_file) if labels_file else None,
             skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
             built=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32)
+        generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32, whitening)
         pending.clear()
         summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
         summary.index = _index(generation, index_kind, memory, summary)
@@ -306,24 +308,29 @@ def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, p
 
 
 def _choose_auto(columns: dict, count: int, summary: BuildReport,
-                 exact_max_rows: int) -> tuple[str, float | None, list | None]:
+                 exact_max_rows: int) -> tuple[str, float | None, list | None, np.ndarray | None]:
     """What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels): (default
-    policy, fused weight, DBA); the DBA vectors the choice uses are added to `columns`. Above `exact_max_rows` the
-    validation searches every row (pooled_scores), so the vectors are gathered in memory once for it and the DBA."""
+    policy, fused weight, DBA, whitening); the DBA and whitened vectors the choice uses are added to `columns`.
+    Above `exact_max_rows` the validation searches every row (pooled_scores), so the vectors are gathered in memory
+    once for it, the whitening and the DBA."""
     started = time.perf_counter()
     large = count > exact_max_rows
     embeddings = take_rows(columns["embeddings"], np.arange(count)) if large else None
     chosen = choose_policy({**columns, "embeddings": embeddings} if large else columns, exact_max_rows=exact_max_rows)
     default_policy = str(chosen) if chosen else "flat"
     fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
-    dba = None
-    if chosen and chosen.dba:  # stored beside the embeddings: a query searches them without a k-NN pass
-        dba = list(chosen.dba)
+    dba = whitening = None
+    if chosen and (chosen.dba or chosen.white):  # stored beside the embeddings: a query needs no k-NN pass nor fit
         vectors = embeddings if large else take_rows(columns["embeddings"], np.arange(count))
-        columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows)
+        if chosen.white:
+            whitening = fit_whitening(vectors, columns["labels"])
+            vectors = columns[WHITE_COLUMN] = whiten(vectors, whitening)
+        if chosen.dba:
+            dba = list(chosen.dba)
+            columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows)
     summary.phases["choose_policy"] = time.perf_counter() - started
     summary.auto_path = "search path, approximate k-NN graph" if large else "exact"
-    return default_policy, fused_weight, dba
+    return default_policy, fused_weight, dba, whitening
 
 
 def _exports(pipeline: Pipeline, previous: CacheData | None, summary: BuildReport) -> dict[str, dict]:

@@ -122,7 +122,7 @@ def test_validation_through_the_search_path_agrees_with_the_score_matrices():
     approximate = pooled_scores(columns, policies, 0, 60)
     for policy in policies:
         assert every_row[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=1e-3), policy
-        assert np.mean(every_row[policy].hits != exact[policy].hits) <= 0.01, policy
+        assert np.sum(every_row[policy].hits != exact[policy].hits) <= 2, policy  # of 180
         assert approximate[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=0.01), policy
     assert choose_policy(columns, exact_max_rows=60).reranks
 
@@ -206,4 +206,4 @@ def test_dba_matrices_of_many_distinct_policies_stay_within_their_budget(monkeyp
     for k in range(2, 40):
         searcher.search(query, parse_policy(f"flat+dba:{k}@0.5"), 5)
     assert sum(matrix.nbytes for matrix in searcher._dba.values()) <= 3 * one
-    assert list(searcher._dba)[-1] == (39, 0.5)
+    assert list(searcher._dba)[-1] == ((39, 0.5), False)  # (DBA, in the whitened space)

@@ -1,0 +1,121 @@
+"""Learned whitening (cache/whitening.py): where images of one label vary most along directions that do not tell
+labels apart, the whitened space finds the right images; `auto` adopts it only where its validation wins, the build
+stores it, and a query uses it; a cache without it, or with a damaged one, says so in one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lookalike.cache.autopolicy import FLAT, choose_policy, rerank_scores
+from lookalike.cache.manifest import CacheError
+from lookalike.cache.policies import parse_policy
+from lookalike.cache.search import Searcher
+from lookalike.cache.store import CacheData, load_cache
+from lookalike.cache.whitening import can_fit_whitening, fit_whitening, whiten
+from lookalike.models.errors import UserError
+from tests.test_fusion import gallery_columns
+
+WHITE = parse_policy("flat+white")
+
+
+def nuisance_columns(per_label: int = 30) -> dict[str, np.ndarray]:
+    """gallery_columns' labels with embeddings whose label signal (4 dimensions) is small beside a large variation
+    shared by every label (12 other dimensions): cosine is ruled by the variation, the whitened cosine by the label."""
+    columns = gallery_columns(informative_classes=False, per_label=per_label)
+    rng = np.random.default_rng(1)
+    codes = np.unique(columns["labels"], return_inverse=True)[1]
+    signal = np.eye(4)[codes % 4] + 0.5 * np.eye(4)[codes // 4] + 0.15 * rng.normal(size=(len(codes), 4))
+    embeddings = np.hstack([signal, 0.7 * rng.normal(size=(len(codes), 12))])
+    columns["embeddings"] = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    return columns
+
+
+def test_whitening_finds_the_label_where_a_shared_variation_hides_it():
+    columns = nuisance_columns()
+    vectors, labels = columns["embeddings"], columns["labels"]
+    held_out = np.arange(0, len(labels), 5)  # fitted on the other images only
+    whitening = fit_whitening(np.delete(vectors, held_out, axis=0), np.delete(labels, held_out))
+    assert whitening.shape == (17, 16) and whitening.dtype == np.float32
+
+    def p_at_1(space: np.ndarray) -> float:
+        scores = space[held_out] @ space.T
+        scores[np.arange(len(held_out)), held_out] = -np.inf
+        return float(np.mean(labels[scores.argmax(axis=1)] == labels[held_out]))
+
+    assert p_at_1(vectors) + 0.15 < p_at_1(whiten(vectors, whitening))  # 0.61 -> 0.81 (36 held-out queries)
+    assert np.allclose(np.linalg.norm(whiten(vectors, whitening), axis=1), 1.0, atol=1e-5)
+
+
+def test_no_label_with_two_images_fits_no_whitening():
+    assert not can_fit_whitening(np.array(["a", "b", "", ""])) and can_fit_whitening(np.array(["a", "a", "b"]))
+    assert fit_whitening(np.eye(4, dtype=np.float32), np.array(["a", "b", "", ""])) is None
+
+
+def test_auto_adopts_whitening_where_its_validation_wins_and_not_where_it_cannot():
+    columns = nuisance_columns()
+    chosen = choose_policy(columns)
+    assert chosen.white, chosen
+    scores = rerank_scores(columns, [FLAT, WHITE])
+    assert scores[WHITE].map_at_r > scores[FLAT].map_at_r + 0.1
+    perfect = gallery_columns(informative_classes=True, per_label=30)
+    perfect["embeddings"] = np.eye(16, dtype=np.float32)[np.unique(perfect["labels"], return_inverse=True)[1]]
+    assert not choose_policy(perfect).white  # MAP@R 1 already: nothing to gain
+
+
+def test_the_whitening_is_validated_without_the_queries_it_scores(monkeypatch):
+    """Cross-fitted: every whitening fitted during validation leaves out the queries it then ranks."""
+    from lookalike.cache import autopolicy
+
+    columns = nuisance_columns()
+    fitted_on = []
+    real_fit = autopolicy.fit_whitening
+
+    def recording_fit(vectors, labels):
+        fitted_on.append({tuple(np.round(row, 6)) for row in np.asarray(vectors)})
+        return real_fit(vectors, labels)
+
+    monkeypatch.setattr(autopolicy, "fit_whitening", recording_fit)
+    sample = autopolicy.validation_set(columns, 0, autopolicy.RERANK_QUERY_LIMIT)
+    rerank_scores(columns, [FLAT, WHITE])
+    folds = np.array_split(sample.queries, autopolicy.WHITENING_FOLDS)
+    assert len(fitted_on) == len(folds)
+    for rows, fold in zip(fitted_on, folds):
+        assert not rows & {tuple(np.round(row, 6)) for row in sample.vectors[fold]}
+
+
+def test_the_build_stores_the_whitening_and_a_query_ranks_in_it(gallery, tiny_config, tmp_path, monkeypatch):
+    from lookalike.pipeline import build
+    from lookalike.pipeline.build import build_cache
+
+    monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+white+qe:2"))
+    build_cache(gallery, tmp_path / "cache", tiny_config)
+    data = load_cache(tmp_path / "cache")
+    assert data.manifest.whitening and data.manifest.default_policy == "flat+white+qe:2"
+    embeddings, labels = np.asarray(data.columns["embeddings"]), data.columns["labels"]
+    whitened = whiten(embeddings, fit_whitening(embeddings, labels))  # its axes' signs may differ: compare cosines
+    assert np.allclose(data.columns["white"] @ data.columns["white"].T, whitened @ whitened.T, atol=1e-4)
+    assert np.allclose(whiten(embeddings, data.whitening), data.columns["white"], atol=1e-5)
+    hits = Searcher(data).search(embeddings[3], WHITE, 4)
+    expected = whitened @ whitened[3]
+    assert hits.rows.tolist() == np.argsort(-expected, kind="stable")[:4].tolist()
+    assert np.allclose(hits.scores, embeddings[hits.rows] @ embeddings[3], atol=1e-5)  # reported: the cosine
+
+    (data.generation / "whitening.npy").write_bytes(b"damaged")
+    with pytest.raises(CacheError, match="whitening.npy is unreadable"):
+        load_cache(tmp_path / "cache")
+    manifest = json.loads((data.generation / "manifest.json").read_text())
+    np.save(data.generation / "whitening.npy", np.full((3, 3), np.nan, np.float32))
+    with pytest.raises(CacheError, match=r"whitening.npy is not a finite \[\d+, \d+\] matrix"):
+        load_cache(tmp_path / "cache")
+    manifest["whitening"] = "yes"
+    (data.generation / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="whitening is not true or false"):
+        load_cache(tmp_path / "cache")
+
+
+def test_a_cache_without_a_whitening_refuses_white_in_one_line():
+    searcher = Searcher(CacheData.in_memory(gallery_columns(informative_classes=False, per_label=5)))
+    with pytest.raises(UserError, match=r"\+white: this cache stores no learned whitening"):
+        searcher.search(np.eye(16, dtype=np.float32)[0], WHITE, 3)
