@@ -42,6 +42,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
 WHITENING_FOLDS = 2  # +white is validated cross-fitted: each half of the queries ranked in a whitening fitted without it
+POOLED_DBA_BYTES = 512 << 20  # a search-path validation makes a whole DBA matrix up to this size (else per pool)
 POOLED_DEPTH = 1_024  # a validation through the search path ranks each query's best this many (R counts up to it)
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
@@ -300,7 +301,11 @@ class PooledSearch:
         if not named:
             return {}
         graph = nearest_others(self.spaces[white], max(k for k, _ in named), self.exact_max_rows)
-        return {(dba, white): LeaveOneOutDBA(self.spaces[white], *dba, neighbours=graph) for dba in named}
+        galleries = {(dba, white): LeaveOneOutDBA(self.spaces[white], *dba, neighbours=graph) for dba in named}
+        if self.vectors.nbytes <= POOLED_DBA_BYTES:  # every row's DBA made once, not per pool (it was 60 % of the time)
+            for gallery in galleries.values():
+                gallery.augmented
+        return galleries
 
     def whitened_without(self, held_out: np.ndarray | None) -> None:
         """The whitened space (and its DBAs) fitted on every row but `held_out`; None: no whitened space."""

@@ -5,7 +5,7 @@ import numpy as np
 
 from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import nonfinite_row
-from lookalike.cache.paths import unsafe_paths
+from lookalike.cache.paths import refuse_unsafe_paths
 
 # Per-image columns; every one has the image count as its first dimension.
 # label_classes: the classifier's index of the folder label (`--bucket-by label`), -1 otherwise.
@@ -16,8 +16,9 @@ WHITENING_FILE = "whitening.npy"  # beside them: the whitening itself, [dim + 1,
 VECTOR_COLUMNS = ("embeddings", DBA_COLUMN, WHITE_COLUMN)  # unit vectors: every row finite
 KINDS = {DBA_COLUMN: "f", WHITE_COLUMN: "f", "paths": "U", "sizes": "i", "mtimes": "i", "labels": "U", "label_classes": "i", "classes": "i",
          "probs": "f", "boxes": "f", "embeddings": "f"}
-# Vector columns up to this size are checked finite when a cache opens (~0.1 s); a larger one (10^7 rows are 10 GB)
-# was checked when its generation was written, and a search refuses any row it scores that is not (Searcher).
+# Vector (and path) columns up to this size are checked when a cache opens (~0.1 s); a larger one (10^7 rows are
+# 10 GB of vectors, 1 GB of paths) was checked when its generation was written, and a search refuses any row it
+# scores that is not finite, or returns whose path leaves the gallery (Searcher).
 CHECKED_AT_OPEN_BYTES = 256 << 20
 # Rows are vectors (one row per image) or matrices of a fixed width.
 NDIM = {"classes": 2, "probs": 2, "boxes": 2, "embeddings": 2, DBA_COLUMN: 2, WHITE_COLUMN: 2}
@@ -39,8 +40,8 @@ def empty_columns(dim: int, topk: int) -> dict[str, np.ndarray]:
 
 def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: int) -> None:
     """Every column `count` rows long, of the expected kind and shape (vectors 1-D; classes and probs of one width;
-    boxes 4 wide; embeddings and dba `dim` wide and finite, up to CHECKED_AT_OPEN_BYTES); no path outside the
-    gallery. CacheError otherwise."""
+    boxes 4 wide; embeddings and dba `dim` wide and finite); no path outside the gallery (these two up to
+    CHECKED_AT_OPEN_BYTES). CacheError otherwise."""
     for name, column in columns.items():
         if column.dtype.kind != KINDS[name]:
             raise CacheError(f"{where}: column {name} has dtype {column.dtype}, not a {KINDS[name]!r} array")
@@ -52,10 +53,8 @@ def check_columns(where: str, columns: dict[str, np.ndarray], count: int, dim: i
     for name, width in widths.items():
         if name in columns and columns[name].shape[1] != width:
             raise CacheError(f"{where}: column {name} is {columns[name].shape}, not {width} wide")
-    bad = unsafe_paths(columns["paths"])
-    if len(bad):
-        raise CacheError(f"{where}: row {bad[0]} names {str(columns['paths'][bad[0]])[:80]!r}, outside the gallery "
-                         "root; the cache is corrupt or was tampered with")
+    if columns["paths"].nbytes <= CHECKED_AT_OPEN_BYTES:
+        refuse_unsafe_paths(where, columns["paths"])
     for name in VECTOR_COLUMNS:
         row = nonfinite_row(columns[name]) if name in columns and columns[name].nbytes <= CHECKED_AT_OPEN_BYTES else None
         if row is not None:

@@ -20,6 +20,7 @@ from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
 from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, open_gallery_index
 from lookalike.cache.mapped import release_pages
+from lookalike.cache.paths import refuse_unsafe_paths
 from lookalike.cache.manifest import CacheError
 from lookalike.cache.store import CacheData
 from lookalike.cache.whitening import whiten
@@ -185,7 +186,7 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
         self.nprobe = nprobe
-        # (IndexRecord, index) from build-cache --index
+        # from build-cache --index
         self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape)
         # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
@@ -265,9 +266,7 @@ class Searcher:
     def _new_index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex | CompressedSearch:
         rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
         if self.gallery_index is not None and len(rows) > INDEXED_MIN_ROWS:
-            record, index = self.gallery_index
-            return CompressedSearch(index, self.embeddings, rows, record.nprobe, record.candidates,
-                                    whole=key == WHOLE_GALLERY)
+            return CompressedSearch(self.gallery_index, self.embeddings, rows, whole=key == WHOLE_GALLERY)
         if len(rows) > self.exact_max_rows:
             index = self._ivf(rows, key, gallery_classes)
         elif key == WHOLE_GALLERY:
@@ -426,7 +425,14 @@ class Searcher:
 
     def search(self, query: np.ndarray, policy: BucketPolicy, k: int,
                classes: np.ndarray | None = None, probs: np.ndarray | None = None) -> Hits:
-        """The k best gallery rows for one L2-normalised query embedding under `policy`."""
+        """The k best gallery rows for one L2-normalised query embedding under `policy`; CacheError when a row
+        found names a path outside the gallery (a large cache's paths are not all read when it opens)."""
+        hits = self._search(query, policy, k, classes, probs)
+        refuse_unsafe_paths(str(self.data.root), self.data.columns["paths"], hits.rows)
+        return hits
+
+    def _search(self, query: np.ndarray, policy: BucketPolicy, k: int, classes: np.ndarray | None,
+                probs: np.ndarray | None) -> Hits:
         if len(self.embeddings) == 0:
             return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, [])
         if not policy.uses_buckets:

@@ -5,17 +5,19 @@ Prints a Markdown table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.cache.indexes import build_gallery_index, exact_top, parse_index
+from lookalike.cache.indexes import IndexRecord, build_gallery_index, exact_top, parse_index
 from lookalike.cache.policies import parse_policy
 from lookalike.cache.search import Searcher
 from lookalike.cache.store import load_cache
@@ -55,6 +57,22 @@ def resident_mib() -> dict[str, float]:
     return {key: int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile")}
 
 
+def prepare(folder: Path, rows: int, float16: bool, kind: str, memory: int) -> dict:
+    """Make the synthetic cache in `folder`, its gallery index and the exact answers (exact.npz); the seconds the
+    cache and the index took, and the index's record."""
+    cache = folder / "cache"
+    started = time.perf_counter()
+    make_synthetic_cache(cache, rows, vector_dtype=np.float16 if float16 else np.float32)
+    made = time.perf_counter() - started
+    data = load_cache(cache)
+    started = time.perf_counter()
+    record = build_gallery_index(data.generation, data.columns["embeddings"], kind, memory)
+    built = time.perf_counter() - started
+    queries, classes = synthetic(1)[2](QUERIES)  # the sampler depends on the seed only
+    np.savez(folder / "exact.npz", **exact_answers(data, queries, classes))
+    return {"made": made, "built": built, "record": asdict(record) if record else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -63,24 +81,24 @@ def main() -> None:
     parser.add_argument("--float16", action="store_true", help="store the vectors as float16 (build-cache --float16)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic cache is written (a temporary "
                         "folder by default; 10^7 float16 rows need 20 GB while it is made)")
+    parser.add_argument("--keep", action="store_true", help="keep the cache (and its index and exact answers) in "
+                        "--workdir and measure an earlier one again instead of making it")
     args = parser.parse_args()
+    if args.keep and args.workdir is None:
+        parser.error("--keep needs --workdir")
     kind, memory = parse_index(args.index, args.index_memory)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
-        cache = Path(folder) / "cache"
-        started = time.perf_counter()
-        make_synthetic_cache(cache, args.rows, vector_dtype=np.float16 if args.float16 else np.float32)
-        made = time.perf_counter() - started
-        data = load_cache(cache)
-        started = time.perf_counter()
-        record = build_gallery_index(data.generation, data.columns["embeddings"], kind, memory)
-        built = time.perf_counter() - started
-        queries, classes = synthetic(1)[2](QUERIES)  # the sampler depends on the seed only
-        answers = Path(folder) / "exact.npz"
-        np.savez(answers, **exact_answers(data, queries, classes))
-        del data
+    kept = args.workdir / f"synthetic-{args.rows}-{'float16' if args.float16 else 'float32'}-{args.index}" \
+        if args.keep else None
+    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory(dir=args.workdir) as folder:
+        prepared = Path(folder) / "prepared.json"
+        if not prepared.is_file():
+            prepared.write_text(json.dumps(prepare(Path(folder), args.rows, args.float16, kind, memory)))
+        made, built, record = json.loads(prepared.read_text()).values()
+        record = IndexRecord(**record) if record else None
         figures = {policy: json.loads(subprocess.run(
-            [sys.executable, __file__, "--measure", str(cache), policy, str(answers)], check=True,
-            capture_output=True, text=True).stdout) for policy in ("flat", "topk:3")}
+            [sys.executable, __file__, "--measure", str(Path(folder) / "cache"), policy,
+             str(Path(folder) / "exact.npz")], check=True, capture_output=True, text=True).stdout)
+            for policy in ("flat", "topk:3")}
     stored = 2 if args.float16 else 4
     matrix_mib = args.rows * 512 * stored / 2**20
     index = (f"{record.key}, nprobe {record.nprobe}, {record.candidates} candidates, tuned recall@5 "

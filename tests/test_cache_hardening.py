@@ -210,8 +210,9 @@ def test_a_gallery_larger_than_a_slice_without_crops_publishes(tmp_path, monkeyp
 
 def test_a_large_cache_opens_without_reading_its_vectors_and_a_search_refuses_a_row_that_is_not_finite(
         tmp_path, monkeypatch):
-    """10^7 rows are 10 GB: above CHECKED_AT_OPEN_BYTES a cache opens without reading them, and a search that scores
-    a damaged row says so in one line instead of ranking it first."""
+    """10^7 rows are 10 GB: above CHECKED_AT_OPEN_BYTES a cache opens without reading its vectors and paths, and a
+    search that scores a damaged row, or finds a row whose path leaves the gallery, says so in one line instead of
+    ranking it first or returning it."""
     from lookalike.cache import columns as columns_module
     from lookalike.cache.policies import FLAT, parse_policy
     from lookalike.cache.search import Searcher
@@ -230,3 +231,12 @@ def test_a_large_cache_opens_without_reading_its_vectors_and_a_search_refuses_a_
     for policy in (FLAT, parse_policy("flat+qe:2")):
         with pytest.raises(CacheError, match=r"row 300 \('\d+.png'\) is not finite"):
             searcher.search(query, policy, 5)
+    paths = np.load(generation / "paths.npy")
+    np.save(generation / "paths.npy", np.where(np.arange(len(paths)) == 300, "../../etc/passwd", paths))
+    stored = np.load(generation / "embeddings.npy", mmap_mode="r+")
+    stored[300] = 100 * query  # the best inner product (these rows are not unit vectors)
+    stored.flush()
+    del stored
+    data = load_cache(tmp_path / "cache")
+    with pytest.raises(CacheError, match=r"row 300 names '../../etc/passwd', outside the gallery root"):
+        Searcher(data).search(query, FLAT, 5)
