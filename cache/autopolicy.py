@@ -21,6 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from lookalike.cache.buckets import class_agreement
+from lookalike.cache.columns import WHITE_COLUMN
 from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, relevance_matrix
 from lookalike.cache.policies import FLAT, BucketPolicy
 from lookalike.cache.rerank import LeaveOneOutDBA, nearest_others
@@ -314,6 +315,9 @@ class PooledSearch:
         labels = np.asarray(self.columns["labels"])
         whitening = fit_whitening(np.delete(self.vectors, held_out, axis=0), np.delete(labels, held_out))
         self.spaces[True] = whiten(self.vectors, whitening)
+        data = CacheData.in_memory({**self.columns, WHITE_COLUMN: self.spaces[True]}, whitening=True)
+        data.whitening = whitening
+        self.white_searcher = Searcher(data, exact_max_rows=self.exact_max_rows)  # its candidates: whitened
         self.galleries = {**{key: g for key, g in self.galleries.items() if not key[1]}, **self._galleries(True)}
 
     def ranked(self, row: int) -> list[np.ndarray]:
@@ -333,7 +337,8 @@ class PooledSearch:
         dba, weight = self.galleries.get((policy.dba, policy.white)), policy.weight or 0.0
 
         def candidates(q: np.ndarray) -> np.ndarray:
-            found = self.searcher.candidate_rows(q, [WHOLE_GALLERY], 1, self.depth)
+            searcher = self.white_searcher if policy.white else self.searcher
+            found = searcher.candidate_rows(q, [WHOLE_GALLERY], 1, self.depth, policy.white)
             return found[found != row]
 
         def scored(rows: np.ndarray) -> Scored:

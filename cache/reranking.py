@@ -13,7 +13,6 @@ queries, each one's own row held out of its gallery) differ only in the RerankGa
 from __future__ import annotations
 
 import threading
-from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -79,7 +78,9 @@ class OneCore:
     def __enter__(self) -> None:
         with self._lock:
             if self._users == 0:
-                self._limits = _controller().limit(limits=1)
+                from threadpoolctl import threadpool_limits  # finds the libraries loaded now (~4 ms)
+
+                self._limits = threadpool_limits(limits=1)
             self._users += 1
 
     def __exit__(self, *exc) -> None:
@@ -88,15 +89,6 @@ class OneCore:
             if self._users == 0:
                 self._limits.restore_original_limits()
                 self._limits = None
-
-
-@lru_cache(maxsize=1)
-def _controller():
-    """threadpoolctl's view of the loaded BLAS and OpenMP libraries, found once: finding them reads the process's
-    memory map (4 ms, paid by every k-reciprocal query before)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
 
 
 ON_ONE_CORE = OneCore()

@@ -182,7 +182,7 @@ class Searcher:
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
         self._dba: OrderedDict[tuple[tuple[int, float], bool], np.ndarray] = OrderedDict()  # by (K, a), +white
-        self._indexes: OrderedDict[tuple[int, int], ExactIndex | IVFIndex] = OrderedDict()
+        self._indexes: OrderedDict[tuple[int, int, bool], ExactIndex | IVFIndex] = OrderedDict()
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
         self.nprobe = nprobe
@@ -206,18 +206,19 @@ class Searcher:
                 table = self._tables.setdefault(gallery_classes, table)
         return table
 
-    def _index_file(self, key: int, gallery_classes: int) -> Path | None:
+    def _index_file(self, key: int, gallery_classes: int, white: bool) -> Path | None:
         """Where an IVF index of this cache generation is saved: beside its memory-mapped embeddings."""
         filename = getattr(self.embeddings, "filename", None)
         if not isinstance(self.embeddings, np.memmap) or not filename:
             return None  # an in-memory cache (during a build): nothing to save next to
-        name = "flat" if key == WHOLE_GALLERY else f"bucket-{key}-m{gallery_classes}"
+        name = ("flat" if key == WHOLE_GALLERY else f"bucket-{key}-m{gallery_classes}") + ("-white" if white else "")
         return Path(filename).parent / f"ivf-{name}.faiss"
 
-    def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int) -> IVFIndex:
+    def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int, white: bool) -> IVFIndex:
         import faiss
 
-        path = self._index_file(key, gallery_classes)
+        path = self._index_file(key, gallery_classes, white)
+        vectors = self._space(white)
         if path is not None and path.is_file():
             try:
                 index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
@@ -226,9 +227,9 @@ class Searcher:
                     return index
             except RuntimeError:
                 pass  # unreadable (cut short): build it again
-        index = IVFIndex(rows, build_ivf(self.embeddings, None if key == WHOLE_GALLERY else rows), self.nprobe)
-        release_pages(self.embeddings)
-        index.nbytes = len(rows) * self.embeddings.shape[1] * 4
+        index = IVFIndex(rows, build_ivf(vectors, None if key == WHOLE_GALLERY else rows), self.nprobe)
+        release_pages(vectors)
+        index.nbytes = len(rows) * vectors.shape[1] * 4
         if path is not None:
             try:
                 atomic_write(path, lambda tmp: faiss.write_index(index.index, str(tmp)))
@@ -246,16 +247,17 @@ class Searcher:
             cache.move_to_end(key)
             return cache[key]
 
-    def index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex | CompressedSearch:
-        """The index over bucket `key` (WHOLE_GALLERY: every row) under `gallery_classes` soft buckets, made once."""
-        cache_key = (key, gallery_classes)
+    def index(self, key: int, gallery_classes: int, white: bool = False) -> ExactIndex | IVFIndex | CompressedSearch:
+        """The index over bucket `key` (WHOLE_GALLERY: every row) under `gallery_classes` soft buckets, of the stored
+        embeddings or (`white`) of their whitened copy, made once."""
+        cache_key = (key, gallery_classes, white)
         index = self._cached(self._indexes, cache_key)
         if index is not None:
             return index
         with self._mutex:
             making = self._making.setdefault(cache_key, threading.Lock())
         with making:
-            index = self._cached(self._indexes, cache_key) or self._new_index(key, gallery_classes)
+            index = self._cached(self._indexes, cache_key) or self._new_index(key, gallery_classes, white)
             with self._mutex:
                 self._indexes[cache_key] = index
                 while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
@@ -263,21 +265,24 @@ class Searcher:
                     self._indexes.popitem(last=False)
         return index
 
-    def _new_index(self, key: int, gallery_classes: int) -> ExactIndex | IVFIndex | CompressedSearch:
+    def _new_index(self, key: int, gallery_classes: int, white: bool) -> ExactIndex | IVFIndex | CompressedSearch:
+        """The gallery index (build-cache --index: of the stored embeddings) over more than INDEXED_MIN_ROWS rows,
+        else an IVF index above exact_max_rows, else an exact scan."""
         rows = np.arange(len(self.embeddings)) if key == WHOLE_GALLERY else self.table(gallery_classes).rows_of(key)
-        if self.gallery_index is not None and len(rows) > INDEXED_MIN_ROWS:
+        if self.gallery_index is not None and not white and len(rows) > INDEXED_MIN_ROWS:
             return CompressedSearch(self.gallery_index, self.embeddings, rows, whole=key == WHOLE_GALLERY)
+        space = self._space(white)
         if len(rows) > self.exact_max_rows:
-            index = self._ivf(rows, key, gallery_classes)
+            index = self._ivf(rows, key, gallery_classes, white)
         elif key == WHOLE_GALLERY:
-            vectors = self.embeddings
+            vectors = space
             if not isinstance(vectors, np.memmap):  # a mapped matrix (float32 or float16) is scanned in slices
                 vectors = np.asarray(vectors, np.float32)
             index = ExactIndex(rows, vectors)
         else:  # a top-1 bucket of a grouped cache is one contiguous block: a sequential read
             block = as_slice(rows)
-            index = ExactIndex(rows, np.array(self.embeddings[block if block else rows], dtype=np.float32))
-            release_pages(self.embeddings)
+            index = ExactIndex(rows, np.array(space[block if block else rows], dtype=np.float32))
+            release_pages(space)
         return index
 
     def nearest(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> Hits:
@@ -307,23 +312,32 @@ class Searcher:
             raise CacheError(f"{self.data.root}: row {row} ({str(self.data.columns['paths'][row])[:80]!r}) is not "
                              "finite; the cache is corrupt: rebuild with build-cache --rebuild")
 
-    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int) -> np.ndarray:
+    def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int,
+                       white: bool = False) -> np.ndarray:
         """The rows a re-ranked search for k results scores: every row of an exact bucket (or of the whole gallery),
-        the max(RERANK_IVF_POOL, k) nearest of an indexed one; ascending, each once."""
+        the max(RERANK_IVF_POOL, k) nearest of an indexed one, in the whitened space for a `white` policy (the rows
+        it ranks high can lie far from the query in the stored one); ascending, each once."""
         pool = max(RERANK_IVF_POOL, k)
+        if white:
+            query = whiten(query, self._whitening())
         found = []
         for key in keys:
-            index = self.index(key, gallery_classes)
+            index = self.index(key, gallery_classes, white)
             found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, pool)[1]])
         return np.unique(np.concatenate(found))
+
+    def _whitening(self) -> np.ndarray:
+        """The cache's learned whitening; UserError when it stores none."""
+        if self.data.whitening is None:
+            raise UserError("+white: this cache stores no learned whitening (build-cache stores it when `auto`, "
+                            "validated on the gallery's labels, adopts it)")
+        return self.data.whitening
 
     def _space(self, white: bool) -> np.ndarray:
         """The stored vectors a policy ranks in: the embeddings, or with +white their whitened copy."""
         if not white:
             return self.embeddings
-        if self.data.whitening is None:
-            raise UserError("+white: this cache stores no learned whitening (build-cache stores it when `auto`, "
-                            "validated on the gallery's labels, adopts it)")
+        self._whitening()
         return self.data.columns[WHITE_COLUMN]
 
     def _matrix(self, dba: tuple[int, float] | None, white: bool = False) -> np.ndarray:
@@ -395,7 +409,7 @@ class Searcher:
                 raise UserError(f"bucket policy {policy} ranks by class agreement and needs a classifier")
             columns = self.data.columns
             bonus = weight * class_agreement(classes, probs, columns["classes"][rows], columns["probs"][rows])[0]
-        ranked_query = whiten(query, self.data.whitening) if policy.white else query
+        ranked_query = whiten(query, self._whitening()) if policy.white else query
         stored = vectors if matrix is self.embeddings else np.asarray(
             self.embeddings[block] if block else self.embeddings[rows], np.float32)
         cosine, plain = vectors @ ranked_query, stored @ query
@@ -416,7 +430,7 @@ class Searcher:
         query = np.asarray(query, np.float32)
         gallery_classes = policy.gallery_classes
         rows, scored, ranking, best = rerank_pool(
-            query, policy, k, lambda q: self.candidate_rows(q, keys, gallery_classes, k),
+            query, policy, k, lambda q: self.candidate_rows(q, keys, gallery_classes, k, policy.white),
             lambda r: self._scored(query, classes, probs, r, policy),
             lambda r: self._every_row(r, keys, gallery_classes))
         release_pages(self._matrix(policy.dba, policy.white))

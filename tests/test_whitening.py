@@ -119,3 +119,15 @@ def test_a_cache_without_a_whitening_refuses_white_in_one_line():
     searcher = Searcher(CacheData.in_memory(gallery_columns(informative_classes=False, per_label=5)))
     with pytest.raises(UserError, match=r"\+white: this cache stores no learned whitening"):
         searcher.search(np.eye(16, dtype=np.float32)[0], WHITE, 3)
+
+
+def test_above_exact_max_rows_a_whitened_policy_takes_its_candidates_in_the_whitened_space():
+    """Through an index, a +white search's pool comes from an index of the whitened rows: the rows it ranks high lie
+    far from the query in the stored space (a pool of the stored space's 256 nearest lost them)."""
+    from lookalike.cache.autopolicy import pooled_scores
+
+    columns = nuisance_columns(per_label=150)  # 900 images: a pool of 256 is not all of them
+    exact = rerank_scores(columns, [FLAT, WHITE])
+    through_index = pooled_scores(columns, [FLAT, WHITE], 0, 100)
+    assert through_index[WHITE].map_at_r == pytest.approx(exact[WHITE].map_at_r, abs=0.01)
+    assert through_index[WHITE].map_at_r > through_index[FLAT].map_at_r + 0.1
