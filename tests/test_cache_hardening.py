@@ -240,3 +240,23 @@ def test_a_large_cache_opens_without_reading_its_vectors_and_a_search_refuses_a_
     data = load_cache(tmp_path / "cache")
     with pytest.raises(CacheError, match=r"row 300 names '../../etc/passwd', outside the gallery root"):
         Searcher(data).search(query, FLAT, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_read_rows_reads_near_rows_in_one_call_and_returns_exactly_the_rows_asked(tmp_path, monkeypatch, dtype):
+    """read_rows (candidates re-scored from a memory-mapped matrix) merges rows closer than MERGE_BYTES into one
+    pread: 1,024 scattered candidates of one bucket are one call, not 1,024."""
+    written = np.lib.format.open_memmap(tmp_path / "m.npy", "w+", dtype, (20_000, 64))
+    written[:] = np.random.default_rng(0).normal(size=written.shape)
+    written.flush()
+    matrix = np.load(tmp_path / "m.npy", mmap_mode="r")
+    calls = []
+    real_pread = mapped.os.pread
+    monkeypatch.setattr(mapped.os, "pread", lambda *args: calls.append(args) or real_pread(*args))
+    rng = np.random.default_rng(1)
+    near = np.concatenate([rng.choice(np.arange(5_000, 15_000), 1_024, replace=False), [7_000, 7_000]])
+    assert np.array_equal(mapped.read_rows(matrix, near), np.asarray(matrix[near], np.float32))
+    assert len(calls) == 1
+    calls.clear()
+    far = np.array([19_999, 0, 10_000])  # farther apart than MERGE_BYTES: one call each
+    assert np.array_equal(mapped.read_rows(matrix, far), np.asarray(matrix[far], np.float32)) and len(calls) == 3
