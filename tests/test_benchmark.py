@@ -91,3 +91,17 @@ def test_explicit_gallery_and_queries_with_label_maps_and_a_grid_file(tmp_path):
 def test_bad_grid_values_are_refused(gallery, tmp_path):
     result = CliRunner().invoke(cli, ["benchmark", "--data", str(gallery), "--crop", "maybe", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--crop maybe" in result.stderr
+
+
+def test_exact_max_rows_forces_the_large_gallery_path_and_the_report_says_so(gallery, tmp_path):
+    """--exact-max-rows below the gallery's size: a cache of its own, `auto` validated through the search path, and
+    report.md names the path and what choosing cost."""
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(cli, ["benchmark", "--data", str(gallery), "--classifier", TINY_CLASSIFIER,
+                                      "--embedder", TINY_EMBEDDER, "--buckets", "flat,auto", "--out", str(out),
+                                      "--device", "cpu", "--exact-max-rows", "4"])
+    assert result.exit_code == 0, result.output
+    assert [p.name.endswith("-exact4") for p in (out / "caches").iterdir()] == [True]
+    cell = json.loads((out / "report.json").read_text())["cells"][0]
+    assert cell["cost"]["auto_validated_on"] == "search path, approximate k-NN graph"
+    assert "validated on search path, approximate k-NN graph" in (out / "report.md").read_text()

@@ -54,8 +54,20 @@ def write_markdown(report: dict, path: Path) -> None:
             f"torch {env['torch']}, timm {env['timm']}, faiss {env['faiss']}, {env['torch_threads']} threads, "
             f"device {env['device']}.\n\n{markdown_table(report)}\n\n"
             "`*` marks the reference policy (search only the query's top-1 class bucket). build img/s is empty "
-            "when the cache was reused.\n")
+            "when the cache was reused.\n\n" + auto_lines(report))
     path.write_text(text)
+
+
+def auto_lines(report: dict) -> str:
+    """How each cache's `auto` was validated (exact score matrices, or the search path with an approximate k-NN
+    graph above exact_max_rows) and what choosing it cost the build."""
+    seen = {}
+    for cell in report["cells"]:
+        cost, config = cell.get("cost") or {}, cell["config"]
+        if cost.get("auto_validated_on"):
+            seen["/".join((config["classifier"], config["embedder"], f"crop-{config['crop']}"))] = cost
+    return "".join(f"- `auto` of {group}: validated on {cost['auto_validated_on']}, "
+                   f"{cost['choose_policy_s']:.1f} s of the build\n" for group, cost in seen.items())
 
 
 def cmc_chart(curves: dict[str, np.ndarray], path: Path) -> None:
