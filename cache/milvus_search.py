@@ -73,12 +73,12 @@ class MilvusSearcher(Searcher):
     def candidate_rows(self, query: np.ndarray, keys: list[int], gallery_classes: int, k: int,
                        white: bool = False) -> np.ndarray:
         """Every row of the buckets when Milvus can return them all (MAX_LIMIT; Searcher takes every row of a bucket
-        up to EXACT_MAX_ROWS), else the max(RERANK_IVF_POOL, k) nearest of them (at most MAX_LIMIT); ascending,
+        up to EXACT_MAX_ROWS), else the max(RERANK_IVF_POOL, 2 * k) nearest of them (at most MAX_LIMIT); ascending,
         each once. The collection holds the stored embeddings: a `white` policy's pool would be found in the wrong
         space, so it is refused above MAX_LIMIT rows."""
         rows = self._rows_in(keys, gallery_classes)
         if white and rows > MAX_LIMIT:
             raise UserError(f"+white: Milvus holds the stored embeddings, not the whitened ones; above {MAX_LIMIT:,} "
                             "images search this cache with faiss (without --milvus)")
-        pool = rows if rows <= MAX_LIMIT else min(MAX_LIMIT, max(RERANK_IVF_POOL, k))
+        pool = rows if rows <= MAX_LIMIT else min(MAX_LIMIT, max(RERANK_IVF_POOL, 2 * k))
         return np.unique(self._found(query, keys, gallery_classes, pool)[0])
