@@ -42,7 +42,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
-WHITENING_FOLDS = 2  # +white is validated cross-fitted: each half of the queries ranked in a whitening fitted without it
+WHITENING_FOLDS = 2  # +white cross-fitted on a small gallery: each half of the queries ranked in a whitening without it
 POOLED_DBA_BYTES = 512 << 20  # a search-path validation makes a whole DBA matrix up to this size (else per pool)
 POOLED_DEPTH = 1_024  # a validation through the search path ranks each query's best this many (R counts up to it)
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
@@ -261,7 +261,7 @@ def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], 
     usable = np.flatnonzero((labels != "") & (counts[codes] > 1))
     queries = np.sort(np.random.default_rng(seed).permutation(usable)[:RERANK_QUERY_LIMIT])
     n_relevant = np.minimum(counts[codes[queries]] - 1, POOLED_DEPTH)
-    folds = np.array_split(queries, WHITENING_FOLDS)
+    folds = whitening_folds(queries, len(labels))
     if not all(can_fit_whitening(np.delete(labels, fold)) for fold in folds):
         policies = [p for p in policies if not p.white]
     white = any(p.white for p in policies)
@@ -295,6 +295,7 @@ class PooledSearch:
         self.dbas = {(p.dba, p.white) for p in policies if p.dba}
         self.spaces = {False: self.vectors}
         self.galleries = self._galleries(False)
+        self.searcher.index(WHOLE_GALLERY, 1)  # made here, with every BLAS thread (queries run one thread each)
 
     def _galleries(self, white: bool) -> dict:
         """The LeaveOneOutDBA of each (K, a) the policies name in one space, from one k-NN graph of it."""
@@ -318,6 +319,7 @@ class PooledSearch:
         data = CacheData.in_memory({**self.columns, WHITE_COLUMN: self.spaces[True]}, whitening=True)
         data.whitening = whitening
         self.white_searcher = Searcher(data, exact_max_rows=self.exact_max_rows)  # its candidates: whitened
+        self.white_searcher.index(WHOLE_GALLERY, 1, True)
         self.galleries = {**{key: g for key, g in self.galleries.items() if not key[1]}, **self._galleries(True)}
 
     def ranked(self, row: int) -> list[np.ndarray]:
@@ -371,7 +373,7 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                   seed: int = 0) -> dict[BucketPolicy, Score] | None:
     """Leave-one-out Score of flat re-ranked policies, scored as cache/search.py's re-ranked search does. No leak:
     the held-out row is out of its own ranking, its expansion and every DBA vector (LeaveOneOutDBA), and +white
-    policies are cross-fitted: each of WHITENING_FOLDS parts of the queries is ranked in a whitening fitted on every
+    policies are cross-fitted: each part of the queries (whitening_folds) is ranked in a whitening fitted on every
     validation row but that part's."""
     sample = validation_set(columns, seed, RERANK_QUERY_LIMIT)
     if sample is None:
@@ -381,7 +383,7 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     scores = _sample_scores(sample, plain) if plain else {}
     if white:
         labels = np.asarray(columns["labels"])[sample.gallery]
-        folds = np.array_split(sample.queries, WHITENING_FOLDS)
+        folds = whitening_folds(sample.queries, len(sample.gallery))
         fitted = [fit_whitening(np.delete(sample.vectors, fold, axis=0), np.delete(labels, fold)) for fold in folds]
         if all(whitening is not None for whitening in fitted):  # else too few labelled images: no +white score
             parts = [_sample_scores(sample._replace(queries=fold, vectors=whiten(sample.vectors, whitening)), white)
@@ -389,6 +391,13 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
             scores.update({p: _merged([part[p] for part in parts]) for p in white})
     return {p: scores[p] for p in policies if p in scores}
     return {p: scores[p] for p in policies}
+
+
+def whitening_folds(queries: np.ndarray, rows: int) -> list[np.ndarray]:
+    """The parts of the validation queries each ranked in a whitening fitted without them: all in one when they are at
+    most a tenth of the gallery's `rows` (fitted on 90 % of it or more, near the one the build fits on all of it: one
+    fit, one whitened k-NN graph, where a 10^6-row gallery spent minutes on each), else WHITENING_FOLDS parts."""
+    return [queries] if 10 * len(queries) <= rows else np.array_split(queries, WHITENING_FOLDS)
 
 
 def _merged(parts: list[Score]) -> Score:

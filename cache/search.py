@@ -144,7 +144,7 @@ class IVFIndex:
         self.rows = rows
         self.index = index
         self.index.nprobe = min(nprobe, index.nlist)
-        self.nbytes = 0  # memory-mapped from its file when saved; otherwise counted as one big entry
+        self.nbytes = 0  # memory-mapped from its file when saved; else kept in memory whatever its size (Searcher._ivf)
         self.saved = False
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +232,9 @@ class Searcher:
                 pass  # unreadable (cut short): build it again
         index = IVFIndex(rows, build_ivf(vectors, None if key == WHOLE_GALLERY else rows), self.nprobe)
         release_pages(vectors)
-        index.nbytes = len(rows) * vectors.shape[1] * 4
+        # Unsaved (an in-memory cache, or one that cannot be written), it stays in memory, not counted against
+        # CACHED_BYTES: evicted by the next bucket's exact scan, it was made again for the next flat search, seconds
+        # each at 10^5 rows (auto's validation at 10^6 rows made it over and over, for minutes)
         if path is not None:
             try:
                 atomic_write(path, lambda tmp: faiss.write_index(index.index, str(tmp)))
@@ -263,10 +265,17 @@ class Searcher:
             index = self._cached(self._indexes, cache_key) or self._new_index(key, gallery_classes, white)
             with self._mutex:
                 self._indexes[cache_key] = index
-                while len(self._indexes) > 1 and (len(self._indexes) > self._index_cache_size or
-                                                  sum(i.nbytes for i in self._indexes.values()) > CACHED_BYTES):
-                    self._indexes.popitem(last=False)
+                self._evict(cache_key)
         return index
+
+    def _evict(self, kept: tuple) -> None:
+        """Least recently used indexes out (under the mutex) until at most index_cache_size remain and those holding
+        bytes (gathered buckets) hold at most CACHED_BYTES; `kept`, just made, stays."""
+        while len(self._indexes) > self._index_cache_size:
+            self._indexes.popitem(last=False)
+        held = [key for key, index in self._indexes.items() if index.nbytes and key != kept]
+        while held and sum(index.nbytes for index in self._indexes.values()) > CACHED_BYTES:
+            del self._indexes[held.pop(0)]
 
     def _new_index(self, key: int, gallery_classes: int, white: bool) -> ExactIndex | IVFIndex | CompressedSearch:
         """The gallery index (build-cache --index: of the stored embeddings) over more than INDEXED_MIN_ROWS rows,

@@ -171,3 +171,17 @@ def test_a_query_process_does_not_keep_the_matrix_mapped(tmp_path, monkeypatch):
         for query, top in zip(queries, classes):
             searcher.search(query, parse_policy(policy), 5, top, np.array([0.8, 0.15, 0.05], np.float32))
         assert mapped_mib(str(data.columns["embeddings"].filename)) < 1, policy  # matrix: 39 MiB
+
+
+def test_an_unsaved_ivf_index_is_kept_while_buckets_come_and_go(tmp_path, monkeypatch):
+    """An in-memory cache's IVF index (auto's validation above exact_max_rows) is not evicted by bucket scans: made
+    again for every flat search after one, it cost minutes at 10^6 rows."""
+    data = synthetic_data(tmp_path, 5_000)
+    monkeypatch.setattr(search, "CACHED_BYTES", 1)  # every exact bucket is over the budget
+    searcher = Searcher(data, exact_max_rows=1_000)
+    queries, classes = synthetic(0)[2](5)
+    flat = searcher.index(WHOLE_GALLERY, 1)
+    assert isinstance(flat, IVFIndex) and not flat.saved
+    for query, own in zip(queries, classes):
+        searcher.search(query, parse_policy("top1"), 5, own, np.array([0.8, 0.15, 0.05], np.float32))
+        assert searcher.index(WHOLE_GALLERY, 1) is flat

@@ -79,10 +79,17 @@ def test_the_whitening_is_validated_without_the_queries_it_scores(monkeypatch):
     monkeypatch.setattr(autopolicy, "fit_whitening", recording_fit)
     sample = autopolicy.validation_set(columns, 0, autopolicy.RERANK_QUERY_LIMIT)
     rerank_scores(columns, [FLAT, WHITE])
-    folds = np.array_split(sample.queries, autopolicy.WHITENING_FOLDS)
+    folds = autopolicy.whitening_folds(sample.queries, len(sample.gallery))
+    assert len(folds) == autopolicy.WHITENING_FOLDS  # 180 images, all of them queries: cross-fitted
     assert len(fitted_on) == len(folds)
     for rows, fold in zip(fitted_on, folds):
         assert not rows & {tuple(np.round(row, 6)) for row in sample.vectors[fold]}
+    fitted_on.clear()  # 15 queries of 180 images: one whitening fitted without all of them
+    monkeypatch.setattr(autopolicy, "RERANK_QUERY_LIMIT", 15)
+    sample = autopolicy.validation_set(columns, 0, autopolicy.RERANK_QUERY_LIMIT)
+    rerank_scores(columns, [FLAT, WHITE])
+    assert len(fitted_on) == 1 and len(fitted_on[0]) == 180 - 15
+    assert not fitted_on[0] & {tuple(np.round(row, 6)) for row in sample.vectors[sample.queries]}
 
 
 def test_the_build_stores_the_whitening_and_a_query_ranks_in_it(gallery, tiny_config, tmp_path, monkeypatch):
