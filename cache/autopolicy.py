@@ -314,7 +314,7 @@ class PooledSearch:
         if held_out is None:
             return
         labels = np.asarray(self.columns["labels"])
-        whitening = fit_whitening(np.delete(self.vectors, held_out, axis=0), np.delete(labels, held_out))
+        whitening = fit_whitening(self.vectors, labels, np.delete(np.arange(len(labels)), held_out))
         self.spaces[True] = whiten(self.vectors, whitening)
         data = CacheData.in_memory({**self.columns, WHITE_COLUMN: self.spaces[True]}, whitening=True)
         data.whitening = whitening
@@ -384,7 +384,8 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
     if white:
         labels = np.asarray(columns["labels"])[sample.gallery]
         folds = whitening_folds(sample.queries, len(sample.gallery))
-        fitted = [fit_whitening(np.delete(sample.vectors, fold, axis=0), np.delete(labels, fold)) for fold in folds]
+        everyone = np.arange(len(sample.gallery))
+        fitted = [fit_whitening(sample.vectors, labels, np.delete(everyone, fold)) for fold in folds]
         if all(whitening is not None for whitening in fitted):  # else too few labelled images: no +white score
             parts = [_sample_scores(sample._replace(queries=fold, vectors=whiten(sample.vectors, whitening)), white)
                      for fold, whitening in zip(folds, fitted)]

@@ -53,6 +53,19 @@ def test_no_label_with_two_images_fits_no_whitening():
     assert fit_whitening(np.eye(4, dtype=np.float32), np.array(["a", "b", "", ""])) is None
 
 
+def test_a_large_gallery_is_whitened_from_a_sample_that_fits_the_same_space(monkeypatch):
+    """Above FIT_ROWS images the whitening is fitted on a seeded sample: it ranks as the whole gallery's does."""
+    from lookalike.cache import whitening as module
+
+    columns = nuisance_columns(per_label=100)
+    vectors, labels = columns["embeddings"], columns["labels"]
+    whole = whiten(vectors, fit_whitening(vectors, labels))
+    monkeypatch.setattr(module, "FIT_ROWS", 300)  # of 600
+    sampled = whiten(vectors, fit_whitening(vectors, labels))
+    top = lambda space: np.argsort(-(space[:50] @ space.T), axis=1)[:, 1:6]
+    assert np.mean([len(np.intersect1d(a, b)) / 5 for a, b in zip(top(whole), top(sampled))]) > 0.8
+
+
 def test_auto_adopts_whitening_where_its_validation_wins_and_not_where_it_cannot():
     columns = nuisance_columns()
     chosen = choose_policy(columns)
@@ -72,9 +85,9 @@ def test_the_whitening_is_validated_without_the_queries_it_scores(monkeypatch):
     fitted_on = []
     real_fit = autopolicy.fit_whitening
 
-    def recording_fit(vectors, labels):
-        fitted_on.append({tuple(np.round(row, 6)) for row in np.asarray(vectors)})
-        return real_fit(vectors, labels)
+    def recording_fit(vectors, labels, rows):
+        fitted_on.append({tuple(np.round(row, 6)) for row in np.asarray(vectors)[rows]})
+        return real_fit(vectors, labels, rows)
 
     monkeypatch.setattr(autopolicy, "fit_whitening", recording_fit)
     sample = autopolicy.validation_set(columns, 0, autopolicy.RERANK_QUERY_LIMIT)
