@@ -62,9 +62,9 @@ def _whitening(generation: Path, manifest: Manifest, where: str) -> np.ndarray |
     """The generation's learned whitening ([dim + 1, dim], finite), None when it has none; CacheError otherwise."""
     if not manifest.whitening:
         return None
-    try:
+    try:  # an OSError (a publish removed the generation) is load_cache's to retry
         whitening = np.load(generation / WHITENING_FILE, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise CacheError(f"{where}: {WHITENING_FILE} is unreadable ({type(err).__name__}); rebuild with "
                          "build-cache --rebuild") from None
     if whitening.shape != (manifest.dim + 1, manifest.dim) or whitening.dtype.kind != "f" or \

@@ -39,7 +39,10 @@ def installed_closure(name: str, extras: tuple[str, ...] = ()) -> dict[str, str]
         if key in found and not wanted:
             continue
         meta = dist.metadata
-        found[key] = " ".join(filter(None, [meta.get("License-Expression"), meta.get("License"),
+        # The License field's first line: a field holding whole texts is no declaration (scipy's holds the GPL of a
+        # bundled runtime, whose section 13 names the Affero licence; scipy is BSD).
+        declared = (meta.get("License") or "").strip().splitlines()[:1]
+        found[key] = " ".join(filter(None, [meta.get("License-Expression"), *declared,
                                             *[c for c in meta.get_all("Classifier") or [] if "License" in c]]))
         for line in dist.requires or []:
             requirement = Requirement(line)
@@ -52,8 +55,9 @@ def installed_closure(name: str, extras: tuple[str, ...] = ()) -> dict[str, str]
 def test_the_core_install_pulls_no_agpl_distribution():
     """Read from the metadata of every distribution the core install brings (as installed by make setup)."""
     core = installed_closure("lookalike")
-    assert {"torch", "timm", "open-clip-torch", "faiss-cpu", "platformdirs", "onnxruntime", "fastapi"} <= set(core)
-    assert {"ultralytics", "matplotlib", "scikit-learn", "pytorch-metric-learning"}.isdisjoint(core)
+    assert {"torch", "timm", "open-clip-torch", "faiss-cpu", "platformdirs", "onnxruntime", "fastapi",
+            "scikit-learn"} <= set(core)
+    assert {"ultralytics", "matplotlib", "pytorch-metric-learning"}.isdisjoint(core)
     assert [name for name, licence in core.items() if AGPL.search(licence)] == []
     with_crop = installed_closure("lookalike", ("crop",))
     assert AGPL.search(with_crop["ultralytics"])  # the check sees an AGPL licence where there is one
