@@ -106,20 +106,21 @@ def factory_key(kind: str, count: int, dim: int, memory: int) -> str | None:
                     f"{need}")
 
 
-def make_index(vectors: np.ndarray, key: str, seed: int = 0):
-    """A faiss index (inner product) made by `key` over every row of `vectors`, trained on a seeded sample and filled
-    a slice at a time (row i gets id i)."""
+def make_index(vectors: np.ndarray, key: str, rows: np.ndarray | None = None, seed: int = 0):
+    """A faiss index (inner product) made by `key` over `vectors[rows]` (every row when None), trained on a seeded
+    sample and filled a slice at a time (the i-th row added gets id i)."""
     import faiss
 
-    count, dim = vectors.shape
+    rows = np.arange(len(vectors)) if rows is None else np.asarray(rows)
+    count, dim = len(rows), vectors.shape[1]
     index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     lists = faiss.extract_index_ivf(index).nlist
     sample = np.sort(np.random.default_rng(seed).choice(count, min(count, TRAIN_PER_LIST * max(lists, 256)),
                                                         replace=False))
-    index.train(read_rows(vectors, sample))
+    index.train(read_rows(vectors, rows[sample]))
     step = slice_rows(dim)
     for start in range(0, count, step):
-        index.add(read_rows(vectors, np.arange(start, min(count, start + step))))
+        index.add(read_rows(vectors, rows[start:start + step]))
     return index
 
 
@@ -257,7 +258,7 @@ def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.
     pass costs O(rows^2). The lists probed are the fewest PROBES whose recall@k against exact search, on
     TUNING_QUERIES sampled rows, reaches RECALL_TARGET."""
     count = len(vectors)
-    index = make_index(vectors, f"IVF{ivf_lists(count)},Flat", seed)
+    index = make_index(vectors, f"IVF{ivf_lists(count)},Flat", seed=seed)
     sample = np.sort(np.random.default_rng(seed + 1).choice(count, min(count, TUNING_QUERIES), replace=False))
     queries = read_rows(vectors, sample)
     truth = exact_top(vectors, queries, k)

@@ -18,7 +18,7 @@ from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_ag
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
-from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, open_gallery_index
+from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, make_index, open_gallery_index
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.paths import refuse_unsafe_paths
 from lookalike.cache.manifest import CacheError
@@ -153,24 +153,6 @@ class IVFIndex:
         return scores[0][keep], local[0][keep]
 
 
-def build_ivf(vectors: np.ndarray, rows: np.ndarray | None = None, seed: int = 0):
-    """An IndexIVFFlat (inner product) over `vectors[rows]` (all rows when None), added in slices."""
-    import faiss
-
-    count = len(vectors) if rows is None else len(rows)
-    dim = vectors.shape[1]
-    nlist = ivf_lists(count)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(count, min(count, 40 * nlist), replace=False))
-    picked = sample if rows is None else rows[sample]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(vectors[picked], np.float32))
-    for start in range(0, count, SCAN_CHUNK_ROWS):
-        part = slice(start, start + SCAN_CHUNK_ROWS)
-        index.add(np.ascontiguousarray(vectors[part] if rows is None else vectors[rows[part]], np.float32))
-    return index
-
-
 class Searcher:
     """Top-k search of one cache; indexes are built (or loaded) lazily and kept in a small LRU.
 
@@ -230,7 +212,8 @@ class Searcher:
                     return index
             except RuntimeError:
                 pass  # unreadable (cut short): build it again
-        index = IVFIndex(rows, build_ivf(vectors, None if key == WHOLE_GALLERY else rows), self.nprobe)
+        index = IVFIndex(rows, make_index(vectors, f"IVF{ivf_lists(len(rows))},Flat",
+                                          None if key == WHOLE_GALLERY else rows), self.nprobe)
         release_pages(vectors)
         # Unsaved (an in-memory cache, or one that cannot be written), it stays in memory, not counted against
         # CACHED_BYTES: evicted by the next bucket's exact scan, it was made again for the next flat search, seconds
