@@ -187,7 +187,8 @@ def test_an_update_holds_at_most_one_slice_of_the_old_matrix(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("field, value", [("dba", "x"), ("dba", [5]), ("bucket_by", "nearest"), ("count", "18"),
-                                          ("fused_weight", "heavy"), ("class_names", [])])
+                                          ("fused_weight", "heavy"), ("class_names", []), ("exact_max_rows", 0),
+                                          ("exact_max_rows", "many"), ("exact_max_rows", True), ("whitening", 1)])
 def test_a_manifest_field_of_the_wrong_kind_is_refused_in_one_line(built, field, value):
     manifest = json.loads((built / "manifest.json").read_text())
     manifest[field] = value

@@ -136,3 +136,12 @@ def test_float16_vectors_take_half_the_disk_and_give_the_same_answers(built, gal
         for a, b in zip(*answers):
             assert [r["row"] for r in a["results"]] == [r["row"] for r in b["results"]]
             assert [r["score"] for r in a["results"]] == pytest.approx([r["score"] for r in b["results"]], abs=2e-3)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many", "1e9"])
+def test_a_bad_exact_max_rows_is_one_line(gallery, tmp_path, value):
+    result = CliRunner().invoke(cli, ["build-cache", "--gallery", str(gallery), "--out", str(tmp_path / "c"),
+                                      "--classifier", TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER,
+                                      "--exact-max-rows", value])
+    assert result.exit_code == 2 and "--exact-max-rows" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()

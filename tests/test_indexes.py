@@ -152,6 +152,9 @@ def test_a_search_for_many_results_probes_enough_lists_to_return_the_exact_ranki
     (lambda g: (g / RECORD_FILE).write_text(json.dumps({**json.loads((g / RECORD_FILE).read_text()),
                                                          "candidates": 10**12})), "not one build-cache writes"),
     (lambda g: (g / "index.faiss").write_bytes((g / "index.faiss").read_bytes()[:1000]), "cannot be read"),
+    (lambda g: (g / "index-lists.npy").unlink(), "cannot be read"),
+    (lambda g: np.save(g / "index-lists.npy", np.zeros(5, np.uint16)), r"index-lists.npy is uint16 \(5,\)"),
+    (lambda g: np.save(g / "index-lists.npy", np.zeros(6_000, np.float32)), "not one list number per row"),
 ])
 def test_a_damaged_or_planted_index_is_refused_in_one_line(compressed, tmp_path, damage, message):
     import shutil
@@ -163,6 +166,22 @@ def test_a_damaged_or_planted_index_is_refused_in_one_line(compressed, tmp_path,
     with pytest.raises(UserError, match=message) as refused:
         Searcher(load_cache(copy))
     assert "\n" not in str(refused.value) and "rebuild the cache" in str(refused.value)
+
+
+def test_a_planted_list_number_is_refused_in_one_line_when_a_bucket_searches(compressed, tmp_path):
+    """index-lists.npy naming a list the index does not have would index past its centroids."""
+    import shutil
+
+    folder, _ = compressed
+    copy = tmp_path / "cache"
+    shutil.copytree(folder, copy)
+    generation = load_cache(copy).generation
+    lists = np.load(generation / "index-lists.npy")
+    np.save(generation / "index-lists.npy", np.full_like(lists, 60_000))
+    queries, classes = QUERIES(1)
+    with pytest.raises(UserError, match="index-lists.npy names list 60000 of 77"):
+        Searcher(load_cache(copy)).search(queries[0], parse_policy("top1"), 5, classes[0],
+                                          np.array([0.8, 0.15, 0.05], np.float32))
 
 
 def test_an_index_of_other_rows_is_refused(compressed, tmp_path):

@@ -20,7 +20,7 @@ sizes = st.integers(1, 100)
 @st.composite
 def policy_texts(draw) -> str:
     """Text the whole grammar accepts: flat[@W], top1, topk:N[~T], fused[:N[~T]][@W], then optionally +soft:M (not
-    after flat), +dba:K[@a], +qe:K[@a] and +krecip:K1/K2."""
+    after flat), +white, +dba:K[@a], +qe:K[@a] and +krecip:K1/K2."""
     kind = draw(st.sampled_from(["flat", "top1", "topk", "fused"]))
     text = kind
     if kind == "topk" or (kind == "fused" and draw(st.booleans())):
@@ -31,6 +31,8 @@ def policy_texts(draw) -> str:
         text += f"@{draw(decimals)}"
     if kind != "flat" and draw(st.booleans()):
         text += f"+soft:{draw(counts)}"
+    if draw(st.booleans()):
+        text += "+white"
     for part in ("dba", "qe"):
         if draw(st.booleans()):
             text += f"+{part}:{draw(sizes)}" + (f"@{draw(decimals)}" if draw(st.booleans()) else "")
@@ -54,6 +56,9 @@ def test_every_policy_round_trips_through_its_text(text):
 @example("fla\nt")
 @example("topk:3~1.2.3")
 @example("fused@")
+@example("flat+white+white")
+@example("flat+dba:2+white")
+@example("flat+whitened")
 def test_any_other_text_parses_or_is_refused_in_one_line(text):
     try:
         policy = parse_policy(text)
@@ -71,6 +76,7 @@ def test_any_other_text_parses_or_is_refused_in_one_line(text):
     ("flat@" + "9" * 150, "W must be a number from 0 to 10"),
     ("flat+dba:5@11", "a must be a number from 0 to 10"),
     ("topk:" + "9" * 30, "N and M must be at most 99999"),
+    ("flat+dba:2+white", "unknown bucket policy"),  # +white comes before the other re-ranking parts
 ])
 def test_a_policy_from_a_request_is_bounded(text, message):
     """Every entry point parses policies here: sizes bound the work per query, decimals are finite and bounded."""
