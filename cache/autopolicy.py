@@ -24,10 +24,10 @@ from lookalike.cache.buckets import class_agreement
 from lookalike.cache.columns import WHITE_COLUMN
 from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, relevance_matrix
 from lookalike.cache.policies import FLAT, BucketPolicy
-from lookalike.cache.rerank import LeaveOneOutDBA, nearest_others
+from lookalike.cache.rerank import KnnGraph, LeaveOneOutDBA, nearest_others
 from lookalike.cache.reranking import HeldOutGallery, rerank
 from lookalike.cache.indexes import EXACT_MAX_ROWS
-from lookalike.cache.search import WHOLE_GALLERY, Scored, Searcher, rerank_pool
+from lookalike.cache.search import RERANK_IVF_POOL, WHOLE_GALLERY, IVFIndex, Scored, Searcher, rerank_pool
 from lookalike.cache.store import CacheData
 from lookalike.cache.whitening import can_fit_whitening, fit_whitening, whiten
 from lookalike.models.machine import usable_cpus
@@ -43,8 +43,10 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # tried for a `fused` policy given wi
 QUERY_LIMIT = 2_000  # validation queries at most: enough for a stable MAP@R and sign count, bounded cost
 RERANK_QUERY_LIMIT = 500  # validation queries for re-ranking (the first of the same seeded order)
 WHITENING_FOLDS = 2  # +white cross-fitted on a small gallery: each half of the queries ranked in a whitening without it
-POOLED_DBA_BYTES = 512 << 20  # a search-path validation makes a whole DBA matrix up to this size (else per pool)
-POOLED_DEPTH = 1_024  # a validation through the search path ranks each query's best this many (R counts up to it)
+# A validation through the search path ranks each query's best this many (R counts up to it): as deep as a search's
+# pool of RERANK_IVF_POOL candidates ranks with its 2 k margin. Its candidates' k-NN lists and DBA vectors are made
+# as read: at 10^6 rows, 500 queries' pools of 2 x 1,024 held most rows, and validation took 375 s.
+POOLED_DEPTH = RERANK_IVF_POOL // 2
 GALLERY_LIMIT = 20_000  # a larger gallery is validated on a seeded subsample of this many rows
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores computed at once, per thread (a few hundred MB each)
 WORKERS = usable_cpus()  # validation threads
@@ -269,6 +271,7 @@ def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], 
     found = []
     for fold in folds if white else [queries]:
         search.whitened_without(fold if white else None)
+        search.prefetch(fold)
         found += _in_threads(search.ranked, fold.tolist())
     scores = {}
     for i, policy in enumerate(policies):  # each fold's queries in `queries` order (np.array_split keeps it)
@@ -284,30 +287,31 @@ class PooledSearch:
     """pooled_scores' search of a held-out gallery row through the search path: a Searcher over every row (an IVF
     index above `exact_max_rows`); re-ranked flat policies through rerank_pool (a pool of candidates, a second search
     for +qe), others through Searcher.search. No leak: the row is out of its candidates and of every DBA vector it is
-    scored against (LeaveOneOutDBA over the approximate k-NN graph, rows made for candidates only), and the
-    whitening is fitted without it."""
+    scored against (LeaveOneOutDBA over a KnnGraph through the searcher's own index: the lists and DBA vectors of
+    the rows pools hold, made as read), and the whitening is fitted without it."""
 
     def __init__(self, columns: dict[str, np.ndarray], policies: list[BucketPolicy], exact_max_rows: int, depth: int):
         self.columns, self.policies, self.exact_max_rows, self.depth = columns, policies, exact_max_rows, depth
         self.vectors = columns["embeddings"]
         self.classes, self.probs = np.asarray(columns["classes"]), np.asarray(columns["probs"])
         self.searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows)
+        self.searchers = {False: self.searcher}
         self.dbas = {(p.dba, p.white) for p in policies if p.dba}
         self.spaces = {False: self.vectors}
-        self.galleries = self._galleries(False)
         self.searcher.index(WHOLE_GALLERY, 1)  # made here, with every BLAS thread (queries run one thread each)
+        self.galleries = self._galleries(False)
+        self._pools: dict[tuple[int, bool], np.ndarray] = {}  # each query's first candidates, shared by its policies
 
     def _galleries(self, white: bool) -> dict:
-        """The LeaveOneOutDBA of each (K, a) the policies name in one space, from one k-NN graph of it."""
+        """The LeaveOneOutDBA of each (K, a) the policies name in one space, over one k-NN graph of it: exact, or
+        through the space's IVF index."""
         named = [dba for dba, w in self.dbas if w == white]
         if not named:
             return {}
-        graph = nearest_others(self.spaces[white], max(k for k, _ in named), self.exact_max_rows)
-        galleries = {(dba, white): LeaveOneOutDBA(self.spaces[white], *dba, neighbours=graph) for dba in named}
-        if self.vectors.nbytes <= POOLED_DBA_BYTES:  # every row's DBA made once, not per pool (it was 60 % of the time)
-            for gallery in galleries.values():
-                gallery.augmented
-        return galleries
+        depth, space = max(k for k, _ in named), self.spaces[white]
+        index = self.searchers[white].index(WHOLE_GALLERY, 1, white)
+        graph = KnnGraph(space, depth, index.index) if isinstance(index, IVFIndex) else nearest_others(space, depth)
+        return {(dba, white): LeaveOneOutDBA(space, *dba, neighbours=graph) for dba in named}
 
     def whitened_without(self, held_out: np.ndarray | None) -> None:
         """The whitened space (and its DBAs) fitted on every row but `held_out`; None: no whitened space."""
@@ -318,9 +322,28 @@ class PooledSearch:
         self.spaces[True] = whiten(self.vectors, whitening)
         data = CacheData.in_memory({**self.columns, WHITE_COLUMN: self.spaces[True]}, whitening=True)
         data.whitening = whitening
-        self.white_searcher = Searcher(data, exact_max_rows=self.exact_max_rows)  # its candidates: whitened
-        self.white_searcher.index(WHOLE_GALLERY, 1, True)
+        self.searchers[True] = Searcher(data, exact_max_rows=self.exact_max_rows)  # its candidates: whitened
+        self.searchers[True].index(WHOLE_GALLERY, 1, True)
+        self._pools = {key: pool for key, pool in self._pools.items() if not key[1]}
         self.galleries = {**{key: g for key, g in self.galleries.items() if not key[1]}, **self._galleries(True)}
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """The first candidates of each query row in every space its re-ranked policies rank in, then the k-NN lists and
+        DBA vectors of all of them at once: at 10^6 rows a k-NN search of 10^5 rows in one batch keeps faiss's threads
+        busy, where one query's pool at a time left them waiting (most of validation's time)."""
+        for white in {p.white for p in self.policies if p.reranks and not p.uses_buckets}:
+            union = np.unique(np.concatenate(_in_threads(lambda row: self._first_pool(row, white), rows.tolist())))
+            galleries = [g for (_, space), g in self.galleries.items() if space == white]
+            if galleries:
+                galleries[0].neighbours_of(union)  # one k-NN batch on every core, shared by the space's DBAs
+                _in_threads(lambda gallery: gallery.prepare(union), galleries)
+
+    def _first_pool(self, row: int, white: bool) -> np.ndarray:
+        """The candidates of gallery row `row`'s first search in one space (without it), shared by its policies."""
+        if (row, white) not in self._pools:
+            found = self.searchers[white].candidate_rows(self.vectors[row], [WHOLE_GALLERY], 1, self.depth, white)
+            self._pools[row, white] = found[found != row]
+        return self._pools[row, white]
 
     def ranked(self, row: int) -> list[np.ndarray]:
         """Each policy's rows for the query of gallery row `row`, best first, without that row."""
@@ -339,8 +362,9 @@ class PooledSearch:
         dba, weight = self.galleries.get((policy.dba, policy.white)), policy.weight or 0.0
 
         def candidates(q: np.ndarray) -> np.ndarray:
-            searcher = self.white_searcher if policy.white else self.searcher
-            found = searcher.candidate_rows(q, [WHOLE_GALLERY], 1, self.depth, policy.white)
+            if q is query:
+                return self._first_pool(row, policy.white)
+            found = self.searchers[policy.white].candidate_rows(q, [WHOLE_GALLERY], 1, self.depth, policy.white)
             return found[found != row]
 
         def scored(rows: np.ndarray) -> Scored:
@@ -391,7 +415,6 @@ def rerank_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy],
                      for fold, whitening in zip(folds, fitted)]
             scores.update({p: _merged([part[p] for part in parts]) for p in white})
     return {p: scores[p] for p in policies if p in scores}
-    return {p: scores[p] for p in policies}
 
 
 def whitening_folds(queries: np.ndarray, rows: int) -> list[np.ndarray]:

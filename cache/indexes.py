@@ -184,13 +184,8 @@ class CompressedSearch:
         return scores[best], np.searchsorted(self.rows, found[best])
 
     def _whole(self, query: np.ndarray, wanted: int) -> np.ndarray:
-        import faiss
-
         probes = min(self.lists, max(self.nprobe, int(np.ceil(2 * wanted * self.lists / max(1, len(self.rows))))))
-        # faiss.contrib.torch_utils (pytorch-metric-learning imports it) replaces `search` with one taking no search
-        # parameters, keeping faiss's own as `search_numpy`
-        search = getattr(self.index, "search_numpy", self.index.search)
-        return search(query, wanted, params=faiss.SearchParametersIVF(nprobe=probes))[1][0]
+        return ivf_search(self.index, query, wanted, probes)[1][0]
 
     def _bucket(self, query: np.ndarray, wanted: int) -> np.ndarray:
         """The bucket's lists nearest the query first, as many as hold 2 x `wanted` of its rows (at least nprobe),
@@ -252,31 +247,62 @@ def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]
     return min(lists, PROBES[-1]), CANDIDATES[-1], recall
 
 
-def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
-    the rows (exact scores of the rows it finds): a k-NN graph of any size in O(rows x probed rows), where an exact
-    pass costs O(rows^2). The lists probed are the fewest PROBES whose recall@k against exact search, on
-    TUNING_QUERIES sampled rows, reaches RECALL_TARGET."""
-    count = len(vectors)
-    index = make_index(vectors, f"IVF{ivf_lists(count)},Flat", seed=seed)
-    sample = np.sort(np.random.default_rng(seed + 1).choice(count, min(count, TUNING_QUERIES), replace=False))
+def ivf_search(index, queries: np.ndarray, k: int, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of an IVF index's search probing `probes` lists; the index's own nprobe is left alone, so
+    threads may share it."""
+    import faiss
+
+    # faiss.contrib.torch_utils (pytorch-metric-learning imports it) replaces `search` with one taking no search
+    # parameters, keeping faiss's own as `search_numpy`
+    search = getattr(index, "search_numpy", index.search)
+    return search(np.ascontiguousarray(queries, np.float32), k, params=faiss.SearchParametersIVF(nprobe=probes))
+
+
+def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0) -> int:
+    """The fewest PROBES of an IVF index of `vectors` whose recall@k against exact search, on TUNING_QUERIES sampled
+    rows, reaches RECALL_TARGET (every list when none does)."""
+    import faiss
+
+    lists = faiss.extract_index_ivf(index).nlist
+    sample = np.sort(np.random.default_rng(seed + 1).choice(len(vectors), min(len(vectors), TUNING_QUERIES),
+                                                            replace=False))
     queries = read_rows(vectors, sample)
     truth = exact_top(vectors, queries, k)
-    for probes in (p for p in PROBES if p <= index.nlist):
-        index.nprobe = probes
-        found = index.search(queries, k)[1]
+    for probes in (p for p in PROBES if p <= lists):
+        found = ivf_search(index, queries, k, probes)[1]
         if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)]) >= RECALL_TARGET:
-            break
-    sims, ids = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+            return probes
+    return lists
+
+
+def knn_rows(index, vectors: np.ndarray, rows: np.ndarray, k: int, probes: int,
+             row_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) of the k nearest rows (themselves among them) of `vectors[rows]`, best first, through an
+    IVF index of `vectors` (its ids are the rows; `row_lists`: lists_of_rows of it) probing `probes` lists (every
+    list for a row whose probed lists hold fewer than k). The rows are searched in the order of their lists: queries
+    scanning the same list one after another find it in the CPU's cache (2.5x faster than in random order)."""
+    import faiss
+
+    order = np.argsort(np.asarray(row_lists)[rows], kind="stable")
+    sims, ids = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
     step = slice_rows(vectors.shape[1])
-    for start in range(0, count, step):
-        part = slice(start, min(count, start + step))
-        sims[part], ids[part] = index.search(read_rows(vectors, np.arange(part.start, part.stop)), k)
-    short = np.flatnonzero((ids < 0).any(axis=1))  # probed lists held fewer than k rows: probe them all
+    for start in range(0, len(rows), step):
+        part = order[start:start + step]
+        sims[part], ids[part] = ivf_search(index, read_rows(vectors, rows[part]), k, probes)
+    short = np.flatnonzero((ids < 0).any(axis=1))
     if len(short):
-        index.nprobe = index.nlist
-        sims[short], ids[short] = index.search(read_rows(vectors, short), k)
+        sims[short], ids[short] = ivf_search(index, read_rows(vectors, rows[short]), k,
+                                             faiss.extract_index_ivf(index).nlist)
     return sims, ids
+
+
+def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
+    the rows (exact scores of the rows it finds) probed to recall@k RECALL_TARGET: a k-NN graph of any size in
+    O(rows x probed rows), where an exact pass costs O(rows^2)."""
+    index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
+    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed),
+                    lists_of_rows(index))
 
 
 def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:

@@ -31,6 +31,7 @@ def fit_whitening(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray | No
     float32 matrix: the mean, then P; None when no label has two images. Images without a label, and labels with
     one image (no within-label variation), do not shape it. Above FIT_ROWS images it is fitted on a seeded sample of
     them, gathered alone (at 10^6 rows the whole float64 pass held 8 GB)."""
+    import scipy.sparse
     from sklearn.covariance import ledoit_wolf
 
     rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
@@ -39,19 +40,21 @@ def fit_whitening(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray | No
     labels = np.asarray(labels)[rows]
     if not can_fit_whitening(labels):
         return None
-    vectors = np.asarray(vectors[rows], np.float64)
+    vectors = np.asarray(vectors[rows], np.float32)  # Ledoit-Wolf's products in float32: the same shrinkage to 1e-9
     names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     kept = (labels != "") & (counts[codes] > 1)
     codes = codes[kept]
-    means = np.zeros((len(names), vectors.shape[1]))
-    np.add.at(means, codes, vectors[kept])
-    means /= np.maximum(counts, 1)[:, None]
+    label_sums = scipy.sparse.csr_matrix((np.ones(len(codes), np.float32), (codes, np.flatnonzero(kept))),
+                                         shape=(len(names), len(vectors)))
+    means = np.asarray(label_sums @ vectors) / np.maximum(counts, 1)[:, None].astype(np.float32)
     covariance, _ = ledoit_wolf(vectors[kept] - means[codes], assume_centered=True)
     values, axes = np.linalg.eigh(covariance)
     projection = axes / np.sqrt(np.maximum(values, values.max() * 1e-9))[None, :]
-    return np.vstack([vectors.mean(axis=0), projection]).astype(np.float32)
+    return np.vstack([vectors.mean(axis=0, dtype=np.float64), projection]).astype(np.float32)
 
 
 def whiten(vectors: np.ndarray, whitening: np.ndarray) -> np.ndarray:
     """`vectors` [n, dim] (or one [dim]) in the whitened space, L2-normalised."""
-    return unit_rows((np.asarray(vectors, np.float32) - whitening[0]) @ whitening[1:])
+    whitened = np.asarray(vectors, np.float32) @ whitening[1:]
+    whitened -= whitening[0] @ whitening[1:]  # (x - mean) P without an [n, dim] x - mean: 10^6 rows in 4 s, not 7
+    return unit_rows(whitened, in_place=True)

@@ -103,3 +103,29 @@ def test_k_reciprocal_scores_stay_finite_among_exact_duplicates():
     pool[20:] = unit_rows(np.arange(8.0)[None])  # a second group of duplicates
     scores = k_reciprocal(pool[0], pool, k1=5, k2=2)
     assert np.all(np.isfinite(scores)) and scores[:20].min() > scores[20:].max()
+
+
+def test_leave_one_out_dba_over_a_knn_graph_makes_the_rows_read_from_their_own_lists():
+    """Above exact_max_rows validation reads DBA vectors of its candidates only: a KnnGraph through an IVF index finds
+    the lists of the rows read (recall@k 0.95 against exact), and rows_of from those lists equals LeaveOneOutDBA over
+    the whole graph, the held-out row replaced by each list's next."""
+    from lookalike.cache.indexes import exact_top, ivf_lists, make_index
+    from lookalike.cache.rerank import KnnGraph
+
+    vectors, _ = clustered(5, clusters=20, per_cluster=40)
+    graph = KnnGraph(vectors, 6, make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat"))
+    read = np.arange(100, 160)
+    lazy = LeaveOneOutDBA(vectors, 4, alpha=1.0, neighbours=graph)
+    part = [lazy.rows_of(read, int(q)) for q in (100, 130, 700)]
+    sims, ids = graph(np.arange(len(vectors)))
+    truth = exact_top(vectors, vectors, 7)[:, 1:]
+    assert np.mean([len(np.intersect1d(f, t)) / 6 for f, t in zip(ids, truth)]) >= 0.95
+    assert not (ids == np.arange(len(vectors))[:, None]).any()  # each row's own row is out of its list
+    whole = LeaveOneOutDBA(vectors, 4, alpha=1.0, neighbours=(sims, ids))
+    for q, got in zip((100, 130, 700), part):
+        assert np.allclose(got, whole.rows_of(read, q), atol=1e-6)
+        users, changed = whole.without(q)
+        expected = whole.augmented[read].copy()
+        inside = np.isin(users, read)
+        expected[np.searchsorted(read, users[inside])] = changed[inside]
+        assert np.allclose(got, expected, atol=1e-6)

@@ -146,7 +146,7 @@ def test_above_exact_max_rows_a_whitened_policy_takes_its_candidates_in_the_whit
     far from the query in the stored space (a pool of the stored space's 256 nearest lost them)."""
     from lookalike.cache.autopolicy import pooled_scores
 
-    columns = nuisance_columns(per_label=150)  # 900 images: a pool of 256 is not all of them
+    columns = nuisance_columns(per_label=129)  # 774 images: a pool of 256 is not all of them; R 128, the pooled depth
     exact = rerank_scores(columns, [FLAT, WHITE])
     through_index = pooled_scores(columns, [FLAT, WHITE], 0, 100)
     assert through_index[WHITE].map_at_r == pytest.approx(exact[WHITE].map_at_r, abs=0.01)
