@@ -261,3 +261,12 @@ def test_read_rows_reads_near_rows_in_one_call_and_returns_exactly_the_rows_aske
     calls.clear()
     far = np.array([19_999, 0, 10_000])  # farther apart than MERGE_BYTES: one call each
     assert np.array_equal(mapped.read_rows(matrix, far), np.asarray(matrix[far], np.float32)) and len(calls) == 3
+
+
+def test_read_rows_of_a_matrix_in_memory_gives_the_rows_in_the_order_asked():
+    """One ascending run of rows is read as a view (a k-NN graph's slices of 10^6 rows are not copied); any other
+    order, a reordered run included (knn_rows searches rows in the order of their lists), is gathered as asked."""
+    matrix = np.arange(40, dtype=np.float32).reshape(20, 2)
+    for rows in ([1, 3, 2, 4], [0, 0, 2], [7, 6], [5], [3, 4, 5]):
+        assert np.array_equal(mapped.read_rows(matrix, np.array(rows)), matrix[rows]), rows
+    assert np.shares_memory(mapped.read_rows(matrix, np.arange(3, 9)), matrix)
