@@ -67,28 +67,40 @@ def _others(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.nda
 class MadeOnce:
     """Rows of a matrix too large to make whole, each made when first read and kept: the parts a validation through
     the search path reads (its candidates' k-NN lists and DBA vectors: 19 % of the rows of a 10^6-row synthetic
-    gallery). Thread-safe; `make(rows)` gives the arrays' values for those rows. Memory is committed only for the
-    rows made (np.empty)."""
+    gallery). `make(rows)` gives the values of the arrays described by `shapes` (each row's shape, dtype) for those
+    rows; they are stored one after another, as made (a row-sized matrix written at scattered rows held whole 2 MB
+    pages: 22 GB at 10^6 rows). Thread-safe."""
 
-    def __init__(self, make: Callable[[np.ndarray], tuple[np.ndarray, ...]], shapes: list[tuple[tuple, type]]):
+    def __init__(self, count: int, make: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+                 shapes: list[tuple[tuple, type]]):
         self._make = make
-        self._values = [np.empty(shape, dtype) for shape, dtype in shapes]
-        self._made = np.zeros(shapes[0][0][0], bool)
+        self._slot = np.full(count, -1, np.int64)  # where each row's values are, -1: not made
+        self._values = [np.empty((0, *shape), dtype) for shape, dtype in shapes]
+        self._size = 0
         self._lock = threading.Lock()
 
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         self.make(rows)
-        return tuple(values[rows] for values in self._values)
+        with self._lock:  # another thread may be growing the arrays
+            return tuple(values[self._slot[rows]] for values in self._values)
 
     def make(self, rows: np.ndarray) -> None:
-        """Make those of `rows` not made yet."""
-        missing = np.unique(rows[~self._made[rows]])
-        if len(missing):  # made outside the lock: two threads may make a row twice, alike, never wait for each other
-            made = self._make(missing)
-            with self._lock:
-                for values, part in zip(self._values, made):
-                    values[missing] = part
-                self._made[missing] = True
+        """Make those of `rows` not made yet (outside the lock: two threads may make a row twice, alike, and never wait
+        for each other's work)."""
+        missing = np.unique(rows[self._slot[rows] < 0])
+        if len(missing) == 0:
+            return
+        made = self._make(missing)
+        with self._lock:
+            fresh = self._slot[missing] < 0
+            missing, end = missing[fresh], self._size + int(fresh.sum())
+            if end > len(self._values[0]):  # grown by half again at least: amortised copies
+                grown = max(end, len(self._values[0]) * 3 // 2)
+                self._values = [np.resize(values[:self._size], (grown, *values.shape[1:])) for values in self._values]
+            for values, part in zip(self._values, made):
+                values[self._size:end] = part[fresh]
+            self._slot[missing] = np.arange(self._size, end)
+            self._size = end
 
 
 class KnnGraph:
@@ -101,8 +113,7 @@ class KnnGraph:
         self.depth = min(depth, len(vectors) - 1)
         self._probes = knn_probes(index, vectors, self.depth + 1)
         self._row_lists = lists_of_rows(index)
-        shape = (len(vectors), self.depth)
-        self._lists = MadeOnce(self._find, [(shape, np.float32), (shape, np.int64)])
+        self._lists = MadeOnce(len(vectors), self._find, [((self.depth,), np.float32), ((self.depth,), np.int64)])
 
     def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found = knn_rows(self.index, self.vectors, rows, self.depth + 1, self._probes, self._row_lists)
@@ -170,7 +181,7 @@ class LeaveOneOutDBA:
             sims, ids = neighbours or nearest_others(self.vectors, min(k, len(vectors) - 1))
             neighbours = lambda rows: (sims[rows], ids[rows])
         self._neighbours = neighbours
-        self._rows = MadeOnce(self._augment_rows, [(self.vectors.shape, np.float32)])
+        self._rows = MadeOnce(len(self.vectors), self._augment_rows, [(self.vectors.shape[1:], np.float32)])
         self._changed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # without(), memoised per held-out row
 
     def _lists(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
