@@ -67,30 +67,29 @@ def _others(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.nda
 class MadeOnce:
     """Rows of a matrix too large to make whole, each made when first read and kept: the parts a validation through
     the search path reads (its candidates' k-NN lists and DBA vectors: 19 % of the rows of a 10^6-row synthetic
-    gallery). `make(rows)` gives the values of the arrays described by `shapes` (each row's shape, dtype) for those
-    rows; they are stored one after another, as made (a row-sized matrix written at scattered rows held whole 2 MB
-    pages: 22 GB at 10^6 rows). Thread-safe."""
+    gallery). `make(rows)`, given with each read and not kept (an owner passing its own method makes no reference
+    cycle, which held a whole validation's indexes until the garbage collector ran), gives the values of the arrays
+    `shapes` describes (each row's shape, dtype) for those rows. They are stored one after another, as made (written
+    into a gallery-sized matrix at scattered rows, they held whole 2 MB pages: 22 GB at 10^6 rows). Thread-safe."""
 
-    def __init__(self, count: int, make: Callable[[np.ndarray], tuple[np.ndarray, ...]],
-                 shapes: list[tuple[tuple, type]]):
-        self._make = make
+    def __init__(self, count: int, shapes: list[tuple[tuple, type]]):
         self._slot = np.full(count, -1, np.int64)  # where each row's values are, -1: not made
         self._values = [np.empty((0, *shape), dtype) for shape, dtype in shapes]
         self._size = 0
         self._lock = threading.Lock()
 
-    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        self.make(rows)
+    def __call__(self, rows: np.ndarray, make: Callable[[np.ndarray], tuple]) -> tuple[np.ndarray, ...]:
+        self.make(rows, make)
         with self._lock:  # another thread may be growing the arrays
             return tuple(values[self._slot[rows]] for values in self._values)
 
-    def make(self, rows: np.ndarray) -> None:
+    def make(self, rows: np.ndarray, make: Callable[[np.ndarray], tuple]) -> None:
         """Make those of `rows` not made yet (outside the lock: two threads may make a row twice, alike, and never wait
         for each other's work)."""
         missing = np.unique(rows[self._slot[rows] < 0])
         if len(missing) == 0:
             return
-        made = self._make(missing)
+        made = make(missing)
         with self._lock:
             fresh = self._slot[missing] < 0
             missing, end = missing[fresh], self._size + int(fresh.sum())
@@ -113,7 +112,7 @@ class KnnGraph:
         self.depth = min(depth, len(vectors) - 1)
         self._probes = knn_probes(index, vectors, self.depth + 1)
         self._row_lists = lists_of_rows(index)
-        self._lists = MadeOnce(len(vectors), self._find, [((self.depth,), np.float32), ((self.depth,), np.int64)])
+        self._lists = MadeOnce(len(vectors), [((self.depth,), np.float32), ((self.depth,), np.int64)])
 
     def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found = knn_rows(self.index, self.vectors, rows, self.depth + 1, self._probes, self._row_lists)
@@ -121,11 +120,11 @@ class KnnGraph:
 
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sims, ids) of `rows`' nearest other rows, best first."""
-        return self._lists(rows)
+        return self._lists(rows, self._find)
 
     def make(self, rows: np.ndarray) -> None:
         """Find the lists of `rows` now."""
-        self._lists.make(rows)
+        self._lists.make(rows, self._find)
 
 
 def _mixed(own: np.ndarray, weights: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -181,7 +180,7 @@ class LeaveOneOutDBA:
             sims, ids = neighbours or nearest_others(self.vectors, min(k, len(vectors) - 1))
             neighbours = lambda rows: (sims[rows], ids[rows])
         self._neighbours = neighbours
-        self._rows = MadeOnce(len(self.vectors), self._augment_rows, [(self.vectors.shape[1:], np.float32)])
+        self._rows = MadeOnce(len(self.vectors), [(self.vectors.shape[1:], np.float32)])
         self._changed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # without(), memoised per held-out row
 
     def _lists(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +198,7 @@ class LeaveOneOutDBA:
     @cached_property
     def augmented(self) -> np.ndarray:
         """dba(vectors, k, alpha) of every row."""
-        return self._rows(np.arange(len(self.vectors)))[0]
+        return self._rows(np.arange(len(self.vectors)), self._augment_rows)[0]
 
     @cached_property
     def _users(self) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +218,7 @@ class LeaveOneOutDBA:
 
     def prepare(self, rows: np.ndarray) -> None:
         """Make the vectors of `rows` (and their k-NN lists) now, in one batch, for rows_of to read."""
-        self._rows.make(rows)
+        self._rows.make(rows, self._augment_rows)
 
     def neighbours_of(self, rows: np.ndarray) -> None:
         """Find the k-NN lists of `rows` now, in one batch (a KnnGraph finds them once for every DBA sharing it)."""
@@ -248,7 +247,7 @@ class LeaveOneOutDBA:
     def rows_of(self, rows: np.ndarray, held_out: int) -> np.ndarray:
         """The augmented vectors of `rows` as seen when `held_out` is held out (from `rows`' own lists: no other row's
         list is read)."""
-        out = self._rows(rows)[0]
+        out = self._rows(rows, self._augment_rows)[0]
         if self.k > 1:
             changed = np.flatnonzero((self._lists(rows)[1][:, :self.k - 1] == held_out).any(axis=1))
             out[changed] = self._held_out_of(rows[changed], held_out)

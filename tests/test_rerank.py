@@ -144,12 +144,12 @@ def test_rows_made_once_hold_memory_for_the_rows_made_not_the_whole_matrix():
         calls.append(len(rows))
         return (np.repeat(rows[:, None].astype(np.float32), 512, axis=1),)
 
-    made = MadeOnce(1_000_000, make, [((512,), np.float32)])
+    made = MadeOnce(1_000_000, [((512,), np.float32)])
     rows = np.random.default_rng(0).choice(1_000_000, 2_000, replace=False)
     tracemalloc.start()
     for part in np.array_split(rows, 10):
-        assert np.array_equal(made(part)[0][:, 0], part)
+        assert np.array_equal(made(part, make)[0][:, 0], part)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 40 << 20  # the whole matrix: 2 GB; 2,000 rows: 4 MB
-    assert np.array_equal(made(rows[::-1])[0][:, 7], rows[::-1]) and sum(calls) == 2_000  # each made once
+    assert np.array_equal(made(rows[::-1], make)[0][:, 7], rows[::-1]) and sum(calls) == 2_000  # each made once
