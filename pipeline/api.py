@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image
@@ -16,13 +16,15 @@ from lookalike.cache.indexes import DEFAULT_MEMORY
 from lookalike.cache.milvus import ExportReport, MilvusTarget, export
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
-from lookalike.pipeline.build import BuildReport, Progress, build_cache
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.duplicates import DuplicateReport, cache_duplicates
 from lookalike.pipeline.images import MAX_PIXELS, ImageLoadError, image_in_memory, load_image
 from lookalike.pipeline.items import Item, Result
 from lookalike.pipeline.pipeline import load_item
 from lookalike.pipeline.session import QuerySession, query_policy
+
+if TYPE_CHECKING:  # a query imports no build code (nor, through it, auto's validation)
+    from lookalike.pipeline.build import BuildReport, Progress
 
 # A query image: a file path, the file's bytes, a PIL image, or an HxWx3 uint8 RGB array.
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -208,6 +210,7 @@ def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineCon
     `exact_max_rows` is where the large-gallery path starts (default 32,768; lower forces it on a small set);
     `options` are further pipeline settings (runtime, device, batch_size, detector, ...). Unreadable images are
     skipped and listed in the report."""
+    from lookalike.pipeline.build import build_cache
     from lookalike.pipeline.engines import create_engine
 
     _known_options("lookalike.build", options)

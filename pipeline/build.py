@@ -7,7 +7,6 @@ and the pending chunks through memory-mapped reads: one copy of the embedding ma
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from lookalike.cache.whitening import fit_whitening, whiten
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
 from lookalike.pipeline.items import Item
-from lookalike.pipeline.pipeline import DECODE_RULE, Pipeline, build_pipeline
+from lookalike.pipeline.pipeline import Pipeline, build_pipeline, fingerprint
 
 CHUNK_ROWS = 256  # embedded rows saved together (the most a crash can lose)
 CHUNK_SECONDS = 30.0  # ... or after this long, for slow models
@@ -119,11 +118,6 @@ class BuildReport:
         return (f"{self.images} images in cache ({self.embedded} embedded, {self.reused} reused, "
                 f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped{index}, "
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
-
-
-def fingerprint(description: dict, bucket_by: str) -> dict:
-    """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored)."""
-    return json.loads(json.dumps({"stages": description, "bucket_by": bucket_by, "decode": DECODE_RULE}))
 
 
 def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[str, os.stat_result],

@@ -1,6 +1,7 @@
 """Pipeline: an ordered list of stages run over batches, with image decoding overlapped in threads."""
 from __future__ import annotations
 
+import json
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,12 @@ from lookalike.pipeline.stages import Batch, ClassifyStage, CropStage, EmbedStag
 # small crop keeps its detail.
 DRAFT_FACTOR = 2
 DECODE_RULE = f"jpeg draft to {DRAFT_FACTOR}x the model input side; {DECODE_SIDE} with crop"
+
+
+def fingerprint(description: dict, bucket_by: str) -> dict:
+    """Everything that changes a stored embedding, class or bucket, in its JSON form (as stored): build-cache writes
+    it, a query checks it (from here, not pipeline.build: a query imports no build and no validation code)."""
+    return json.loads(json.dumps({"stages": description, "bucket_by": bucket_by, "decode": DECODE_RULE}))
 
 
 def _single_threaded_torch() -> None:

@@ -14,9 +14,8 @@ from lookalike.cache.milvus import MilvusTarget
 from lookalike.cache.policies import resolve_auto
 from lookalike.cache.search import Searcher
 from lookalike.cache.store import CacheData, load_cache
-from lookalike.pipeline.build import fingerprint
 from lookalike.pipeline.config import CACHE_FIELDS, PipelineConfig
-from lookalike.pipeline.pipeline import Pipeline, build_pipeline, recorded_pipeline
+from lookalike.pipeline.pipeline import Pipeline, build_pipeline, fingerprint, recorded_pipeline
 
 # What a query must share with the cache: the models, their weights and preprocessing. The JPEG decode rule only
 # changes how a query photo is decoded (on 12 MP photos cosine >= 0.9996 to the previous rule), so a cache built

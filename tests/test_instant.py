@@ -18,13 +18,16 @@ from lookalike.models.preprocess import ArrayTransform, describe_transform
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 MODEL_LIBRARIES = ("torch", "torchvision", "timm", "open_clip", "ultralytics")
+# Not model libraries, and no query needs them: building, auto's validation and its scikit-learn.
+BUILD_MODULES = ("lookalike.pipeline.build", "lookalike.cache.autopolicy", "sklearn")
 
 
 def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The command line in a fresh process, printing which model libraries it imported as its last line."""
+    """The command line in a fresh process, printing which model libraries (and build modules) it imported as its
+    last line."""
     code = (f"import sys\nsys.argv = ['lookalike', *{list(arguments)!r}]\nfrom lookalike.cli import main\n"
             "try:\n    main()\nexcept SystemExit as end:\n    code = end.code\nelse:\n    code = 0\n"
-            f"print(sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))\nsys.exit(code)")
+            f"print(sorted(m for m in {MODEL_LIBRARIES + BUILD_MODULES!r} if m in sys.modules))\nsys.exit(code)")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=False)
 
 

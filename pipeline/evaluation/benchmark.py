@@ -25,14 +25,14 @@ from lookalike.cache.store import load_cache
 from lookalike.models.errors import UserError, message_of
 from lookalike.models.registry import NO_CLASSIFIER
 from lookalike.models.weights import WeightsUnavailable
-from lookalike.pipeline.build import ProgressBar, build_cache, fingerprint
+from lookalike.pipeline.build import ProgressBar, build_cache
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.datasets import LabelledSet, load_labelled, split_queries
 from lookalike.pipeline.engines import create_engine
 from lookalike.pipeline.evaluation import reports
 from lookalike.pipeline.evaluation.environment import environment
 from lookalike.pipeline.items import Item
-from lookalike.pipeline.pipeline import build_pipeline
+from lookalike.pipeline.pipeline import build_pipeline, fingerprint
 
 CMC_DEPTH = 20
 
