@@ -40,6 +40,8 @@ class MilvusSearcher(Searcher):
     rows; Milvus holds the vectors it searches.
     """
 
+    reads_index = False  # Milvus finds the rows: the local gallery index is neither opened nor checked
+
     def __init__(self, data: CacheData, target: MilvusTarget):
         super().__init__(data)
         self.target = target

@@ -161,6 +161,8 @@ class Searcher:
     `exact_max_rows` use an IVF index, saved next to the cache generation and memory-mapped back.
     """
 
+    reads_index = True  # whether searches read the generation's gallery index (build-cache --index)
+
     def __init__(self, data: CacheData, index_cache_size: int = 64, exact_max_rows: int | None = None,
                  nprobe: int = IVF_NPROBE):
         self.data = data
@@ -171,8 +173,8 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
         self.nprobe = nprobe
-        # from build-cache --index
-        self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape)
+        # from build-cache --index (a backend that finds rows elsewhere never reads it)
+        self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape) if self.reads_index else None
         # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
         self._mutex = threading.Lock()

@@ -66,6 +66,19 @@ def test_milvus_answers_as_faiss_under_every_kind_of_policy(cache, target):
             same_answers(local.more_like(row, 5, policy), remote.more_like(row, 5, policy))
 
 
+def test_milvus_never_reads_the_local_gallery_index(cache, target, tmp_path):
+    """Milvus finds the rows: a damaged local gallery index (build-cache --index) stops a local search, in one line,
+    and not a search through Milvus, which never opens it."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (load_cache(copy).generation / "index.json").write_text("{}")
+    with pytest.raises(lookalike.UserError, match=r"its index: it cannot be read \(TypeError\); rebuild"):
+        lookalike.open(copy).more_like(0, 5, "flat")
+    same_answers(lookalike.open(cache).more_like(0, 5, "flat"), lookalike.open(copy, target).more_like(0, 5, "flat"))
+
+
 def test_buckets_become_filter_expressions():
     assert bucket_filter([-1], 1, "classifier", 10) == ""
     assert bucket_filter([3, 7], 1, "classifier", 10) == "bucket in [3, 7]"
