@@ -45,8 +45,10 @@ class BucketTable:
 
 
 def as_slice(rows: np.ndarray) -> slice | None:
-    """`rows` as a slice when they are one ascending run (then a matrix read is a view, not a gather)."""
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+    """`rows` as a slice when they are one ascending run (then a matrix read is a view, not a gather); None for any
+    other order, a reordered run included ([1, 3, 2, 4])."""
+    rows = np.asarray(rows)
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and bool((np.diff(rows) == 1).all()):
         return slice(int(rows[0]), int(rows[-1]) + 1)
     return None
 

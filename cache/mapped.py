@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from lookalike.cache.buckets import as_slice
+
 SLICE_BYTES = 8 << 20  # large matrices are read, gathered and written in slices of about this size
 MERGE_BYTES = 64 << 10  # read_rows reads rows closer than this in one call
 
@@ -33,9 +35,8 @@ def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     incremental build peaked at 1.34 x the matrix); and one call per row cost 4 ms for the 1,024 candidates of a
     bucket of 10^4 rows, 90 % of a search through the gallery index at 10^7 rows."""
     if not isinstance(matrix, np.memmap) or not matrix.filename or len(rows) == 0:
-        rows = np.asarray(rows)
-        run = len(rows) > 1 and rows[-1] - rows[0] == len(rows) - 1 and bool((np.diff(rows) == 1).all())
-        return np.asarray(matrix[rows[0]:rows[-1] + 1] if run else matrix[rows], np.float32)  # a run: a view
+        run = as_slice(rows)
+        return np.asarray(matrix[run if run else rows], np.float32)  # one run of rows: a view, not a gather
     order = np.argsort(rows, kind="stable")
     ordered = np.asarray(rows)[order]
     width = matrix.shape[1] * matrix.itemsize
