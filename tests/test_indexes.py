@@ -209,3 +209,27 @@ def test_the_approximate_knn_graph_finds_the_exact_neighbours_with_their_exact_s
     assert np.mean([len(np.intersect1d(f, t)) / 10 for f, t in zip(ids, truth)]) >= 0.95
     assert np.allclose(sims, np.einsum("id,ikd->ik", vectors, vectors[ids]), atol=1e-5)
     assert (ids[:, 0] == np.arange(ROWS)).mean() > 0.99  # a row is its own nearest
+
+
+def test_rows_of_a_list_smaller_than_k_get_their_k_nearest_from_more_lists():
+    """k-means leaves a few lists of a handful of rows; a k-NN search of their rows probes more lists (twice as many,
+    again) until they hold k rows: each row gets k neighbours, none missing, its own list's first, with their true
+    cosines."""
+    import faiss
+
+    from lookalike.cache.indexes import knn_rows, lists_of_rows
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, DIM, dtype=np.float32)  # 8 lists; list 7 gets 3 rows, the others 200
+    sizes = [200] * 7 + [3]
+    vectors = np.concatenate([centres[i] + 0.05 * rng.standard_normal((n, DIM), dtype=np.float32)
+                              for i, n in enumerate(sizes)])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    quantizer = faiss.IndexFlatIP(DIM)
+    quantizer.add(centres)
+    index = faiss.IndexIVFFlat(quantizer, DIM, 8, faiss.METRIC_INNER_PRODUCT)
+    index.add(vectors)
+    small = np.arange(len(vectors) - 3, len(vectors))
+    sims, ids = knn_rows(index, vectors, small, 10, 1, lists_of_rows(index))
+    assert (ids >= 0).all() and all(set(found[:3]) == set(small) for found in ids)
+    assert np.allclose(sims, np.einsum("id,ikd->ik", vectors[small], vectors[ids]), atol=1e-5)
