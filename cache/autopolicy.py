@@ -26,7 +26,7 @@ from lookalike.cache.metrics import leave_one_out, map_at_r, precision_at_k, rel
 from lookalike.cache.policies import FLAT, BucketPolicy
 from lookalike.cache.rerank import KnnGraph, LeaveOneOutDBA, nearest_others
 from lookalike.cache.reranking import HeldOutGallery, rerank
-from lookalike.cache.indexes import EXACT_MAX_ROWS
+from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, GalleryIndex, ivf_lists, make_index
 from lookalike.cache.search import RERANK_IVF_POOL, WHOLE_GALLERY, IVFIndex, Scored, Searcher, rerank_pool
 from lookalike.cache.store import CacheData
 from lookalike.cache.whitening import can_fit_whitening, fit_whitening, whiten
@@ -220,14 +220,15 @@ def auto_family(stored_classes: int) -> list[BucketPolicy]:
 
 
 def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = True,
-                  exact_max_rows: int = EXACT_MAX_ROWS) -> BucketPolicy | None:
+                  exact_max_rows: int = EXACT_MAX_ROWS,
+                  gallery_index: GalleryIndex | None = None) -> BucketPolicy | None:
     """`auto` for a gallery, in two steps on leave-one-out:
     1. of the policies searching fewer images than flat search (candidate fraction rounded to 0.001 below 1) and
        not worse than it, the one searching the fewest (ties: the higher MAP@R); flat when there is none;
     2. (`rerank`) a re-ranked flat search of rerank_family() replaces it when it is not worse than flat search and
        gains MAP@R over step 1's choice scored on the same queries (step 2's sample); the one with the best MAP@R.
        Up to `exact_max_rows` images from score matrices (rerank_scores); above, each query searched through the
-       search path itself (pooled_scores).
+       search path itself (pooled_scores), through `gallery_index` when the build made one (as its queries will).
     None without labels."""
     family = auto_family(np.asarray(columns["classes"]).shape[1])
     scores = loo_scores(columns, [FLAT, *family], seed)
@@ -241,7 +242,7 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
     weight = chosen.weight if chosen.kind == "fused" and chosen.weight else None
     candidates = rerank_family(weight)
     if len(columns["labels"]) > exact_max_rows:
-        reranked = pooled_scores(columns, [FLAT, chosen, *candidates], seed, exact_max_rows)
+        reranked = pooled_scores(columns, [FLAT, chosen, *candidates], seed, exact_max_rows, gallery_index)
         baseline = reranked[chosen]
     else:
         reranked = rerank_scores(columns, [FLAT, *candidates], seed)
@@ -252,10 +253,10 @@ def choose_policy(columns: dict[str, np.ndarray], seed: int = 0, rerank: bool = 
 
 
 def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], seed: int,
-                  exact_max_rows: int) -> dict[BucketPolicy, Score]:
+                  exact_max_rows: int, gallery_index: GalleryIndex | None = None) -> dict[BucketPolicy, Score]:
     """Leave-one-out Score of each policy on a gallery of any size, each query searched through the search path
-    itself (PooledSearch). The queries are RERANK_QUERY_LIMIT labelled rows of the whole gallery, each ranked to
-    depth min(R, POOLED_DEPTH); with +white policies, cross-fitted as in rerank_scores.
+    itself (PooledSearch, through `gallery_index` when given). The queries are RERANK_QUERY_LIMIT labelled rows of the
+    whole gallery, each ranked to depth min(R, POOLED_DEPTH); with +white policies, cross-fitted as in rerank_scores.
     A +white policy has no score when the whitening cannot be fitted (no label with two images).
     `columns["embeddings"]`: float32 rows in memory."""
     labels = np.asarray(columns["labels"])
@@ -267,7 +268,7 @@ def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], 
     if not all(can_fit_whitening(np.delete(labels, fold)) for fold in folds):
         policies = [p for p in policies if not p.white]
     white = any(p.white for p in policies)
-    search = PooledSearch(columns, policies, exact_max_rows, int(n_relevant.max()))
+    search = PooledSearch(columns, policies, exact_max_rows, int(n_relevant.max()), gallery_index)
     found = []
     for fold in folds if white else [queries]:
         search.whitened_without(fold if white else None)
@@ -284,17 +285,19 @@ def pooled_scores(columns: dict[str, np.ndarray], policies: list[BucketPolicy], 
 
 
 class PooledSearch:
-    """pooled_scores' search of a held-out gallery row through the search path: a Searcher over every row (an IVF
-    index above `exact_max_rows`); re-ranked flat policies through rerank_pool (a pool of candidates, a second search
-    for +qe), others through Searcher.search. No leak: the row is out of its candidates and of every DBA vector it is
-    scored against (LeaveOneOutDBA over a KnnGraph through the searcher's own index: the lists and DBA vectors of
-    the rows pools hold, made as read), and the whitening is fitted without it."""
+    """pooled_scores' search of a held-out gallery row through the search path: a Searcher over every row (through
+    `gallery_index`, else an IVF index above `exact_max_rows`); re-ranked flat policies through rerank_pool (a pool of
+    candidates, a second search for +qe), others through Searcher.search. No leak: the row is out of its candidates
+    and of every DBA vector it is scored against (LeaveOneOutDBA over a KnnGraph through the space's IVF,Flat index:
+    the lists and DBA vectors of the rows pools hold, made as read), and the whitening is fitted without it."""
 
-    def __init__(self, columns: dict[str, np.ndarray], policies: list[BucketPolicy], exact_max_rows: int, depth: int):
+    def __init__(self, columns: dict[str, np.ndarray], policies: list[BucketPolicy], exact_max_rows: int, depth: int,
+                 gallery_index: GalleryIndex | None = None):
         self.columns, self.policies, self.exact_max_rows, self.depth = columns, policies, exact_max_rows, depth
         self.vectors = columns["embeddings"]
         self.classes, self.probs = np.asarray(columns["classes"]), np.asarray(columns["probs"])
-        self.searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows)
+        self.searcher = Searcher(CacheData.in_memory(columns), exact_max_rows=exact_max_rows,
+                                 gallery_index=gallery_index)
         self.searchers = {False: self.searcher}
         self.dbas = {(p.dba, p.white) for p in policies if p.dba}
         self.spaces = {False: self.vectors}
@@ -304,14 +307,23 @@ class PooledSearch:
 
     def _galleries(self, white: bool) -> dict:
         """The LeaveOneOutDBA of each (K, a) the policies name in one space, over one k-NN graph of it: exact, or
-        through the space's IVF index."""
+        through an IVF,Flat index of the space."""
         named = [dba for dba, w in self.dbas if w == white]
         if not named:
             return {}
-        depth, space = max(k for k, _ in named), self.spaces[white]
-        index = self.searchers[white].index(WHOLE_GALLERY, 1, white)
-        graph = KnnGraph(space, depth, index.index) if isinstance(index, IVFIndex) else nearest_others(space, depth)
+        depth, space, index = max(k for k, _ in named), self.spaces[white], self._graph_index(white)
+        graph = KnnGraph(space, depth, index) if index is not None else nearest_others(space, depth)
         return {(dba, white): LeaveOneOutDBA(space, *dba, neighbours=graph) for dba in named}
+
+    def _graph_index(self, white: bool):
+        """The IVF,Flat faiss index of a space that its k-NN graph searches, as the build's DBA graph does: the index
+        its searches go through, or one made beside an IVF-PQ gallery index (whose codes are not the vectors); None
+        where its searches are exact."""
+        index = self.searchers[white].index(WHOLE_GALLERY, 1, white)
+        if not isinstance(index, CompressedSearch):
+            return index.index if isinstance(index, IVFIndex) else None
+        flat = self.searchers[white].gallery_index.flat_index
+        return flat if flat is not None else make_index(self.spaces[white], f"IVF{ivf_lists(len(self.vectors))},Flat")
 
     def whitened_without(self, held_out: np.ndarray | None) -> None:
         """The whitened space (and its DBAs) fitted on every row but `held_out`; None: no whitened space."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,6 +132,12 @@ class GalleryIndex(NamedTuple):
     index: object
     row_lists: np.ndarray
     centroids: np.ndarray
+
+    @property
+    def flat_index(self):
+        """The faiss index when its lists hold the vectors whole (ivf), which a k-NN graph of them can search; None
+        for codes (ivfpq)."""
+        return self.index if self.record.kind == "ivf" else None
 
 
 def lists_of_rows(index) -> np.ndarray:
@@ -300,19 +306,21 @@ def knn_rows(index, vectors: np.ndarray, rows: np.ndarray, k: int, probes: int,
     return sims, ids
 
 
-def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
     the rows (exact scores of the rows it finds) probed to recall@k RECALL_TARGET: a k-NN graph of any size in
-    O(rows x probed rows), where an exact pass costs O(rows^2)."""
-    index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
+    O(rows x probed rows), where an exact pass costs O(rows^2). `index`: one made already (the gallery index), else
+    made here."""
+    if index is None:
+        index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
     return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed),
                     lists_of_rows(index))
 
 
-def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:
-    """Choose, make and tune the index of a published generation and save it beside its rows (index.faiss, then
-    index.json, each atomically: a generation without index.json searches exactly); None when exact search is the
-    choice."""
+def make_gallery_index(embeddings: np.ndarray, kind: str, memory: int) -> GalleryIndex | None:
+    """The gallery index `kind` resolves to for `embeddings` under `memory`, made and tuned in memory (its record's
+    bytes_per_row is measured when saved); None when exact search is the choice. Made before `auto` is validated, so
+    the validation searches through it as queries will, and saved once the generation is published."""
     import faiss
 
     key = factory_key(kind, *embeddings.shape, memory)
@@ -320,13 +328,45 @@ def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, mem
         return None
     index = make_index(embeddings, key)
     nprobe, candidates, recall = tune(index, embeddings)
-    atomic_write(generation / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
-    lists = lists_of_rows(index)
-    atomic_write(generation / LISTS_FILE, lambda tmp: tmp.write_bytes(_npy_bytes(lists)))
-    record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, candidates, round(recall, 4),
-                         round((generation / INDEX_FILE).stat().st_size / len(embeddings), 1))
+    record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, candidates, round(recall, 4), 0.0)
+    ivf = faiss.extract_index_ivf(index)
+    return GalleryIndex(record, index, lists_of_rows(index), ivf.quantizer.reconstruct_n(0, ivf.nlist))
+
+
+def save_gallery_index(generation: Path, gallery: GalleryIndex) -> IndexRecord:
+    """Save a made gallery index beside a published generation's rows (index.faiss and its lists, then index.json,
+    each atomically: a generation without index.json searches exactly); its record, with the bytes a row takes."""
+    import faiss
+
+    atomic_write(generation / INDEX_FILE, lambda tmp: faiss.write_index(gallery.index, str(tmp)))
+    atomic_write(generation / LISTS_FILE, lambda tmp: tmp.write_bytes(_npy_bytes(gallery.row_lists)))
+    record = replace(gallery.record, bytes_per_row=round((generation / INDEX_FILE).stat().st_size
+                                                         / gallery.index.ntotal, 1))
     write_text_atomic(generation / RECORD_FILE, json.dumps(asdict(record)))
     return record
+
+
+def renumber(gallery: GalleryIndex, order: np.ndarray) -> GalleryIndex:
+    """A gallery index made in memory, for its rows stored in `order` (stored row i is row order[i] of those it was
+    made of): every list's ids rewritten in place, the rows' lists read in the new order. A build makes the index for
+    the rows as merged (`auto` validates through it) and publishes them grouped by bucket."""
+    import faiss
+
+    stored_as = np.empty(len(order), np.int64)
+    stored_as[order] = np.arange(len(order))
+    lists = faiss.extract_index_ivf(gallery.index).invlists
+    for number in range(lists.nlist):
+        size = lists.list_size(number)
+        if size:
+            ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
+            ids[:] = stored_as[ids]
+    return gallery._replace(row_lists=np.asarray(gallery.row_lists)[order])
+
+
+def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:
+    """Choose, make, tune and save the index of a published generation; None when exact search is the choice."""
+    gallery = make_gallery_index(embeddings, kind, memory)
+    return save_gallery_index(generation, gallery) if gallery else None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -42,12 +42,13 @@ def _weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(similarities, 0.0) ** np.float32(alpha) if alpha else np.ones_like(similarities)
 
 
-def nearest_others(vectors: np.ndarray, depth: int,
-                   exact_max_rows: int = EXACT_MAX_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def nearest_others(vectors: np.ndarray, depth: int, exact_max_rows: int = EXACT_MAX_ROWS,
+                   index=None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it): exact up to
-    `exact_max_rows` rows, from an approximate k-NN graph above (cache/indexes.approximate_nearest)."""
+    `exact_max_rows` rows, from an approximate k-NN graph above (cache/indexes.approximate_nearest, through `index`
+    when given: an IVF,Flat index of `vectors`)."""
     if len(vectors) > exact_max_rows:
-        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)))
+        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)), index=index)
     else:
         sims, ids = nearest(vectors, vectors, depth + 1)
     return _others(sims, ids, np.arange(len(vectors)))
@@ -145,16 +146,16 @@ def _augment(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.nda
 
 
 def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None,
-        exact_max_rows: int = EXACT_MAX_ROWS) -> np.ndarray:
+        exact_max_rows: int = EXACT_MAX_ROWS, index=None) -> np.ndarray:
     """Database-side augmentation: each row becomes the normalised mean of its k nearest rows, itself included,
     weighted by similarity^alpha (k=1: unchanged); the nearest from an approximate k-NN graph above `exact_max_rows`
-    rows. A `held_out` row contributes to no other row's vector (the gallery that row is scored against in
-    leave-one-out validation)."""
+    rows (through `index`, an IVF,Flat index of `vectors`, when given). A `held_out` row contributes to no other
+    row's vector (the gallery that row is scored against in leave-one-out validation)."""
     vectors = np.asarray(vectors, np.float32)
     if k <= 1 or len(vectors) < 2:
         return vectors.copy()
     extra = 1 if held_out is not None else 0
-    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows)
+    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows, index)
     if held_out is not None:
         keep = ids != held_out
         keep &= np.cumsum(keep, axis=1) <= k - 1  # the first k-1 others that are not the held-out row

@@ -18,7 +18,8 @@ from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_ag
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
-from lookalike.cache.indexes import EXACT_MAX_ROWS, CompressedSearch, ivf_lists, make_index, open_gallery_index
+from lookalike.cache.indexes import (EXACT_MAX_ROWS, CompressedSearch, GalleryIndex, ivf_lists, make_index,
+                                    open_gallery_index)
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.paths import refuse_unsafe_paths
 from lookalike.cache.manifest import CacheError
@@ -164,7 +165,7 @@ class Searcher:
     reads_index = True  # whether searches read the generation's gallery index (build-cache --index)
 
     def __init__(self, data: CacheData, index_cache_size: int = 64, exact_max_rows: int | None = None,
-                 nprobe: int = IVF_NPROBE):
+                 nprobe: int = IVF_NPROBE, gallery_index: GalleryIndex | None = None):
         self.data = data
         self.embeddings = data.columns["embeddings"]
         self._tables: dict[int, BucketTable] = {}
@@ -173,8 +174,10 @@ class Searcher:
         self._index_cache_size = index_cache_size
         self.exact_max_rows = exact_max_rows or data.manifest.exact_max_rows or EXACT_MAX_ROWS
         self.nprobe = nprobe
-        # from build-cache --index (a backend that finds rows elsewhere never reads it)
-        self.gallery_index = open_gallery_index(data.generation, *self.embeddings.shape) if self.reads_index else None
+        # from build-cache --index (a backend that finds rows elsewhere never reads it); given: one a build made for
+        # the rows it has not published yet (auto's validation searches through it)
+        self.gallery_index = gallery_index or (open_gallery_index(data.generation, *self.embeddings.shape)
+                                               if self.reads_index else None)
         # Safe from several threads: the caches above are read and changed under `_mutex`, which is never held
         # while anything is computed; an index is made by one thread (its own lock: other buckets go on).
         self._mutex = threading.Lock()

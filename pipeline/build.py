@@ -7,10 +7,11 @@ and the pending chunks through memory-mapped reads: one copy of the embedding ma
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +22,8 @@ from lookalike.cache.autopolicy import choose_policy
 from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN, WHITE_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
-from lookalike.cache.indexes import DEFAULT_MEMORY, EXACT_MAX_ROWS, build_gallery_index, factory_key, parse_index
+from lookalike.cache.indexes import (DEFAULT_MEMORY, EXACT_MAX_ROWS, RECORD_FILE, GalleryIndex, factory_key,
+                                    make_gallery_index, parse_index)
 from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
 from lookalike.cache.mapped import StackedRows, take_rows
@@ -250,14 +252,21 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
             raise CacheError(f"{gallery}: no usable images ({len(summary.skipped)} skipped)")
-        factory_key(index_kind, count, columns["embeddings"].shape[1], memory)  # an impossible budget: before publishing
+        # the index key: an impossible budget is refused before anything is published
+        indexed = factory_key(index_kind, count, columns["embeddings"].shape[1], memory)
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
         if bucket_by == "label":
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
+        large = count > (exact_max_rows or EXACT_MAX_ROWS)
+        # gathered once for what reads every row: the gallery index, and auto's validation on a large gallery
+        vectors = take_rows(columns["embeddings"], np.arange(count)) if indexed or large else None
+        gallery_index = _made_index(vectors, index_kind, memory, summary) if indexed else None
         default_policy, fused_weight, dba, whitening = "flat", None, None, None
         if topk and bucket_by == "classifier":
             default_policy, fused_weight, dba, whitening = _choose_auto(columns, count, summary,
-                                                                        exact_max_rows or EXACT_MAX_ROWS)
+                                                                        exact_max_rows or EXACT_MAX_ROWS, vectors,
+                                                                        gallery_index)
+        del vectors  # 2 GB at 10^6 rows of 512 dimensions: not held while the generation is written
         manifest = Manifest(
             fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
             dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
@@ -266,23 +275,25 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
             labels_file=str(labels_file) if labels_file else None,
             skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
             built=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32, whitening)
+        generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32, whitening,
+                                      gallery_index)
         pending.clear()
         summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
-        summary.index = _index(generation, index_kind, memory, summary)
+        summary.index = json.loads((generation / RECORD_FILE).read_text()) if gallery_index else None
     summary.images = count
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _index(generation: Path, kind: str, memory: int, summary: BuildReport) -> dict | None:
-    """The published generation's gallery index, made and tuned (cache/indexes.py): its record, or None for exact
-    search."""
+def _made_index(vectors: np.ndarray, kind: str, memory: int, summary: BuildReport) -> GalleryIndex:
+    """The gallery index (cache/indexes.py) of the rows, made and tuned before `auto` is chosen: above exact_max_rows
+    the validation searches through it, as the cache's queries will, and the DBA's k-NN graph reads it (one index
+    where a build made three); published with the generation."""
     started = time.perf_counter()
-    record = build_gallery_index(generation, np.load(generation / "embeddings.npy", mmap_mode="r"), kind, memory)
+    gallery_index = make_gallery_index(vectors, kind, memory)
     summary.phases["index"] = time.perf_counter() - started
-    return asdict(record) if record else None
+    return gallery_index
 
 
 def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, previous: CacheData | None,
@@ -301,27 +312,28 @@ def _new_or_changed(gallery: Path, entries: list[GalleryEntry], skipped: list, p
     return todo, stats, labels, summary
 
 
-def _choose_auto(columns: dict, count: int, summary: BuildReport,
-                 exact_max_rows: int) -> tuple[str, float | None, list | None, np.ndarray | None]:
+def _choose_auto(columns: dict, count: int, summary: BuildReport, exact_max_rows: int, vectors: np.ndarray | None,
+                 gallery_index: GalleryIndex | None) -> tuple[str, float | None, list | None, np.ndarray | None]:
     """What `--buckets auto` means for this gallery, chosen on its labelled images (flat without labels): (default
     policy, fused weight, DBA, whitening); the DBA and whitened vectors the choice uses are added to `columns`.
-    Above `exact_max_rows` the validation searches every row (pooled_scores), so the vectors are gathered in memory
-    once for it, the whitening and the DBA."""
+    Above `exact_max_rows` the validation searches every row (pooled_scores) through the gallery index, so `vectors`
+    holds them gathered in memory for it, the whitening and the DBA."""
     started = time.perf_counter()
     large = count > exact_max_rows
-    embeddings = take_rows(columns["embeddings"], np.arange(count)) if large else None
-    chosen = choose_policy({**columns, "embeddings": embeddings} if large else columns, exact_max_rows=exact_max_rows)
+    chosen = choose_policy({**columns, "embeddings": vectors} if large else columns, exact_max_rows=exact_max_rows,
+                           gallery_index=gallery_index)
     default_policy = str(chosen) if chosen else "flat"
     fused_weight = chosen.weight if chosen and chosen.kind == "fused" else None
     dba = whitening = None
     if chosen and (chosen.dba or chosen.white):  # stored beside the embeddings: a query needs no k-NN pass nor fit
-        vectors = embeddings if large else take_rows(columns["embeddings"], np.arange(count))
+        vectors = vectors if vectors is not None else take_rows(columns["embeddings"], np.arange(count))
+        graph_index = gallery_index.flat_index if gallery_index and not chosen.white else None
         if chosen.white:
             whitening = fit_whitening(vectors, columns["labels"])
             vectors = columns[WHITE_COLUMN] = whiten(vectors, whitening)
         if chosen.dba:
             dba = list(chosen.dba)
-            columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows)
+            columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows, index=graph_index)
     summary.phases["choose_policy"] = time.perf_counter() - started
     summary.auto_path = "search path, approximate k-NN graph" if large else "exact"
     return default_policy, fused_weight, dba, whitening

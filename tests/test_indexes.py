@@ -211,6 +211,35 @@ def test_the_approximate_knn_graph_finds_the_exact_neighbours_with_their_exact_s
     assert (ids[:, 0] == np.arange(ROWS)).mean() > 0.99  # a row is its own nearest
 
 
+def test_a_gallery_index_made_for_the_merged_rows_is_published_for_the_stored_order(tmp_path):
+    """build-cache makes its gallery index for the rows as merged, before `auto` is chosen (the validation searches
+    through it), and publishes it with the rows grouped by bucket: its ids renumbered, a search through it finds each
+    stored row itself, over the whole gallery and in its bucket (whose search probes the lists its rows are in)."""
+    from lookalike.cache.generations import write_generation
+    from lookalike.cache.indexes import make_gallery_index
+    from lookalike.cache.manifest import Manifest
+
+    vectors, classes, _ = synthetic(ROWS, dim=DIM, buckets=BUCKETS)
+    merged = np.random.default_rng(0).permutation(ROWS)  # the rows as a build merges them: not grouped by bucket
+    probs = np.tile(np.array([0.8, 0.15, 0.05], np.float32), (ROWS, 1))
+    columns = {"paths": np.char.add("img", merged.astype(str)), "sizes": np.zeros(ROWS, np.int64),
+               "mtimes": np.zeros(ROWS, np.int64), "labels": classes[merged, 0].astype(str),
+               "label_classes": np.full(ROWS, -1, np.int32), "classes": classes[merged], "probs": probs,
+               "boxes": np.full((ROWS, 4), np.nan, np.float32), "embeddings": vectors[merged]}
+    gallery_index = make_gallery_index(columns["embeddings"], "ivf", parse_memory("1GB"))
+    write_generation(tmp_path, Manifest(fingerprint={}, config={}, gallery_root=str(tmp_path), count=ROWS, dim=DIM),
+                     columns, gallery_index=gallery_index)
+    data = load_cache(tmp_path)
+    assert not np.array_equal(data.columns["paths"], columns["paths"])  # stored in another order
+    searcher = Searcher(data)
+    assert searcher.gallery_index is not None
+    stored = np.asarray(data.columns["embeddings"])
+    for row in range(0, ROWS, 250):
+        for policy in ("flat", "top1"):
+            found = searcher.search(stored[row], parse_policy(policy), 5, data.columns["classes"][row], probs[row])
+            assert found.rows[0] == row, (policy, row)
+
+
 def test_rows_of_a_list_smaller_than_k_get_their_k_nearest_from_more_lists():
     """k-means leaves a few lists of a handful of rows; a k-NN search of their rows probes more lists (twice as many,
     again) until they hold k rows: each row gets k neighbours, none missing, its own list's first, with their true

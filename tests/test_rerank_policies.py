@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.cache.autopolicy import FLAT, choose_policy, pooled_scores, rerank_family, rerank_scores
+from lookalike.cache.autopolicy import FLAT, PooledSearch, choose_policy, pooled_scores, rerank_family, rerank_scores
+from lookalike.cache.indexes import CompressedSearch, make_gallery_index, parse_memory
 from lookalike.cache.metrics import map_at_r, precision_at_k
 from lookalike.cache.policies import parse_policy
-from lookalike.cache.search import Searcher
+from lookalike.cache.search import WHOLE_GALLERY, Searcher
 from lookalike.cache.columns import COLUMNS, empty_columns
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.models.errors import UserError
@@ -127,14 +128,21 @@ def test_validation_through_the_search_path_agrees_with_the_score_matrices():
     assert choose_policy(columns, exact_max_rows=60).reranks
 
 
+@pytest.mark.parametrize("index", ["auto", "ivf"])
 def test_a_build_above_exact_max_rows_validates_through_the_search_path_and_stores_its_dba(gallery, tiny_config,
-                                                                                           tmp_path, monkeypatch):
+                                                                                           tmp_path, monkeypatch,
+                                                                                           index):
+    """With a gallery index (ivf) the validation is given it (it searches as queries will), the DBA graph reads it,
+    and it is published with the rows."""
     from lookalike.pipeline import build
 
-    monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+dba:3+qe:2"))
-    report = build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8)
+    given = []
+    monkeypatch.setattr(build, "choose_policy",
+                        lambda columns, **options: given.append(options) or parse_policy("flat+dba:3+qe:2"))
+    report = build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8, index=index)
     data = load_cache(tmp_path / "cache")
     assert report.auto_path.startswith("search path") and data.manifest.exact_max_rows == 8
+    assert (given[0]["gallery_index"] is not None) == (index == "ivf") == (report.index is not None)
     embeddings = np.asarray(data.columns["embeddings"])
     assert np.allclose(data.columns["dba"], reference_dba(embeddings, 3), atol=1e-5)  # an IVF probed to recall 0.95
     searcher = Searcher(data)
@@ -207,3 +215,31 @@ def test_dba_matrices_of_many_distinct_policies_stay_within_their_budget(monkeyp
         searcher.search(query, parse_policy(f"flat+dba:{k}@0.5"), 5)
     assert sum(matrix.nbytes for matrix in searcher._dba.values()) <= 3 * one
     assert list(searcher._dba)[-1] == ((39, 0.5), False)  # (DBA, in the whitened space)
+
+
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_validation_through_a_gallery_index_searches_as_queries_will(kind, monkeypatch):
+    """A build's gallery index (over INDEXED_MIN_ROWS rows, here lowered: searches go through it) is given to the
+    validation, which searches through it as the cache's queries will, and stays within 0.01 of the score matrices'
+    leave-one-out. Its k-NN graph searches IVF,Flat lists: the gallery index's own, or (IVF-PQ holds codes, not the
+    vectors) an index of its own, as the build's DBA graph does: the DBA weights are true cosines."""
+    from lookalike.cache import search as search_module
+
+    monkeypatch.setattr(search_module, "INDEXED_MIN_ROWS", 100)
+    columns = gallery_columns(informative_classes=False, per_label=50)  # 300 rows
+    policies = [FLAT, parse_policy("flat+dba:5"), parse_policy("flat+dba:20@3+qe:2"), parse_policy("flat+white+dba:5")]
+    exact = rerank_scores(columns, policies)
+    gallery_index = make_gallery_index(columns["embeddings"], kind, parse_memory("1GB"))
+    search = PooledSearch(columns, policies, 60, 10, gallery_index)
+    assert isinstance(search.searcher.index(WHOLE_GALLERY, 1), CompressedSearch)
+    graph = search.galleries[(20, 3.0), False]._neighbours
+    assert (graph.index is gallery_index.index) == (kind == "ivf")
+    rows = np.arange(0, len(columns["labels"]), 7)
+    sims, ids = graph(rows)
+    vectors = columns["embeddings"]
+    assert np.allclose(sims, np.einsum("id,ikd->ik", vectors[rows], vectors[ids]), atol=1e-5)
+    through_index = pooled_scores(columns, policies, 0, 60, gallery_index)
+    for policy in policies:
+        assert through_index[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=0.01), policy
