@@ -15,7 +15,7 @@ import numpy as np
 
 from lookalike.cache.buckets import grouped_order
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN, WHITENING_FILE, stored_columns
-from lookalike.cache.indexes import GalleryIndex, renumber, save_gallery_index
+from lookalike.cache.indexes import GalleryIndex, ivf_file, renumber, save_gallery_index, write_index
 from lookalike.cache.manifest import CacheError, Manifest
 from lookalike.cache.mapped import StackedRows, first_nonfinite, slice_rows, take_rows
 from lookalike.models.files import fsync_dir, write_text_atomic
@@ -109,12 +109,13 @@ def _generation_numbers(root: Path) -> list[int]:
 
 def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarray | StackedRows],
                      vector_dtype: type = np.float32, whitening: np.ndarray | None = None,
-                     gallery_index: GalleryIndex | None = None) -> Path:
+                     gallery_index: GalleryIndex | None = None, white_index=None) -> Path:
     """Write a complete new generation (rows grouped by top-1 bucket), switch CURRENT to it, delete the others.
     The embeddings are stored as `vector_dtype` (float16: half the disk and page cache; read back as float32);
-    `whitening` (cache/whitening.py) beside them when the manifest says it has one; `gallery_index`, made for
-    `columns`' rows, published with them (its ids renumbered to the stored order): no query searches the new rows
-    exactly while an index is being made.
+    `whitening` (cache/whitening.py) beside them when the manifest says it has one; `gallery_index` and
+    `white_index` (the whole gallery's IVF index of the whitened rows), made for `columns`' rows, published with them
+    (their ids renumbered to the stored order): no query searches the new rows exactly, or makes an index, while one
+    is being made.
 
     Its number is above every generation on disk, so one left half-published by a crash never blocks the
     publish, and is removed with the rest. The caller holds the build lock.
@@ -135,7 +136,11 @@ def write_generation(root: Path, manifest: Manifest, columns: dict[str, np.ndarr
         if manifest.whitening:
             np.save(staging / WHITENING_FILE, np.asarray(whitening, np.float32), allow_pickle=False)
         if gallery_index is not None:
-            save_gallery_index(staging, renumber(gallery_index, order))
+            renumber(gallery_index.index, order)
+            save_gallery_index(staging, gallery_index._replace(row_lists=np.asarray(gallery_index.row_lists)[order]))
+        if white_index is not None:
+            renumber(white_index, order)
+            write_index(staging / ivf_file("flat", white=True), white_index)
         write_text_atomic(staging / "manifest.json", manifest.to_json())
     except BaseException as err:  # Ctrl-C included: no staging is left behind
         shutil.rmtree(staging, ignore_errors=True)

@@ -336,9 +336,7 @@ def make_gallery_index(embeddings: np.ndarray, kind: str, memory: int) -> Galler
 def save_gallery_index(generation: Path, gallery: GalleryIndex) -> IndexRecord:
     """Save a made gallery index beside a published generation's rows (index.faiss and its lists, then index.json,
     each atomically: a generation without index.json searches exactly); its record, with the bytes a row takes."""
-    import faiss
-
-    atomic_write(generation / INDEX_FILE, lambda tmp: faiss.write_index(gallery.index, str(tmp)))
+    write_index(generation / INDEX_FILE, gallery.index)
     atomic_write(generation / LISTS_FILE, lambda tmp: tmp.write_bytes(_npy_bytes(gallery.row_lists)))
     record = replace(gallery.record, bytes_per_row=round((generation / INDEX_FILE).stat().st_size
                                                          / gallery.index.ntotal, 1))
@@ -346,21 +344,33 @@ def save_gallery_index(generation: Path, gallery: GalleryIndex) -> IndexRecord:
     return record
 
 
-def renumber(gallery: GalleryIndex, order: np.ndarray) -> GalleryIndex:
-    """A gallery index made in memory, for its rows stored in `order` (stored row i is row order[i] of those it was
-    made of): every list's ids rewritten in place, the rows' lists read in the new order. A build makes the index for
-    the rows as merged (`auto` validates through it) and publishes them grouped by bucket."""
+def renumber(index, order: np.ndarray) -> None:
+    """An IVF index made in memory, renumbered in place for its rows stored in `order` (stored row i is row order[i]
+    of those it was made of): every list's ids rewritten. A build makes its indexes for the rows as merged (`auto`
+    validates through the gallery index) and publishes the rows grouped by bucket."""
     import faiss
 
     stored_as = np.empty(len(order), np.int64)
     stored_as[order] = np.arange(len(order))
-    lists = faiss.extract_index_ivf(gallery.index).invlists
+    lists = faiss.extract_index_ivf(index).invlists
     for number in range(lists.nlist):
         size = lists.list_size(number)
         if size:
             ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
             ids[:] = stored_as[ids]
-    return gallery._replace(row_lists=np.asarray(gallery.row_lists)[order])
+
+
+def ivf_file(bucket: str, white: bool) -> str:
+    """The file name of a generation's IVF index of one bucket ('flat': the whole gallery) of its stored or
+    (`white`) whitened rows, beside its embeddings: made by the first search needing it, or by the build."""
+    return f"ivf-{bucket}{'-white' if white else ''}.faiss"
+
+
+def write_index(path: Path, index) -> None:
+    """A faiss index saved atomically (a crash leaves the old file or none, never half of one)."""
+    import faiss
+
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def build_gallery_index(generation: Path, embeddings: np.ndarray, kind: str, memory: int) -> IndexRecord | None:

@@ -18,15 +18,14 @@ from lookalike.cache.buckets import BucketTable, as_slice, bucket_keys, class_ag
 from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
-from lookalike.cache.indexes import (EXACT_MAX_ROWS, CompressedSearch, GalleryIndex, ivf_lists, make_index,
-                                    open_gallery_index)
+from lookalike.cache.indexes import (EXACT_MAX_ROWS, CompressedSearch, GalleryIndex, ivf_file, ivf_lists, make_index,
+                                    open_gallery_index, write_index)
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.paths import refuse_unsafe_paths
 from lookalike.cache.manifest import CacheError
 from lookalike.cache.store import CacheData
 from lookalike.cache.whitening import whiten
 from lookalike.models.errors import UserError
-from lookalike.models.files import atomic_write
 from lookalike.models.machine import background_thread, give_back_freed_memory
 
 WHOLE_GALLERY = -1  # the bucket key that stands for the whole gallery (flat search)
@@ -201,8 +200,8 @@ class Searcher:
         filename = getattr(self.embeddings, "filename", None)
         if not isinstance(self.embeddings, np.memmap) or not filename:
             return None  # an in-memory cache (during a build): nothing to save next to
-        name = ("flat" if key == WHOLE_GALLERY else f"bucket-{key}-m{gallery_classes}") + ("-white" if white else "")
-        return Path(filename).parent / f"ivf-{name}.faiss"
+        return Path(filename).parent / ivf_file("flat" if key == WHOLE_GALLERY else f"bucket-{key}-m{gallery_classes}",
+                                                white)
 
     def _ivf(self, rows: np.ndarray, key: int, gallery_classes: int, white: bool) -> IVFIndex:
         import faiss
@@ -225,7 +224,7 @@ class Searcher:
         # each at 10^5 rows (auto's validation at 10^6 rows made it over and over, for minutes)
         if path is not None:
             try:
-                atomic_write(path, lambda tmp: faiss.write_index(index.index, str(tmp)))
+                write_index(path, index.index)
                 index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
                 index.saved = True
             except (OSError, RuntimeError):
