@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lookalike.cache.mapped import read_rows, slice_rows
+from lookalike.cache.mapped import StackedRows, read_rows, slice_rows
 from lookalike.cache.metrics import rank_by_score
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write, write_text_atomic
@@ -317,10 +317,11 @@ def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None) 
                     lists_of_rows(index))
 
 
-def make_gallery_index(embeddings: np.ndarray, kind: str, memory: int) -> GalleryIndex | None:
-    """The gallery index `kind` resolves to for `embeddings` under `memory`, made and tuned in memory (its record's
-    bytes_per_row is measured when saved); None when exact search is the choice. Made before `auto` is validated, so
-    the validation searches through it as queries will, and saved once the generation is published."""
+def make_gallery_index(embeddings: np.ndarray | StackedRows, kind: str, memory: int) -> GalleryIndex | None:
+    """The gallery index `kind` resolves to for `embeddings` (rows read a slice at a time) under `memory`, made and
+    tuned in memory (its record's bytes_per_row is measured when saved); None when exact search is the choice. Made
+    before `auto` is validated, so the validation searches through it as queries will, and saved with the
+    generation's rows."""
     import faiss
 
     key = factory_key(kind, *embeddings.shape, memory)

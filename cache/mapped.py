@@ -33,7 +33,10 @@ def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     MERGE_BYTES apart (the rows between are read and dropped): gathering scattered rows through the mapping faults
     whole large folios in, so a sample of 20,000 rows of a 2 GB file made all of it resident in this process (an
     incremental build peaked at 1.34 x the matrix); and one call per row cost 4 ms for the 1,024 candidates of a
-    bucket of 10^4 rows, 90 % of a search through the gallery index at 10^7 rows."""
+    bucket of 10^4 rows, 90 % of a search through the gallery index at 10^7 rows. StackedRows (a build's rows, in
+    the previous generation and the pending chunks) gather from their parts."""
+    if isinstance(matrix, StackedRows):
+        return matrix.take(np.asarray(rows))
     if not isinstance(matrix, np.memmap) or not matrix.filename or len(rows) == 0:
         run = as_slice(rows)
         return np.asarray(matrix[run if run else rows], np.float32)  # one run of rows: a view, not a gather

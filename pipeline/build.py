@@ -257,12 +257,15 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         columns["labels"] = np.array([labels[p] or "" for p in columns["paths"].tolist()])
         if bucket_by == "label":
             columns["label_classes"] = _label_classes(columns["labels"], pipeline, out)
+        choosing = bool(topk) and bucket_by == "classifier"
         large = count > (exact_max_rows or EXACT_MAX_ROWS)
-        # gathered once for what reads every row: the gallery index, and auto's validation on a large gallery
-        vectors = take_rows(columns["embeddings"], np.arange(count)) if indexed or large else None
-        gallery_index = _made_index(vectors, index_kind, memory, summary) if indexed else None
+        # auto's validation of a large gallery searches every row: gathered in memory once, for it and the index; the
+        # index alone reads the rows where they are (10^7 rows of 512 dimensions gathered would take 20 GB)
+        vectors = take_rows(columns["embeddings"], np.arange(count)) if choosing and large else None
+        gallery_index = (_made_index(columns["embeddings"] if vectors is None else vectors, index_kind, memory, summary)
+                         if indexed else None)
         default_policy, fused_weight, dba, whitening, white_index = "flat", None, None, None, None
-        if topk and bucket_by == "classifier":
+        if choosing:
             default_policy, fused_weight, dba, whitening, white_index = _choose_auto(
                 columns, count, summary, exact_max_rows or EXACT_MAX_ROWS, vectors, gallery_index)
         del vectors  # 2 GB at 10^6 rows of 512 dimensions: not held while the generation is written
@@ -285,7 +288,7 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
     return summary
 
 
-def _made_index(vectors: np.ndarray, kind: str, memory: int, summary: BuildReport) -> GalleryIndex:
+def _made_index(vectors: np.ndarray | StackedRows, kind: str, memory: int, summary: BuildReport) -> GalleryIndex:
     """The gallery index (cache/indexes.py) of the rows, made and tuned before `auto` is chosen: above exact_max_rows
     the validation searches through it, as the cache's queries will, and the DBA's k-NN graph reads it (one index
     where a build made three); published with the generation."""

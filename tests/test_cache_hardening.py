@@ -270,3 +270,14 @@ def test_read_rows_of_a_matrix_in_memory_gives_the_rows_in_the_order_asked():
     for rows in ([1, 3, 2, 4], [0, 0, 2], [7, 6], [5], [3, 4, 5]):
         assert np.array_equal(mapped.read_rows(matrix, np.array(rows)), matrix[rows]), rows
     assert np.shares_memory(mapped.read_rows(matrix, np.arange(3, 9)), matrix)
+
+
+def test_read_rows_of_a_builds_stacked_rows_gathers_them_from_their_parts():
+    """A build makes its gallery index from its rows where they are (the previous generation and the pending chunks,
+    a float16 part included), a slice or a sample at a time, without gathering every row first."""
+    parts = [np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(20, 40, dtype=np.float16).reshape(10, 2)]
+    whole = np.concatenate([p.astype(np.float32) for p in parts])
+    selection = np.array([12, 0, 1, 2, 19, 5])
+    stacked = mapped.StackedRows(parts, selection)
+    for rows in ([0, 1, 2, 3], [5, 0, 3], [4]):
+        assert np.array_equal(mapped.read_rows(stacked, np.array(rows)), whole[selection[rows]]), rows
