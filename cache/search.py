@@ -211,11 +211,11 @@ class Searcher:
         if path is not None and path.is_file():
             try:
                 index = IVFIndex(rows, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), self.nprobe)
-                if index.index.ntotal == len(rows):
+                if (index.index.ntotal, index.index.d) == (len(rows), vectors.shape[1]):
                     index.saved = True
                     return index
             except RuntimeError:
-                pass  # unreadable (cut short): build it again
+                pass  # unreadable (cut short): build it again; one of other rows or dimensions too
         index = IVFIndex(rows, make_index(vectors, f"IVF{ivf_lists(len(rows))},Flat",
                                           None if key == WHOLE_GALLERY else rows), self.nprobe)
         release_pages(vectors)

@@ -262,3 +262,30 @@ def test_a_large_build_that_adopts_whitening_publishes_the_index_of_the_whitened
     embeddings = np.asarray(data.columns["embeddings"])
     for row in (0, 7, len(embeddings) - 1):
         assert Searcher(data).search(embeddings[row], parse_policy("flat+white+dba:3+qe:2"), 3).rows[0] == row
+
+
+@pytest.mark.parametrize("damage", ["cut short", "another cache's"])
+def test_a_damaged_or_planted_index_of_the_whitened_rows_is_made_again(gallery, tiny_config, tmp_path, monkeypatch,
+                                                                      damage):
+    """The build's ivf-flat-white.faiss cut short, or replaced by an index of other rows and dimensions: a +white
+    search makes the index again from the whitened rows and answers as the published one did."""
+    import faiss
+
+    from lookalike.cache.indexes import ivf_file
+    from lookalike.pipeline import build
+
+    monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+white+dba:3+qe:2"))
+    build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8)
+    data = load_cache(tmp_path / "cache")
+    policy, embeddings = parse_policy("flat+white+dba:3+qe:2"), np.asarray(data.columns["embeddings"])
+    before = [Searcher(data).search(embeddings[row], policy, 3).rows for row in (0, 7)]
+    path = data.generation / ivf_file("flat", white=True)
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        other = faiss.index_factory(8, "IVF1,Flat", faiss.METRIC_INNER_PRODUCT)
+        other.train(np.eye(8, dtype=np.float32))
+        other.add(np.eye(8, dtype=np.float32)[np.arange(len(embeddings)) % 8])
+        faiss.write_index(other, str(path))
+    after = [Searcher(load_cache(tmp_path / "cache")).search(embeddings[row], policy, 3).rows for row in (0, 7)]
+    assert all(np.array_equal(b, a) for b, a in zip(before, after))
