@@ -145,6 +145,14 @@ def _augment(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.nda
     return unit_rows(_mixed(own, _weights(sims, alpha), vectors, ids), in_place=True)
 
 
+def _augment_without(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int, alpha: float,
+                     held_out: int) -> np.ndarray:
+    """_augment over the first k-1 neighbours of each row that are not `held_out` (the next one takes its place)."""
+    keep = ids != held_out
+    keep &= np.cumsum(keep, axis=1) <= k - 1
+    return unit_rows(_mixed(own, _weights(sims, alpha) * keep, vectors, ids), in_place=True)
+
+
 def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None,
         exact_max_rows: int = EXACT_MAX_ROWS, index=None) -> np.ndarray:
     """Database-side augmentation: each row becomes the normalised mean of its k nearest rows, itself included,
@@ -157,11 +165,7 @@ def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = 
     extra = 1 if held_out is not None else 0
     sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows, index)
     if held_out is not None:
-        keep = ids != held_out
-        keep &= np.cumsum(keep, axis=1) <= k - 1  # the first k-1 others that are not the held-out row
-        sims, ids = np.where(keep, sims, 0.0), np.where(keep, ids, 0)
-        weights = _weights(sims, alpha) * keep
-        return unit_rows(_mixed(vectors, weights, vectors, ids), in_place=True)
+        return _augment_without(vectors, vectors, sims, ids, k, alpha, held_out)
     return _augment(vectors, vectors, sims, ids, alpha)
 
 
@@ -231,11 +235,7 @@ class LeaveOneOutDBA:
         neighbour takes its place."""
         if len(rows) == 0:
             return np.zeros((0, self.vectors.shape[1]), np.float32)
-        sims, ids = self._lists(rows)
-        keep = ids != held_out
-        keep &= np.cumsum(keep, axis=1) <= self.k - 1
-        mixed = _mixed(self.vectors[rows], _weights(sims, self.alpha) * keep, self.vectors, ids)
-        return unit_rows(mixed, in_place=True)
+        return _augment_without(self.vectors, self.vectors[rows], *self._lists(rows), self.k, self.alpha, held_out)
 
     def similarities(self, queries: np.ndarray, held_out: np.ndarray) -> np.ndarray:
         """queries @ augmented.T where row i is scored against the gallery without held_out[i]'s influence."""
