@@ -284,26 +284,63 @@ def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0) -> int:
 def knn_rows(index, vectors: np.ndarray, rows: np.ndarray, k: int, probes: int,
              row_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) of the k nearest rows (themselves among them) of `vectors[rows]`, best first, through an
-    IVF index of `vectors` (its ids are the rows; `row_lists`: lists_of_rows of it) probing `probes` lists (twice as
-    many, again and again, for a row whose probed lists hold fewer than k: k-means leaves a few lists of a handful of
-    rows, and probing every list for their rows cost more than the rest of a 30,000-row batch together). The rows are
-    searched in the order of their lists: queries scanning the same list one after another find it in the CPU's
-    cache (2.5x faster than in random order)."""
+    IVF,Flat index of `vectors` (its ids are the rows; `row_lists`: lists_of_rows of it) probing `probes` lists (twice
+    as many, again and again, for a row whose probed lists hold fewer than k: k-means leaves a few lists of a handful
+    of rows, and probing every list for their rows cost more than the rest of a 30,000-row batch together)."""
     import faiss
 
-    order = np.argsort(np.asarray(row_lists)[rows], kind="stable")
-    sims, ids = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
-    step = slice_rows(vectors.shape[1])
-    for start in range(0, len(rows), step):
-        part = order[start:start + step]
-        sims[part], ids[part] = ivf_search(index, read_rows(vectors, rows[part]), k, probes)
-    lists = faiss.extract_index_ivf(index).nlist
-    short = np.flatnonzero((ids < 0).any(axis=1))
-    while len(short) and probes < lists:
-        probes = min(lists, 2 * probes)
-        sims[short], ids[short] = ivf_search(index, read_rows(vectors, rows[short]), k, probes)
-        short = short[(ids[short] < 0).any(axis=1)]
+    ivf = faiss.extract_index_ivf(index)
+    if ivf.code_size != 4 * ivf.d:
+        raise ValueError(f"knn_rows reads the vectors in an IVF,Flat index's lists, not codes of {ivf.code_size} bytes")
+    sims, ids = np.full((len(rows), k), -np.inf, np.float32), np.full((len(rows), k), -1, np.int64)
+    todo = np.arange(len(rows))
+    while len(todo):
+        _scan_lists(ivf, vectors, rows, todo, _probed(ivf, vectors, rows[todo], probes, row_lists), sims, ids)
+        todo = todo[(ids[todo] < 0).any(axis=1)] if probes < ivf.nlist else todo[:0]
+        probes = min(ivf.nlist, 2 * probes)
+        sims[todo], ids[todo] = -np.inf, -1
     return sims, ids
+
+
+def _probed(ivf, vectors: np.ndarray, rows: np.ndarray, probes: int, row_lists: np.ndarray) -> np.ndarray:
+    """The `probes` lists nearest each of `rows` [rows, probes]: for one, the list holding it (IVF adds a row to its
+    nearest centroid's list, so it needs no coarse search), else the coarse quantizer's, a slice of rows at a time."""
+    if probes == 1:
+        return np.asarray(row_lists)[rows][:, None].astype(np.int64)
+    step = slice_rows(vectors.shape[1])
+    return np.concatenate([ivf.quantizer.search(read_rows(vectors, rows[start:start + step]), probes)[1]
+                           for start in range(0, len(rows), step)])
+
+
+def _scan_lists(ivf, vectors: np.ndarray, rows: np.ndarray, todo: np.ndarray, probed: np.ndarray,
+                sims: np.ndarray, ids: np.ndarray) -> None:
+    """Merge into (sims, ids)[todo] the k best of the lists `probed` for each of rows[todo]. Each list is read in place
+    and scanned once for all the rows probing it, as one product (faiss.knn): faiss's IVF search scans a list once
+    per row and searches every row's centroids (at 10^6 rows 1.5x slower for 116,000 rows, 1.8x for 50). The rows
+    are gathered a slice at a time, in the order of their lists."""
+    import faiss
+
+    who, lists = np.repeat(todo, probed.shape[1]), probed.reshape(-1)
+    order = np.argsort(lists, kind="stable")
+    who, lists = who[order[lists[order] >= 0]], lists[order[lists[order] >= 0]]
+    step, k = slice_rows(vectors.shape[1]), ids.shape[1]
+    for start in range(0, len(who), step):
+        part, part_lists = who[start:start + step], lists[start:start + step]
+        queries = read_rows(vectors, rows[part])
+        bounds = np.flatnonzero(np.diff(part_lists, prepend=-1, append=-1))
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            number = int(part_lists[first])
+            size = ivf.invlists.list_size(number)
+            if size == 0:
+                continue
+            stored = faiss.rev_swig_ptr(ivf.invlists.get_codes(number), size * ivf.code_size)
+            found_sims, found = faiss.knn(queries[first:end], stored.view(np.float32).reshape(size, ivf.d),
+                                          min(k, size), metric=faiss.METRIC_INNER_PRODUCT)
+            at = part[first:end]
+            merged_sims = np.concatenate([sims[at], found_sims], axis=1)
+            merged = np.concatenate([ids[at], faiss.rev_swig_ptr(ivf.invlists.get_ids(number), size)[found]], axis=1)
+            best = rank_by_score(merged_sims, k)
+            sims[at], ids[at] = np.take_along_axis(merged_sims, best, 1), np.take_along_axis(merged, best, 1)
 
 
 def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None) -> tuple[np.ndarray, np.ndarray]:

@@ -262,3 +262,24 @@ def test_rows_of_a_list_smaller_than_k_get_their_k_nearest_from_more_lists():
     sims, ids = knn_rows(index, vectors, small, 10, 1, lists_of_rows(index))
     assert (ids >= 0).all() and all(set(found[:3]) == set(small) for found in ids)
     assert np.allclose(sims, np.einsum("id,ikd->ik", vectors[small], vectors[ids]), atol=1e-5)
+
+
+def test_knn_rows_finds_what_faiss_ivf_search_finds_for_any_probes():
+    """knn_rows scans each list once for every row probing it: the same neighbours and cosines as faiss's own IVF
+    search probing as many lists (the row's own list alone for one probe), in any order of rows asked."""
+    import faiss
+
+    from lookalike.cache.indexes import ivf_search, knn_rows, lists_of_rows, make_index
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((3_000, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = make_index(vectors, "IVF16,Flat")
+    rows = rng.permutation(len(vectors))[:500]
+    for probes in (1, 3, 16):
+        sims, ids = knn_rows(index, vectors, rows, 12, probes, lists_of_rows(index))
+        expected_sims, expected = ivf_search(index, vectors[rows], 12, probes)
+        assert np.mean(ids == expected) > 0.99 and np.allclose(sims, expected_sims, atol=1e-5), probes
+    assert (ids[:, 0] == rows).all()  # every row is its own nearest, all lists probed
+    with pytest.raises(ValueError, match="IVF,Flat"):
+        knn_rows(make_index(vectors, "IVF16,PQ8"), vectors, rows, 12, 1, lists_of_rows(index))
