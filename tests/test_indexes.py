@@ -267,8 +267,6 @@ def test_rows_of_a_list_smaller_than_k_get_their_k_nearest_from_more_lists():
 def test_knn_rows_finds_what_faiss_ivf_search_finds_for_any_probes():
     """knn_rows scans each list once for every row probing it: the same neighbours and cosines as faiss's own IVF
     search probing as many lists (the row's own list alone for one probe), in any order of rows asked."""
-    import faiss
-
     from lookalike.cache.indexes import ivf_search, knn_rows, lists_of_rows, make_index
 
     rng = np.random.default_rng(3)
