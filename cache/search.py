@@ -90,16 +90,18 @@ def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Cal
     """A re-ranked search, written once for the search and for `auto`'s validation through it: the rows
     `candidates(query)` gives, scored by `scored(rows)`, ranked by the re-ranking pipeline (cache/reranking.py).
     With +qe, rows an index proposed (a pool of the nearest: not `every_row`) are joined by those it proposes for the
-    query expanded in the stored space by the same best candidates, a second search. (rows, their Scored, what each
-    was ranked by, the best k positions)."""
+    query expanded in the stored space by the same best candidates, a second search (only the rows it adds are
+    scored). (rows, their Scored, what each was ranked by, the best k positions)."""
     rows = candidates(query)
     found = scored(rows)
     if policy.qe and not every_row(rows):
         expanded = reranking.expanded(reranking.FixedGallery(found.stored), query[None], found.plain[None],
                                       (found.cosine + found.bonus)[None], policy.qe)[0]
-        more = np.union1d(rows, candidates(expanded))
-        if len(more) > len(rows):
-            rows, found = more, scored(more)
+        more = np.setdiff1d(candidates(expanded), rows)
+        if len(more):
+            rows, order = np.concatenate([rows, more]), np.argsort(np.concatenate([rows, more]), kind="stable")
+            rows, found = rows[order], Scored(found.query, *(np.concatenate(parts)[order]
+                                                             for parts in zip(found[1:], scored(more)[1:])))
     ranking, order = reranking.rerank(reranking.FixedGallery(found.vectors), found.query[None], found.cosine[None],
                                       found.bonus[None], policy.qe, policy.krecip, found.plain[None], k)
     return rows, found, ranking[0], order[0]
