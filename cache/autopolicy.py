@@ -359,31 +359,40 @@ class PooledSearch:
 
     def ranked(self, row: int) -> list[np.ndarray]:
         """Each policy's rows for the query of gallery row `row`, best first, without that row."""
-        out = []
+        out, first = [], {}
         for policy in self.policies:
             if policy.reranks and not policy.uses_buckets:
-                out.append(self._reranked(row, policy))
+                out.append(self._reranked(row, policy, first))
             else:
                 found = self.searcher.search(self.vectors[row], policy, self.depth + 1, self.classes[row],
                                              self.probs[row]).rows
                 out.append(found[found != row][:self.depth])
         return out
 
-    def _reranked(self, row: int, policy: BucketPolicy) -> np.ndarray:
+    def _reranked(self, row: int, policy: BucketPolicy, first: dict) -> np.ndarray:
+        """The rows of `policy` for the query of gallery row `row`; `first`: the Scored of its first pool in each
+        (space, DBA, weight), shared by the policies of one query."""
         query, space = self.vectors[row], self.spaces[policy.white]
         dba, weight = self.galleries.get((policy.dba, policy.white)), policy.weight or 0.0
+        pool = self._first_pool(row, policy.white)
 
         def candidates(q: np.ndarray) -> np.ndarray:
             if q is query:
-                return self._first_pool(row, policy.white)
+                return pool
             found = self.searchers[policy.white].candidate_rows(q, [WHOLE_GALLERY], 1, self.depth, policy.white)
             return found[found != row]
 
         def scored(rows: np.ndarray) -> Scored:
+            key = (policy.white, policy.dba, weight)
+            if rows is pool and key in first:
+                return first[key]
             stored, against = self.vectors[rows], dba.rows_of(rows, row) if dba else space[rows]
             bonus = (weight * class_agreement(self.classes[row], self.probs[row], self.classes[rows],
                                               self.probs[rows])[0] if weight else np.zeros(len(rows), np.float32))
-            return Scored(space[row], against, against @ space[row], bonus, stored, stored @ query)
+            found = Scored(space[row], against, against @ space[row], bonus, stored, stored @ query)
+            if rows is pool:
+                first[key] = found
+            return found
 
         rows, _, _, best = rerank_pool(query, policy, self.depth, candidates, scored,
                                        lambda rows: len(rows) == len(self.vectors) - 1)
