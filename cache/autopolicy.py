@@ -312,7 +312,9 @@ class PooledSearch:
         if not named:
             return {}
         depth, space, index = max(k for k, _ in named), self.spaces[white], self._graph_index(white)
-        graph = KnnGraph(space, depth, index) if index is not None else nearest_others(space, depth)
+        gallery_index = self.searcher.gallery_index
+        truth = gallery_index.truth if gallery_index is not None and not white else None  # of the plain rows
+        graph = KnnGraph(space, depth, index, truth) if index is not None else nearest_others(space, depth)
         return {(dba, white): LeaveOneOutDBA(space, *dba, neighbours=graph) for dba in named}
 
     def _graph_index(self, white: bool):

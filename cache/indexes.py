@@ -37,6 +37,7 @@ DEFAULT_MEMORY = "4GB"
 EXACT_MAX_ROWS = 32_768  # exact search up to this many rows (cache/search.py measured its cost)
 RECALL_TARGET = 0.95  # recall@5 against exact search that the probes are tuned to reach
 TUNING_QUERIES = 200  # sampled gallery rows the probes are tuned on
+TRUTH_DEPTH = 32  # their exact neighbours found when a gallery index is made: for its recall@5 and the k-NN graphs'
 PROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PQ_BYTES = (64, 48, 32, 24, 16, 8)  # code sizes tried, finest first: 2 x this many 4-bit parts
 ID_BYTES = 8  # an inverted list keeps each row's 64-bit id beside its code
@@ -124,14 +125,24 @@ def make_index(vectors: np.ndarray, key: str, rows: np.ndarray | None = None, se
     return index
 
 
+class Truth(NamedTuple):
+    """TUNING_QUERIES sampled rows of a matrix and the rows of their exact top k in it, best first: what an index's
+    probes are tuned against."""
+
+    rows: np.ndarray
+    top: np.ndarray
+
+
 class GalleryIndex(NamedTuple):
     """A generation's gallery index as a search uses it: its record, the index (memory-mapped), the inverted list of
-    every row (LISTS_FILE) and every list's centroid."""
+    every row (LISTS_FILE) and every list's centroid; when made in this process, the Truth of its rows to TRUTH_DEPTH
+    (it was tuned on; `auto`'s validation and the build's DBA tune their k-NN graphs of the same rows on it)."""
 
     record: IndexRecord
     index: object
     row_lists: np.ndarray
     centroids: np.ndarray
+    truth: Truth | None = None
 
     @property
     def flat_index(self):
@@ -229,17 +240,22 @@ def exact_top(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray
     return truth
 
 
-def tune(index, embeddings: np.ndarray, seed: int = 0) -> tuple[int, int, float]:
+def sampled_truth(vectors: np.ndarray | StackedRows, k: int, seed: int = 0) -> Truth:
+    """The Truth of TUNING_QUERIES rows of `vectors` sampled with `seed`, to depth k: one pass over the matrix (3 s at
+    10^6 rows of 512 dimensions), whatever k."""
+    count = len(vectors)
+    rows = np.sort(np.random.default_rng(seed + 1).choice(count, min(count, TUNING_QUERIES), replace=False))
+    return Truth(rows, exact_top(vectors, read_rows(vectors, rows), k))
+
+
+def tune(index, embeddings: np.ndarray, truth: Truth) -> tuple[int, int, float]:
     """(lists probed, candidates, recall@5): the fewest CANDIDATES, then the fewest PROBES, whose recall@5 against exact
-    search, on TUNING_QUERIES sampled gallery rows searched as queries are (CompressedSearch), reaches RECALL_TARGET;
-    the most of both otherwise."""
+    search (`truth`), its sampled gallery rows searched as queries are (CompressedSearch), reaches RECALL_TARGET; the
+    most of both otherwise."""
     import faiss
 
-    count = len(embeddings)
-    queries = read_rows(embeddings, np.sort(np.random.default_rng(seed + 1).choice(
-        count, min(count, TUNING_QUERIES), replace=False)))
-    truth = exact_top(embeddings, queries, 5)
-    rows = np.arange(count)
+    queries, truth = read_rows(embeddings, truth.rows), truth.top[:, :5]
+    rows = np.arange(len(embeddings))
     lists = faiss.extract_index_ivf(index).nlist
     recall = 0.0
     for candidates in CANDIDATES:
@@ -264,16 +280,16 @@ def ivf_search(index, queries: np.ndarray, k: int, probes: int) -> tuple[np.ndar
     return search(np.ascontiguousarray(queries, np.float32), k, params=faiss.SearchParametersIVF(nprobe=probes))
 
 
-def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0) -> int:
+def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0, truth: Truth | None = None) -> int:
     """The fewest PROBES of an IVF index of `vectors` whose recall@k against exact search, on TUNING_QUERIES sampled
-    rows, reaches RECALL_TARGET (every list when none does)."""
+    rows (`truth` when it is deep enough, else sampled with `seed`), reaches RECALL_TARGET (every list when none
+    does)."""
     import faiss
 
     lists = faiss.extract_index_ivf(index).nlist
-    sample = np.sort(np.random.default_rng(seed + 1).choice(len(vectors), min(len(vectors), TUNING_QUERIES),
-                                                            replace=False))
-    queries = read_rows(vectors, sample)
-    truth = exact_top(vectors, queries, k)
+    if truth is None or truth.top.shape[1] < k:
+        truth = sampled_truth(vectors, k, seed)
+    queries, truth = read_rows(vectors, truth.rows), truth.top[:, :k]
     for probes in (p for p in PROBES if p <= lists):
         found = ivf_search(index, queries, k, probes)[1]
         if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)]) >= RECALL_TARGET:
@@ -343,14 +359,15 @@ def _scan_lists(ivf, vectors: np.ndarray, rows: np.ndarray, todo: np.ndarray, pr
             sims[at], ids[at] = np.take_along_axis(merged_sims, best, 1), np.take_along_axis(merged, best, 1)
 
 
-def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None) -> tuple[np.ndarray, np.ndarray]:
+def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None,
+                        truth: Truth | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
     the rows (exact scores of the rows it finds) probed to recall@k RECALL_TARGET: a k-NN graph of any size in
     O(rows x probed rows), where an exact pass costs O(rows^2). `index`: one made already (the gallery index), else
-    made here."""
+    made here; `truth`: the gallery index's Truth of these rows, when there is one (knn_probes)."""
     if index is None:
         index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
-    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed),
+    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed, truth),
                     lists_of_rows(index))
 
 
@@ -365,10 +382,11 @@ def make_gallery_index(embeddings: np.ndarray | StackedRows, kind: str, memory: 
     if key is None:
         return None
     index = make_index(embeddings, key)
-    nprobe, candidates, recall = tune(index, embeddings)
+    truth = sampled_truth(embeddings, TRUTH_DEPTH)
+    nprobe, candidates, recall = tune(index, embeddings, truth)
     record = IndexRecord("ivf" if key.endswith(",Flat") else "ivfpq", key, nprobe, candidates, round(recall, 4), 0.0)
     ivf = faiss.extract_index_ivf(index)
-    return GalleryIndex(record, index, lists_of_rows(index), ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    return GalleryIndex(record, index, lists_of_rows(index), ivf.quantizer.reconstruct_n(0, ivf.nlist), truth)
 
 
 def save_gallery_index(generation: Path, gallery: GalleryIndex) -> IndexRecord:

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from lookalike.cache.indexes import EXACT_MAX_ROWS, approximate_nearest, knn_probes, knn_rows, lists_of_rows
+from lookalike.cache.indexes import EXACT_MAX_ROWS, Truth, approximate_nearest, knn_probes, knn_rows, lists_of_rows
 from lookalike.cache.metrics import rank_by_score
 from lookalike.models.outputs import unit_rows
 
@@ -42,13 +42,13 @@ def _weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(similarities, 0.0) ** np.float32(alpha) if alpha else np.ones_like(similarities)
 
 
-def nearest_others(vectors: np.ndarray, depth: int, exact_max_rows: int = EXACT_MAX_ROWS,
-                   index=None) -> tuple[np.ndarray, np.ndarray]:
+def nearest_others(vectors: np.ndarray, depth: int, exact_max_rows: int = EXACT_MAX_ROWS, index=None,
+                   truth: Truth | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it): exact up to
     `exact_max_rows` rows, from an approximate k-NN graph above (cache/indexes.approximate_nearest, through `index`
-    when given: an IVF,Flat index of `vectors`)."""
+    when given: an IVF,Flat index of `vectors`; tuned on `truth`, the gallery index's, when given)."""
     if len(vectors) > exact_max_rows:
-        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)), index=index)
+        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)), index=index, truth=truth)
     else:
         sims, ids = nearest(vectors, vectors, depth + 1)
     return _others(sims, ids, np.arange(len(vectors)))
@@ -124,12 +124,13 @@ class MadeOnce:
 class KnnGraph:
     """Each row's `depth` nearest other rows through an IVF index of them, found when first asked for (MadeOnce),
     probed to recall@depth RECALL_TARGET: a validation reads the lists of the rows its pools hold, not every row's.
-    Shares the index a search uses (cache/indexes.knn_rows)."""
+    Shares the index a search uses (cache/indexes.knn_rows), and the Truth of `vectors` it was tuned on when given.
+    """
 
-    def __init__(self, vectors: np.ndarray, depth: int, index):
+    def __init__(self, vectors: np.ndarray, depth: int, index, truth: Truth | None = None):
         self.vectors, self.index = vectors, index
         self.depth = min(depth, len(vectors) - 1)
-        self._probes = knn_probes(index, vectors, self.depth + 1)
+        self._probes = knn_probes(index, vectors, self.depth + 1, truth=truth)
         self._row_lists = lists_of_rows(index)
         self._lists = MadeOnce(len(vectors), [((self.depth,), np.float32), ((self.depth,), np.int64)])
 
@@ -172,16 +173,16 @@ def _augment_without(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids
 
 
 def dba(vectors: np.ndarray, k: int, alpha: float = 0.0, held_out: int | None = None,
-        exact_max_rows: int = EXACT_MAX_ROWS, index=None) -> np.ndarray:
+        exact_max_rows: int = EXACT_MAX_ROWS, index=None, truth: Truth | None = None) -> np.ndarray:
     """Database-side augmentation: each row becomes the normalised mean of its k nearest rows, itself included,
     weighted by similarity^alpha (k=1: unchanged); the nearest from an approximate k-NN graph above `exact_max_rows`
-    rows (through `index`, an IVF,Flat index of `vectors`, when given). A `held_out` row contributes to no other
-    row's vector (the gallery that row is scored against in leave-one-out validation)."""
+    rows (through `index`, an IVF,Flat index of `vectors`, and tuned on `truth`, when given). A `held_out` row
+    contributes to no other row's vector (the gallery that row is scored against in leave-one-out validation)."""
     vectors = np.asarray(vectors, np.float32)
     if k <= 1 or len(vectors) < 2:
         return vectors.copy()
     extra = 1 if held_out is not None else 0
-    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows, index)
+    sims, ids = nearest_others(vectors, min(k - 1 + extra, len(vectors) - 1), exact_max_rows, index, truth)
     if held_out is not None:
         return _augment_without(vectors, vectors, sims, ids, k, alpha, held_out)
     return _augment(vectors, vectors, sims, ids, alpha)

@@ -339,7 +339,9 @@ def _choose_auto(columns: dict, count: int, summary: BuildReport, exact_max_rows
             graph_index = white_index = make_index(vectors, f"IVF{ivf_lists(count)},Flat") if large else None
         if chosen.dba:
             dba = list(chosen.dba)
-            columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows, index=graph_index)
+            truth = gallery_index.truth if gallery_index and not chosen.white else None  # of the plain rows
+            columns[DBA_COLUMN] = rerank.dba(vectors, *chosen.dba, exact_max_rows=exact_max_rows, index=graph_index,
+                                             truth=truth)
     summary.phases["choose_policy"] = time.perf_counter() - started
     summary.auto_path = "search path, approximate k-NN graph" if large else "exact"
     return default_policy, fused_weight, dba, whitening, white_index

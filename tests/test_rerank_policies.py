@@ -65,6 +65,16 @@ def test_bad_rerank_parts_are_refused(text, message):
         parse_policy(text)
 
 
+def exact_passes(monkeypatch) -> list:
+    """The matrices cache.indexes.exact_top passes over from now on, one entry per pass."""
+    from lookalike.cache import indexes
+
+    passes, real = [], indexes.exact_top
+    monkeypatch.setattr(indexes, "exact_top", lambda vectors, queries, k: passes.append(len(vectors)) or real(
+        vectors, queries, k))
+    return passes
+
+
 def test_search_ranks_as_written_and_reports_the_cosine(tmp_path):
     """flat+dba:3+qe:2: DBA gallery vectors, the query expanded by its 2 best, ranked again; `scores` is the
     cosine to the stored embedding, `rank_scores` what the rows were ranked by."""
@@ -132,10 +142,12 @@ def test_validation_through_the_search_path_agrees_with_the_score_matrices():
 def test_a_build_above_exact_max_rows_validates_through_the_search_path_and_stores_its_dba(gallery, tiny_config,
                                                                                            tmp_path, monkeypatch,
                                                                                            index):
-    """With a gallery index (ivf) the validation is given it (it searches as queries will), the DBA graph reads it,
-    and it is published with the rows."""
+    """With a gallery index (ivf) the validation is given it (it searches as queries will), the DBA graph reads it
+    and is tuned on the exact neighbours the index was tuned on (one exact pass over the rows, not two), and it is
+    published with the rows."""
     from lookalike.pipeline import build
 
+    passes = exact_passes(monkeypatch)
     given = []
     monkeypatch.setattr(build, "choose_policy",
                         lambda columns, **options: given.append(options) or parse_policy("flat+dba:3+qe:2"))
@@ -143,6 +155,7 @@ def test_a_build_above_exact_max_rows_validates_through_the_search_path_and_stor
     data = load_cache(tmp_path / "cache")
     assert report.auto_path.startswith("search path") and data.manifest.exact_max_rows == 8
     assert (given[0]["gallery_index"] is not None) == (index == "ivf") == (report.index is not None)
+    assert len(passes) == 1
     embeddings = np.asarray(data.columns["embeddings"])
     assert np.allclose(data.columns["dba"], reference_dba(embeddings, 3), atol=1e-5)  # an IVF probed to recall 0.95
     searcher = Searcher(data)
@@ -224,15 +237,18 @@ def test_validation_through_a_gallery_index_searches_as_queries_will(kind, monke
     """A build's gallery index (over INDEXED_MIN_ROWS rows, here lowered: searches go through it) is given to the
     validation, which searches through it as the cache's queries will, and stays within 0.01 of the score matrices'
     leave-one-out. Its k-NN graph searches IVF,Flat lists: the gallery index's own, or (IVF-PQ holds codes, not the
-    vectors) an index of its own, as the build's DBA graph does: the DBA weights are true cosines."""
+    vectors) an index of its own, as the build's DBA graph does: the DBA weights are true cosines. The graph is tuned
+    on the exact neighbours the gallery index was tuned on: no second exact pass over the rows."""
     from lookalike.cache import search as search_module
 
     monkeypatch.setattr(search_module, "INDEXED_MIN_ROWS", 100)
     columns = gallery_columns(informative_classes=False, per_label=50)  # 300 rows
     policies = [FLAT, parse_policy("flat+dba:5"), parse_policy("flat+dba:20@3+qe:2"), parse_policy("flat+white+dba:5")]
     exact = rerank_scores(columns, policies)
+    passes = exact_passes(monkeypatch)
     gallery_index = make_gallery_index(columns["embeddings"], kind, parse_memory("1GB"))
     search = PooledSearch(columns, policies, 60, 10, gallery_index)
+    assert len(passes) == 1
     assert isinstance(search.searcher.index(WHOLE_GALLERY, 1), CompressedSearch)
     graph = search.galleries[(20, 3.0), False]._neighbours
     assert (graph.index is gallery_index.index) == (kind == "ivf")
