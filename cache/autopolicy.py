@@ -336,9 +336,7 @@ class PooledSearch:
         self.spaces[True] = whiten(self.vectors, whitening)
         data = CacheData.in_memory({**self.columns, WHITE_COLUMN: self.spaces[True]}, whitening=True)
         data.whitening = whitening
-        # its candidates: whitened, through an index with the gallery index's lists when there is one (as the build's)
-        self.searchers[True] = Searcher(data, exact_max_rows=self.exact_max_rows,
-                                        gallery_index=self.searcher.gallery_index)
+        self.searchers[True] = Searcher(data, exact_max_rows=self.exact_max_rows)  # its candidates: whitened
         self.searchers[True].index(WHOLE_GALLERY, 1, True)
         self._pools = {key: pool for key, pool in self._pools.items() if not key[1]}
         self.galleries = {**{key: g for key, g in self.galleries.items() if not key[1]}, **self._galleries(True)}

@@ -31,7 +31,6 @@ from lookalike.cache.mapped import StackedRows, read_rows, slice_rows
 from lookalike.cache.metrics import rank_by_score
 from lookalike.models.errors import UserError
 from lookalike.models.files import atomic_write, write_text_atomic
-from lookalike.models.outputs import unit_rows
 
 INDEX_KINDS = ("auto", "exact", "ivf", "ivfpq")
 DEFAULT_MEMORY = "4GB"
@@ -124,39 +123,6 @@ def make_index(vectors: np.ndarray, key: str, rows: np.ndarray | None = None, se
     for start in range(0, count, step):
         index.add(read_rows(vectors, rows[start:start + step]))
     return index
-
-
-def partitioned_index(vectors: np.ndarray, row_lists: np.ndarray, lists: int):
-    """An IVF,Flat index (inner product) of `vectors` whose lists are given, not found by k-means: row i (id i) in
-    list row_lists[i], each list's centroid the normalised mean of its rows. The index of a gallery's whitened rows
-    takes its gallery index's lists: at 16 probes its recall@5 and @256 matched k-means' in the whitened space on
-    tiny-imagenet-20 (0.971 / 0.760 against 0.968 / 0.747), caltech101-22 (1.000 / 0.963 against 1.000 / 0.968) and
-    10^6 synthetic rows (1.000), made in 1 s where k-means took 9 s at 10^6 rows."""
-    import faiss
-    import scipy.sparse
-
-    row_lists = np.asarray(row_lists, np.int64)
-    count, dim = vectors.shape
-    members = scipy.sparse.csr_matrix((np.ones(count, np.float32), (row_lists, np.arange(count))), shape=(lists, count))
-    index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.quantizer.add(unit_rows(np.asarray(members @ vectors, np.float32), in_place=True))
-    index.is_trained = True
-    step = slice_rows(dim)
-    for start in range(0, count, step):
-        part = np.ascontiguousarray(read_rows(vectors, np.arange(start, min(count, start + step))))
-        ivf.add_core(len(part), faiss.swig_ptr(part), None, faiss.swig_ptr(row_lists[start:start + len(part)]))
-    return index
-
-
-def whitened_index(vectors: np.ndarray, gallery: GalleryIndex | None):
-    """The IVF,Flat index of a large gallery's whitened rows `vectors` (which `+white` searches, and its DBA's k-NN
-    graph reads): with the lists of its gallery index when it has one (partitioned_index), else by k-means."""
-    import faiss
-
-    if gallery is None:
-        return make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat")
-    return partitioned_index(vectors, gallery.row_lists, faiss.extract_index_ivf(gallery.index).nlist)
 
 
 class Truth(NamedTuple):
@@ -314,19 +280,19 @@ def ivf_search(index, queries: np.ndarray, k: int, probes: int) -> tuple[np.ndar
     return search(np.ascontiguousarray(queries, np.float32), k, params=faiss.SearchParametersIVF(nprobe=probes))
 
 
-def knn_probes(index, vectors: np.ndarray, k: int, row_lists: np.ndarray, seed: int = 0,
-               truth: Truth | None = None) -> int:
-    """The fewest PROBES of knn_rows through an IVF,Flat index of `vectors` (`row_lists`: lists_of_rows of it) whose
-    recall@k against exact search, on TUNING_QUERIES sampled rows (`truth` when it is deep enough, else sampled with
-    `seed`), reaches RECALL_TARGET (every list when none does)."""
+def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0, truth: Truth | None = None) -> int:
+    """The fewest PROBES of an IVF index of `vectors` whose recall@k against exact search, on TUNING_QUERIES sampled
+    rows (`truth` when it is deep enough, else sampled with `seed`), reaches RECALL_TARGET (every list when none
+    does)."""
     import faiss
 
     lists = faiss.extract_index_ivf(index).nlist
     if truth is None or truth.top.shape[1] < k:
         truth = sampled_truth(vectors, k, seed)
+    queries, truth = read_rows(vectors, truth.rows), truth.top[:, :k]
     for probes in (p for p in PROBES if p <= lists):
-        found = knn_rows(index, vectors, truth.rows, k, probes, row_lists)[1]
-        if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth.top[:, :k])]) >= RECALL_TARGET:
+        found = ivf_search(index, queries, k, probes)[1]
+        if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)]) >= RECALL_TARGET:
             return probes
     return lists
 
@@ -334,10 +300,9 @@ def knn_probes(index, vectors: np.ndarray, k: int, row_lists: np.ndarray, seed: 
 def knn_rows(index, vectors: np.ndarray, rows: np.ndarray, k: int, probes: int,
              row_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) of the k nearest rows (themselves among them) of `vectors[rows]`, best first, through an
-    IVF,Flat index of `vectors` (its ids are the rows; `row_lists`: lists_of_rows of it) probing `probes` lists: the
-    row's own and the nearest others (twice as many, again and again, for a row whose probed lists hold fewer than k:
-    k-means leaves a few lists of a handful of rows, and probing every list for their rows cost more than the rest of
-    a 30,000-row batch together)."""
+    IVF,Flat index of `vectors` (its ids are the rows; `row_lists`: lists_of_rows of it) probing `probes` lists (twice
+    as many, again and again, for a row whose probed lists hold fewer than k: k-means leaves a few lists of a handful
+    of rows, and probing every list for their rows cost more than the rest of a 30,000-row batch together)."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
@@ -354,18 +319,13 @@ def knn_rows(index, vectors: np.ndarray, rows: np.ndarray, k: int, probes: int,
 
 
 def _probed(ivf, vectors: np.ndarray, rows: np.ndarray, probes: int, row_lists: np.ndarray) -> np.ndarray:
-    """The lists each of `rows` probes [rows, probes]: the list holding it (k-means' index added it to its nearest
-    centroid's, so one probe needs no coarse search; a partitioned_index may not have), then the coarse quantizer's
-    nearest others, a slice of rows at a time."""
-    own = np.asarray(row_lists)[rows].astype(np.int64)
+    """The `probes` lists nearest each of `rows` [rows, probes]: for one, the list holding it (IVF adds a row to its
+    nearest centroid's list, so it needs no coarse search), else the coarse quantizer's, a slice of rows at a time."""
     if probes == 1:
-        return own[:, None]
+        return np.asarray(row_lists)[rows][:, None].astype(np.int64)
     step = slice_rows(vectors.shape[1])
-    nearest = np.concatenate([ivf.quantizer.search(read_rows(vectors, rows[start:start + step]), probes)[1]
-                              for start in range(0, len(rows), step)])
-    elsewhere = ~(nearest == own[:, None]).any(axis=1)
-    nearest[elsewhere, -1] = own[elsewhere]
-    return nearest
+    return np.concatenate([ivf.quantizer.search(read_rows(vectors, rows[start:start + step]), probes)[1]
+                           for start in range(0, len(rows), step)])
 
 
 def _scan_lists(ivf, vectors: np.ndarray, rows: np.ndarray, todo: np.ndarray, probed: np.ndarray,
@@ -407,9 +367,8 @@ def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None,
     made here; `truth`: the gallery index's Truth of these rows, when there is one (knn_probes)."""
     if index is None:
         index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
-    row_lists = lists_of_rows(index)
-    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, row_lists, seed, truth),
-                    row_lists)
+    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed, truth),
+                    lists_of_rows(index))
 
 
 def make_gallery_index(embeddings: np.ndarray | StackedRows, kind: str, memory: int) -> GalleryIndex | None:

@@ -19,7 +19,7 @@ from lookalike.cache.metrics import rank_by_score
 from lookalike.cache.policies import MAX_RERANK_K, BucketPolicy, parse_policy
 from lookalike.cache.columns import DBA_COLUMN, WHITE_COLUMN
 from lookalike.cache.indexes import (EXACT_MAX_ROWS, CompressedSearch, GalleryIndex, ivf_file, ivf_lists, make_index,
-                                    open_gallery_index, whitened_index, write_index)
+                                    open_gallery_index, write_index)
 from lookalike.cache.mapped import release_pages
 from lookalike.cache.paths import refuse_unsafe_paths
 from lookalike.cache.manifest import CacheError
@@ -218,9 +218,8 @@ class Searcher:
                     return index
             except RuntimeError:
                 pass  # unreadable (cut short): build it again; one of other rows or dimensions too
-        made = (whitened_index(vectors, self.gallery_index) if white and key == WHOLE_GALLERY else
-                make_index(vectors, f"IVF{ivf_lists(len(rows))},Flat", None if key == WHOLE_GALLERY else rows))
-        index = IVFIndex(rows, made, self.nprobe)
+        index = IVFIndex(rows, make_index(vectors, f"IVF{ivf_lists(len(rows))},Flat",
+                                          None if key == WHOLE_GALLERY else rows), self.nprobe)
         release_pages(vectors)
         # Unsaved (an in-memory cache, or one that cannot be written), it stays in memory, not counted against
         # CACHED_BYTES: evicted by the next bucket's exact scan, it was made again for the next flat search, seconds

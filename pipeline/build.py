@@ -23,7 +23,7 @@ from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN, WHITE_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
 from lookalike.cache.indexes import (DEFAULT_MEMORY, EXACT_MAX_ROWS, RECORD_FILE, GalleryIndex, factory_key,
-                                    make_gallery_index, parse_index, whitened_index)
+                                    ivf_lists, make_gallery_index, make_index, parse_index)
 from lookalike.cache.lock import BuildLock
 from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
 from lookalike.cache.mapped import StackedRows, take_rows
@@ -336,7 +336,7 @@ def _choose_auto(columns: dict, count: int, summary: BuildReport, exact_max_rows
         if chosen.white:
             whitening = fit_whitening(vectors, columns["labels"])
             vectors = columns[WHITE_COLUMN] = whiten(vectors, whitening)
-            graph_index = white_index = whitened_index(vectors, gallery_index) if large else None
+            graph_index = white_index = make_index(vectors, f"IVF{ivf_lists(count)},Flat") if large else None
         if chosen.dba:
             dba = list(chosen.dba)
             truth = gallery_index.truth if gallery_index and not chosen.white else None  # of the plain rows

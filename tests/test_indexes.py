@@ -281,35 +281,3 @@ def test_knn_rows_finds_what_faiss_ivf_search_finds_for_any_probes():
     assert (ids[:, 0] == rows).all()  # every row is its own nearest, all lists probed
     with pytest.raises(ValueError, match="IVF,Flat"):
         knn_rows(make_index(vectors, "IVF16,PQ8"), vectors, rows, 12, 1, lists_of_rows(index))
-
-
-def test_an_index_with_given_lists_keeps_each_row_in_its_list_and_finds_its_neighbours():
-    """partitioned_index (the index of a gallery's whitened rows takes its gallery index's lists): each row is in the
-    list it was given, searches through it find a row's exact neighbours as k-means' index does, and a k-NN search
-    of its rows probes each row's own list, even where another list's centroid is nearer: no row misses itself."""
-    import faiss
-
-    from lookalike.cache.indexes import exact_top, ivf_search, knn_rows, lists_of_rows, make_index, partitioned_index
-    from lookalike.models.outputs import unit_rows
-
-    rng = np.random.default_rng(5)
-    centres = rng.standard_normal((20, DIM), dtype=np.float32)
-    vectors = unit_rows(np.repeat(centres, 100, axis=0) + 0.3 * rng.standard_normal((2_000, DIM), dtype=np.float32))
-    row_lists = lists_of_rows(make_index(vectors, "IVF20,Flat"))
-    other_space = unit_rows(vectors @ (np.eye(DIM) + 0.3 * rng.standard_normal((DIM, DIM))).astype(np.float32))
-    index = partitioned_index(other_space, row_lists, 20)
-    assert np.array_equal(lists_of_rows(index), row_lists) and index.ntotal == len(vectors)
-    truth = exact_top(other_space, other_space[:300], 5)
-
-    def recall(ivf) -> float:
-        found = ivf_search(ivf, other_space[:300], 5, 4)[1]
-        return float(np.mean([len(np.intersect1d(f, t)) / 5 for f, t in zip(found, truth)]))
-
-    assert recall(index) >= recall(make_index(other_space, "IVF20,Flat")) - 0.05
-    scattered = rng.integers(0, 20, len(vectors))  # lists no centroid stands for: most rows are nearer another's
-    index = partitioned_index(other_space, scattered, 20)
-    centroids = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 20)
-    assert np.mean(np.argmax(other_space @ centroids.T, axis=1) != scattered) > 0.5
-    for probes in (1, 2):
-        ids = knn_rows(index, other_space, np.arange(len(vectors)), 5, probes, scattered)[1]
-        assert (ids[:, 0] == np.arange(len(vectors))).all(), probes
