@@ -280,19 +280,19 @@ def ivf_search(index, queries: np.ndarray, k: int, probes: int) -> tuple[np.ndar
     return search(np.ascontiguousarray(queries, np.float32), k, params=faiss.SearchParametersIVF(nprobe=probes))
 
 
-def knn_probes(index, vectors: np.ndarray, k: int, seed: int = 0, truth: Truth | None = None) -> int:
-    """The fewest PROBES of an IVF index of `vectors` whose recall@k against exact search, on TUNING_QUERIES sampled
-    rows (`truth` when it is deep enough, else sampled with `seed`), reaches RECALL_TARGET (every list when none
-    does)."""
+def knn_probes(index, vectors: np.ndarray, k: int, row_lists: np.ndarray, seed: int = 0,
+               truth: Truth | None = None) -> int:
+    """The fewest PROBES of knn_rows through an IVF,Flat index of `vectors` (`row_lists`: lists_of_rows of it) whose
+    recall@k against exact search, on TUNING_QUERIES sampled rows (`truth` when it is deep enough, else sampled with
+    `seed`), reaches RECALL_TARGET (every list when none does)."""
     import faiss
 
     lists = faiss.extract_index_ivf(index).nlist
     if truth is None or truth.top.shape[1] < k:
         truth = sampled_truth(vectors, k, seed)
-    queries, truth = read_rows(vectors, truth.rows), truth.top[:, :k]
     for probes in (p for p in PROBES if p <= lists):
-        found = ivf_search(index, queries, k, probes)[1]
-        if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)]) >= RECALL_TARGET:
+        found = knn_rows(index, vectors, truth.rows, k, probes, row_lists)[1]
+        if np.mean([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth.top[:, :k])]) >= RECALL_TARGET:
             return probes
     return lists
 
@@ -367,8 +367,9 @@ def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None,
     made here; `truth`: the gallery index's Truth of these rows, when there is one (knn_probes)."""
     if index is None:
         index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
-    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, seed, truth),
-                    lists_of_rows(index))
+    row_lists = lists_of_rows(index)
+    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, row_lists, seed, truth),
+                    row_lists)
 
 
 def make_gallery_index(embeddings: np.ndarray | StackedRows, kind: str, memory: int) -> GalleryIndex | None:

@@ -130,8 +130,8 @@ class KnnGraph:
     def __init__(self, vectors: np.ndarray, depth: int, index, truth: Truth | None = None):
         self.vectors, self.index = vectors, index
         self.depth = min(depth, len(vectors) - 1)
-        self._probes = knn_probes(index, vectors, self.depth + 1, truth=truth)
         self._row_lists = lists_of_rows(index)
+        self._probes = knn_probes(index, vectors, self.depth + 1, self._row_lists, truth=truth)
         self._lists = MadeOnce(len(vectors), [((self.depth,), np.float32), ((self.depth,), np.int64)])
 
     def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

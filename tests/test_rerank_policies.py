@@ -261,8 +261,9 @@ def test_validation_through_a_gallery_index_searches_as_queries_will(kind, monke
         assert through_index[policy].map_at_r == pytest.approx(exact[policy].map_at_r, abs=0.01), policy
 
 
+@pytest.mark.parametrize("index", ["auto", "ivf"])
 def test_a_large_build_that_adopts_whitening_publishes_the_index_of_the_whitened_rows(gallery, tiny_config, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, index):
     """Above exact_max_rows a +white choice searches an IVF index of the whitened rows: the build makes it (its DBA
     graph reads it) and publishes it with them, so no query process makes one (10 s at 10^6 rows, at every query
     of a read-only cache)."""
@@ -271,7 +272,7 @@ def test_a_large_build_that_adopts_whitening_publishes_the_index_of_the_whitened
     from lookalike.pipeline import build
 
     monkeypatch.setattr(build, "choose_policy", lambda columns, **_: parse_policy("flat+white+dba:3+qe:2"))
-    build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8)
+    build_cache(gallery, tmp_path / "cache", tiny_config, exact_max_rows=8, index=index)
     data = load_cache(tmp_path / "cache")
     assert data.manifest.whitening and (data.generation / ivf_file("flat", white=True)).is_file()
     monkeypatch.setattr(search_module, "make_index", lambda *args, **kwargs: pytest.fail("a query made an index"))
