@@ -18,7 +18,7 @@ from lookalike.models.preprocess import ArrayTransform, describe_transform
 from tests.conftest import TINY_CLASSIFIER, TINY_EMBEDDER
 
 MODEL_LIBRARIES = ("torch", "torchvision", "timm", "open_clip", "ultralytics")
-# Not model libraries, and no query needs them: building, auto's validation and its scikit-learn.
+# Not model libraries, and no query needs them: building, auto's validation, scikit-learn (benchmark plots).
 BUILD_MODULES = ("lookalike.pipeline.build", "lookalike.cache.autopolicy", "sklearn")
 
 

@@ -55,9 +55,8 @@ def installed_closure(name: str, extras: tuple[str, ...] = ()) -> dict[str, str]
 def test_the_core_install_pulls_no_agpl_distribution():
     """Read from the metadata of every distribution the core install brings (as installed by make setup)."""
     core = installed_closure("lookalike")
-    assert {"torch", "timm", "open-clip-torch", "faiss-cpu", "platformdirs", "onnxruntime", "fastapi",
-            "scikit-learn"} <= set(core)
-    assert {"ultralytics", "matplotlib", "pytorch-metric-learning"}.isdisjoint(core)
+    assert {"torch", "timm", "open-clip-torch", "faiss-cpu", "platformdirs", "onnxruntime", "fastapi"} <= set(core)
+    assert {"ultralytics", "matplotlib", "scikit-learn", "pytorch-metric-learning"}.isdisjoint(core)
     assert [name for name, licence in core.items() if AGPL.search(licence)] == []
     with_crop = installed_closure("lookalike", ("crop",))
     assert AGPL.search(with_crop["ultralytics"])  # the check sees an AGPL licence where there is one
@@ -65,8 +64,8 @@ def test_the_core_install_pulls_no_agpl_distribution():
 
 def test_build_query_duplicates_and_serve_need_no_extra(gallery, tmp_path):
     """Run with the crop, eval, train and milvus extras' libraries made unimportable: the core works without them
-    (scikit-learn is core: build-cache fits learned whitening with it)."""
-    blocked = ["ultralytics", "matplotlib", "yaml", "pytorch_metric_learning", "pymilvus", "milvus_lite"]
+    (build-cache fits learned whitening without scikit-learn)."""
+    blocked = ["ultralytics", "matplotlib", "yaml", "sklearn", "pytorch_metric_learning", "pymilvus", "milvus_lite"]
     code = f"""
 import sys
 for name in {blocked!r}:

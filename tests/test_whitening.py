@@ -48,6 +48,20 @@ def test_whitening_finds_the_label_where_a_shared_variation_hides_it():
     assert np.allclose(np.linalg.norm(whiten(vectors, whitening), axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, dim", [(3, 8), (50, 128), (800, 1280), (5_000, 64)])
+def test_the_shrunk_covariance_is_scikit_learns_ledoit_wolf(rows, dim):
+    """ledoit_wolf (numpy: one product and the rows' norms) gives scikit-learn's shrunk covariance, with fewer rows
+    than dimensions too."""
+    from lookalike.cache.whitening import ledoit_wolf
+
+    sklearn_covariance = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(rows)
+    centred = (rng.standard_normal((rows, dim)) * rng.uniform(0.1, 2.0, dim)).astype(np.float32)
+    centred -= centred.mean(axis=0)
+    expected, _ = sklearn_covariance.ledoit_wolf(centred, assume_centered=True)
+    assert np.allclose(ledoit_wolf(centred), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_no_label_with_two_images_fits_no_whitening():
     assert not can_fit_whitening(np.array(["a", "b", "", ""])) and can_fit_whitening(np.array(["a", "a", "b"]))
     assert fit_whitening(np.eye(4, dtype=np.float32), np.array(["a", "b", "", ""])) is None
