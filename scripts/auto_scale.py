@@ -44,7 +44,8 @@ def main() -> None:
     validation = time.perf_counter() - started
     timed = parse_policy(args.policy)
     started = time.perf_counter()
-    columns[DBA_COLUMN] = rerank.dba(vectors, *timed.dba, index=gallery_index.flat_index if gallery_index else None)
+    columns[DBA_COLUMN] = rerank.dba(vectors, *timed.dba, index=gallery_index.flat_index if gallery_index else None,
+                                     truth=gallery_index.truth if gallery_index else None)
     dba_seconds = time.perf_counter() - started
     searcher = Searcher(CacheData.in_memory(columns, dba=list(timed.dba)), gallery_index=gallery_index)
     queries, query_classes = sample_queries(QUERIES)
