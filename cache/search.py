@@ -88,7 +88,7 @@ def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Cal
                 scored: Callable[[np.ndarray], Scored],
                 every_row: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, Scored, np.ndarray, np.ndarray]:
     """A re-ranked search, written once for the search and for `auto`'s validation through it: the rows
-    `candidates(query)` gives, scored by `scored(rows)`, ranked by the re-ranking pipeline (cache/reranking.py).
+    `candidates(query)` gives (ascending, each once), scored by `scored(rows)`, ranked by the re-ranking pipeline (cache/reranking.py).
     With +qe, rows an index proposed (a pool of the nearest: not `every_row`) are joined by those it proposes for the
     query expanded in the stored space by the same best candidates, a second search (only the rows it adds are
     scored). (rows, their Scored, what each was ranked by, the best k positions)."""
@@ -97,14 +97,29 @@ def rerank_pool(query: np.ndarray, policy: BucketPolicy, k: int, candidates: Cal
     if policy.qe and not every_row(rows):
         expanded = reranking.expanded(reranking.FixedGallery(found.stored), query[None], found.plain[None],
                                       (found.cosine + found.bonus)[None], policy.qe)[0]
-        more = np.setdiff1d(candidates(expanded), rows)
+        more = np.setdiff1d(candidates(expanded), rows, assume_unique=True)  # each gives every row once
         if len(more):
-            rows, order = np.concatenate([rows, more]), np.argsort(np.concatenate([rows, more]), kind="stable")
-            rows, found = rows[order], Scored(found.query, *(np.concatenate(parts)[order]
-                                                             for parts in zip(found[1:], scored(more)[1:])))
+            rows, found = _joined(rows, found, more, scored(more))
     ranking, order = reranking.rerank(reranking.FixedGallery(found.vectors), found.query[None], found.cosine[None],
                                       found.bonus[None], policy.qe, policy.krecip, found.plain[None], k)
     return rows, found, ranking[0], order[0]
+
+
+def _joined(rows: np.ndarray, found: Scored, more: np.ndarray, more_found: Scored) -> tuple[np.ndarray, Scored]:
+    """Two sets of scored rows as one, in row order (as np.union1d orders them): each part written once to its
+    places."""
+    joined = np.concatenate([rows, more])
+    order = np.argsort(joined, kind="stable")
+    places = np.empty(len(joined), np.int64)
+    places[order] = np.arange(len(joined))
+    first, second = places[:len(rows)], places[len(rows):]
+
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty((len(joined), *a.shape[1:]), a.dtype)
+        out[first], out[second] = a, b
+        return out
+
+    return joined[order], Scored(found.query, *(merged(a, b) for a, b in zip(found[1:], more_found[1:])))
 
 
 class ExactIndex:
@@ -325,7 +340,7 @@ class Searcher:
         for key in keys:
             index = self.index(key, gallery_classes, white)
             found.append(index.rows if isinstance(index, ExactIndex) else index.rows[index.search(query, pool)[1]])
-        return np.unique(np.concatenate(found))
+        return np.sort(found[0]) if len(found) == 1 else np.unique(np.concatenate(found))  # soft buckets share rows
 
     def _whitening(self) -> np.ndarray:
         """The cache's learned whitening; UserError when it stores none."""
