@@ -92,17 +92,19 @@ class MadeOnce:
         block = np.searchsorted(np.asarray(self._starts), slots, side="right") - 1
         out = tuple(np.empty((len(rows), *shape), dtype) for shape, dtype in self._shapes)
         for number in np.unique(block):
-            inside = block == number
+            inside = np.flatnonzero(block == number)
+            at = slots[inside] - self._starts[number]
             for values, stored in zip(out, blocks[number]):
-                values[inside] = stored[slots[inside] - self._starts[number]]
+                values[inside] = stored[at]
         return out
 
     def make(self, rows: np.ndarray, make: Callable[[np.ndarray], tuple]) -> None:
         """Make those of `rows` not made yet (outside the lock: two threads may make a row twice, alike, and never wait
         for each other's work)."""
-        missing = np.unique(rows[self._slot[rows] < 0])
-        if len(missing) == 0:
+        absent = self._slot[rows] < 0
+        if not absent.any():
             return
+        missing = np.unique(rows[absent])
         made = make(missing)
         with self._lock:
             fresh = self._slot[missing] < 0
