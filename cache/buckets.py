@@ -57,18 +57,19 @@ def class_agreement(query_classes: np.ndarray, query_probs: np.ndarray,
                     gallery_classes: np.ndarray, gallery_probs: np.ndarray) -> np.ndarray:
     """[queries, rows] of p_q . p_g over the stored top-k classes of each side (the rest of the mass is ignored).
 
-    Classes are mapped to compact ids and each query's probabilities spread into a dense row, so the product is
-    k gathers, not a k x k match.
+    The queries' classes are mapped to compact ids and each query's probabilities spread into a dense row, so the
+    product is k gathers, not a k x k match; a gallery class no query has (found by a binary search among theirs,
+    not a sort of the gallery's) adds nothing.
     """
     query_classes, gallery_classes = np.atleast_2d(query_classes), np.atleast_2d(gallery_classes)
     query_probs = np.atleast_2d(np.asarray(query_probs, np.float32))
     gallery_probs = np.asarray(gallery_probs, np.float32)
-    queries, stored = query_classes.shape
-    ids, codes = np.unique(np.concatenate([query_classes.ravel(), gallery_classes.ravel()]), return_inverse=True)
-    query_codes, gallery_codes = codes[:query_classes.size].reshape(queries, stored), codes[query_classes.size:]
-    gallery_codes = gallery_codes.reshape(gallery_classes.shape)
-    dense = np.zeros((queries, len(ids)), np.float32)
-    dense[np.arange(queries)[:, None], query_codes] = query_probs
+    queries = len(query_classes)
+    ids, query_codes = np.unique(query_classes, return_inverse=True)
+    dense = np.zeros((queries, len(ids) + 1), np.float32)  # the last column: a class no query has
+    dense[np.arange(queries)[:, None], query_codes.reshape(query_classes.shape)] = query_probs
+    gallery_codes = np.minimum(np.searchsorted(ids, gallery_classes), len(ids) - 1)
+    gallery_codes[ids[gallery_codes] != gallery_classes] = len(ids)
     total = np.zeros((queries, len(gallery_classes)), np.float32)
     for j in range(gallery_classes.shape[1]):
         total += gallery_probs[:, j] * dense[:, gallery_codes[:, j]]

@@ -90,6 +90,13 @@ def test_class_agreement_is_the_inner_product_of_sparse_probabilities():
     agreement = class_agreement(np.array([3, 5]), np.array([0.5, 0.5]), np.array([[5, 9], [1, 2]]),
                                 np.array([[0.8, 0.2], [0.5, 0.5]]))
     assert agreement.tolist() == [pytest.approx([0.4, 0.0])]
+    rng = np.random.default_rng(0)  # classes below, among and above the queries' own, several queries at once
+    query_classes = np.array([rng.choice(np.arange(10, 20), 3, replace=False) for _ in range(4)])  # a top-3: distinct
+    gallery_classes = np.array([rng.choice(30, 3, replace=False) for _ in range(50)])
+    query_probs, gallery_probs = rng.random((4, 3)), rng.random((50, 3))
+    expected = np.einsum("qi,gj,qigj->qg", query_probs, gallery_probs,
+                         query_classes[:, :, None, None] == gallery_classes[None, None])
+    assert np.allclose(class_agreement(query_classes, query_probs, gallery_classes, gallery_probs), expected)
 
 
 @pytest.mark.parametrize("text, policy", [
