@@ -359,19 +359,6 @@ def _scan_lists(ivf, vectors: np.ndarray, rows: np.ndarray, todo: np.ndarray, pr
             sims[at], ids[at] = np.take_along_axis(merged_sims, best, 1), np.take_along_axis(merged, best, 1)
 
 
-def approximate_nearest(vectors: np.ndarray, k: int, seed: int = 0, index=None,
-                        truth: Truth | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, rows) of each row's k nearest rows (itself among them), best first, from an IVF,Flat index of
-    the rows (exact scores of the rows it finds) probed to recall@k RECALL_TARGET: a k-NN graph of any size in
-    O(rows x probed rows), where an exact pass costs O(rows^2). `index`: one made already (the gallery index), else
-    made here; `truth`: the gallery index's Truth of these rows, when there is one (knn_probes)."""
-    if index is None:
-        index = make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat", seed=seed)
-    row_lists = lists_of_rows(index)
-    return knn_rows(index, vectors, np.arange(len(vectors)), k, knn_probes(index, vectors, k, row_lists, seed, truth),
-                    row_lists)
-
-
 def make_gallery_index(embeddings: np.ndarray | StackedRows, kind: str, memory: int) -> GalleryIndex | None:
     """The gallery index `kind` resolves to for `embeddings` (rows read a slice at a time) under `memory`, made and
     tuned in memory (its record's bytes_per_row is measured when saved); None when exact search is the choice. Made

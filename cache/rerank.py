@@ -16,7 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
-from lookalike.cache.indexes import EXACT_MAX_ROWS, Truth, approximate_nearest, knn_probes, knn_rows, lists_of_rows
+from lookalike.cache.indexes import (EXACT_MAX_ROWS, Truth, ivf_lists, knn_probes, knn_rows, lists_of_rows,
+                                     make_index)
 from lookalike.cache.metrics import rank_by_score
 from lookalike.models.outputs import unit_rows
 
@@ -45,13 +46,11 @@ def _weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
 def nearest_others(vectors: np.ndarray, depth: int, exact_max_rows: int = EXACT_MAX_ROWS, index=None,
                    truth: Truth | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `depth` nearest *other* rows (its own row removed even when a duplicate ties with it): exact up to
-    `exact_max_rows` rows, from an approximate k-NN graph above (cache/indexes.approximate_nearest, through `index`
-    when given: an IVF,Flat index of `vectors`; tuned on `truth`, the gallery index's, when given)."""
+    `exact_max_rows` rows, from an approximate k-NN graph above (KnnGraph, through `index` when given: an IVF,Flat
+    index of `vectors`; tuned on `truth`, the gallery index's, when given)."""
     if len(vectors) > exact_max_rows:
-        sims, ids = approximate_nearest(vectors, min(depth + 1, len(vectors)), index=index, truth=truth)
-    else:
-        sims, ids = nearest(vectors, vectors, depth + 1)
-    return _others(sims, ids, np.arange(len(vectors)))
+        return KnnGraph(vectors, depth, index, truth).find(np.arange(len(vectors)))
+    return _others(*nearest(vectors, vectors, depth + 1), np.arange(len(vectors)))
 
 
 def _others(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,29 +123,32 @@ class MadeOnce:
 
 
 class KnnGraph:
-    """Each row's `depth` nearest other rows through an IVF index of them, found when first asked for (MadeOnce),
-    probed to recall@depth RECALL_TARGET: a validation reads the lists of the rows its pools hold, not every row's.
-    Shares the index a search uses (cache/indexes.knn_rows), and the Truth of `vectors` it was tuned on when given.
-    """
+    """Each row's `depth` nearest other rows through an IVF,Flat index of them (`index`: the one searches use, else
+    made here), probed to recall@depth RECALL_TARGET (on the Truth of `vectors` the gallery index was tuned on, when
+    given): a k-NN graph of any size in O(rows x probed rows), where an exact pass costs O(rows^2). Every row's at
+    once (`find`: the build's DBA), or each row's when first asked for, kept (MadeOnce: a validation reads the lists
+    of the rows its pools hold, not every row's)."""
 
-    def __init__(self, vectors: np.ndarray, depth: int, index, truth: Truth | None = None):
-        self.vectors, self.index = vectors, index
+    def __init__(self, vectors: np.ndarray, depth: int, index=None, truth: Truth | None = None):
+        self.vectors = vectors
+        self.index = index if index is not None else make_index(vectors, f"IVF{ivf_lists(len(vectors))},Flat")
         self.depth = min(depth, len(vectors) - 1)
-        self._row_lists = lists_of_rows(index)
-        self._probes = knn_probes(index, vectors, self.depth + 1, self._row_lists, truth=truth)
+        self._row_lists = lists_of_rows(self.index)
+        self._probes = knn_probes(self.index, vectors, self.depth + 1, self._row_lists, truth=truth)
         self._lists = MadeOnce(len(vectors), [((self.depth,), np.float32), ((self.depth,), np.int64)])
 
-    def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of `rows`' nearest other rows, best first, found now and not kept."""
         found = knn_rows(self.index, self.vectors, rows, self.depth + 1, self._probes, self._row_lists)
         return _others(*found, rows)
 
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(sims, ids) of `rows`' nearest other rows, best first."""
-        return self._lists(rows, self._find)
+        """(sims, ids) of `rows`' nearest other rows, best first, each found once."""
+        return self._lists(rows, self.find)
 
     def make(self, rows: np.ndarray) -> None:
         """Find the lists of `rows` now."""
-        self._lists.make(rows, self._find)
+        self._lists.make(rows, self.find)
 
 
 def _mixed(own: np.ndarray, weights: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
