@@ -214,7 +214,8 @@ def cli(debug):
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help='JSON {"file": "label"}')
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="cache folder")
 @click.option("--bucket-by", type=click.Choice(["classifier", "label"]), default="classifier", show_default=True)
-@click.option("--rebuild", is_flag=True, help="replace a cache built with another pipeline")
+@click.option("--rebuild", is_flag=True,
+              help="embed every image again and replace the cache (one built with another pipeline, or damaged)")
 @click.option("--index", default="auto", show_default=True,
               help="the index for large searches: auto (exact up to 32,768 images, then IVF, then IVF-PQ under "
                    "--index-memory), exact, ivf or ivfpq[:MEMORY]")

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,13 +23,14 @@ from lookalike.cache.buckets import bucket_keys
 from lookalike.cache.columns import COLUMNS, DBA_COLUMN, WHITE_COLUMN, empty_columns
 from lookalike.cache.generations import write_generation
 from lookalike.cache.indexes import (DEFAULT_MEMORY, EXACT_MAX_ROWS, RECORD_FILE, GalleryIndex, factory_key,
-                                    ivf_lists, make_gallery_index, make_index, parse_index)
+                                    ivf_lists, make_gallery_index, make_index, open_gallery_index, parse_index)
 from lookalike.cache.lock import BuildLock
-from lookalike.cache.manifest import BUCKET_BY, CacheError, Manifest, refuse_other_pipeline
+from lookalike.cache.manifest import BUCKET_BY, FORMAT_VERSION, CacheError, Manifest, refuse_other_pipeline
 from lookalike.cache.mapped import StackedRows, take_rows
 from lookalike.cache.pending import PendingChunks
 from lookalike.cache.store import CacheData, load_cache
 from lookalike.cache.whitening import fit_whitening, whiten
+from lookalike.models.errors import UserError
 from lookalike.pipeline.config import PipelineConfig
 from lookalike.pipeline.gallery import GalleryEntry, scan_gallery
 from lookalike.pipeline.items import Item
@@ -109,6 +110,7 @@ class BuildReport:
     phases: dict[str, float] = field(default_factory=dict)  # seconds: embed, choose_policy, publish, index
     index: dict | None = None  # the gallery index made (cache/indexes.IndexRecord), None for exact search
     auto_path: str | None = None  # how `auto` was validated: "exact" score matrices or "search path" (large galleries)
+    unchanged: bool = False  # nothing to do: the previous generation was kept as it was
 
     @property
     def images_per_s(self) -> float:
@@ -119,7 +121,9 @@ class BuildReport:
                  f"recall@5 {self.index['recall_at_5']:.3f})" if self.index else "")
         return (f"{self.images} images in cache ({self.embedded} embedded, {self.reused} reused, "
                 f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped{index}, "
-                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+                + ("; unchanged: the cache is kept as it was (build-cache --rebuild makes it anew)"
+                   if self.unchanged else ""))
 
 
 def _row_columns(items: list[Item], labels: dict[str, str | None], stats: dict[str, os.stat_result],
@@ -248,6 +252,14 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         _embed_missing(engine, todo, gallery, ChunkWriter(pending, labels, stats, topk), summary, progress)
         summary.phases["embed"] = time.perf_counter() - embedding_started
         summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
+        settings = BuildSettings(wanted, config.cache_part(), str(gallery), bucket_by, exact_max_rows,
+                                 str(labels_file) if labels_file else None, float16)
+        if previous is not None and not resumed and _unchanged(previous, summary, labels, settings, index_kind, memory):
+            pending.clear()
+            summary.unchanged = True
+            record = previous.generation / RECORD_FILE
+            summary.index = json.loads(record.read_text()) if record.is_file() else None
+            return _finished(summary, previous.columns, previous.manifest.count, bucket_by, topk, started)
 
         columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
         if count == 0:
@@ -282,10 +294,61 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         pending.clear()
         summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
         summary.index = json.loads((generation / RECORD_FILE).read_text()) if gallery_index else None
+    return _finished(summary, columns, count, bucket_by, topk, started)
+
+
+def _finished(summary: BuildReport, columns: dict, count: int, bucket_by: str, topk: int,
+              started: float) -> BuildReport:
+    """The report completed with the cache's size, its buckets and the build's seconds."""
     summary.images = count
     summary.buckets = len(np.unique(bucket_keys(columns, bucket_by)[:, :1])) if topk else 0
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What a build writes into the manifest besides its rows and its choice of `auto`."""
+
+    fingerprint: dict
+    config: dict
+    gallery_root: str
+    bucket_by: str
+    exact_max_rows: int | None
+    labels_file: str | None
+    float16: bool
+
+
+def _unchanged(previous: CacheData, summary: BuildReport, labels: dict[str, str | None], settings: BuildSettings,
+               index_kind: str, memory: int) -> bool:
+    """Whether the previous generation is what this build would write: no image embedded or removed, the same
+    labels, skipped files and settings, an index of the same kind that opens. It is then kept, and `auto` not
+    validated again (about a minute at 10^6 rows); --rebuild makes it anew."""
+    manifest = previous.manifest
+    if summary.embedded or summary.removed or manifest.format_version != FORMAT_VERSION:
+        return False
+    stored = BuildSettings(manifest.fingerprint, manifest.config, manifest.gallery_root, manifest.bucket_by,
+                           manifest.exact_max_rows, manifest.labels_file,
+                           previous.columns["embeddings"].dtype == np.float16)
+    if _as_json(stored) != _as_json(settings) or _skips(manifest.skipped) != _skips(summary.skipped):
+        return False
+    if [labels.get(path) or "" for path in previous.columns["paths"].tolist()] != previous.columns["labels"].tolist():
+        return False
+    try:
+        kept_index = open_gallery_index(previous.generation, manifest.count, manifest.dim)
+    except UserError:  # damaged: made again
+        return False
+    key = kept_index.record.key if kept_index else None
+    return key == factory_key(index_kind, manifest.count, manifest.dim, memory)
+
+
+def _as_json(settings: BuildSettings) -> str:
+    """`settings` as the manifest stores them (JSON: tuples read back as lists)."""
+    return json.dumps(asdict(settings), sort_keys=True)
+
+
+def _skips(skipped: list[dict]) -> list[tuple[str, str]]:
+    return sorted((item["path"], item["reason"]) for item in skipped)
 
 
 def _made_index(vectors: np.ndarray | StackedRows, kind: str, memory: int, summary: BuildReport) -> GalleryIndex:

@@ -95,13 +95,15 @@ def test_bad_grid_values_are_refused(gallery, tmp_path):
 
 def test_exact_max_rows_forces_the_large_gallery_path_and_the_report_says_so(gallery, tmp_path):
     """--exact-max-rows below the gallery's size: a cache of its own, `auto` validated through the search path, and
-    report.md names the path and what choosing cost."""
+    report.md names the path and what choosing cost; run again, that its cache was kept."""
     out = tmp_path / "bench"
-    result = CliRunner().invoke(cli, ["benchmark", "--data", str(gallery), "--classifier", TINY_CLASSIFIER,
-                                      "--embedder", TINY_EMBEDDER, "--buckets", "flat,auto", "--out", str(out),
-                                      "--device", "cpu", "--exact-max-rows", "4"])
+    arguments = ["benchmark", "--data", str(gallery), "--classifier", TINY_CLASSIFIER, "--embedder", TINY_EMBEDDER,
+                 "--buckets", "flat,auto", "--out", str(out), "--device", "cpu", "--exact-max-rows", "4"]
+    result = CliRunner().invoke(cli, arguments)
     assert result.exit_code == 0, result.output
     assert [p.name.endswith("-exact4") for p in (out / "caches").iterdir()] == [True]
     cell = json.loads((out / "report.json").read_text())["cells"][0]
     assert cell["cost"]["auto_validated_on"] == "search path, approximate k-NN graph"
     assert "validated on search path, approximate k-NN graph" in (out / "report.md").read_text()
+    assert CliRunner().invoke(cli, arguments).exit_code == 0
+    assert "the cache of an earlier run, unchanged: not validated again" in (out / "report.md").read_text()

@@ -57,6 +57,40 @@ def test_update_embeds_only_new_and_changed_and_drops_deleted(gallery, tiny_conf
     assert len(list(out.glob("gen-*"))) == 1  # the superseded generation is gone
 
 
+def test_an_unchanged_gallery_keeps_its_cache_and_any_change_builds_again(gallery, tiny_config, tmp_path,
+                                                                          monkeypatch):
+    """Nothing changed (a bad file still bad): the generation is kept and `auto` not validated again (about a minute
+    at 10^6 rows). A label, a setting or a damaged index makes a new one."""
+    out, labels = tmp_path / "cache", tmp_path / "labels.json"
+    (gallery / "red_circles" / "empty.jpg").write_bytes(b"")
+    labels.write_text('{"red_circles/0.png": "red", "blue_squares/0.png": "blue"}')
+    options = {"index": "ivf", "labels_file": labels}
+    build_cache(gallery, out, tiny_config, **options)
+    kept = load_cache(out).generation
+    validated = []
+    real_choice = build.choose_policy
+    monkeypatch.setattr(build, "choose_policy", lambda *args, **options: validated.append(1) or real_choice(
+        *args, **options))
+    summary = build_cache(gallery, out, tiny_config, **options)
+    assert summary.unchanged and not validated and load_cache(out).generation == kept
+    assert (summary.images, summary.embedded, len(summary.skipped)) == (18, 0, 1) and summary.index["kind"] == "ivf"
+    assert "unchanged" in summary.line()
+    relabelled = lambda: labels.write_text('{"red_circles/0.png": "crimson", "blue_squares/0.png": "blue"}')
+    damaged_index = lambda: kept.joinpath("index.json").write_text("{}")
+    changes = [(relabelled, {}), (None, {"float16": True}), (None, {"exact_max_rows": 8}), (None, {"index": "exact"}),
+               (damaged_index, {})]
+    for change, setting in changes:
+        if change:
+            change()
+        summary = build_cache(gallery, out, tiny_config, **{**options, **setting})
+        assert not summary.unchanged and validated.pop() and load_cache(out).generation != kept, setting
+        kept = load_cache(out).generation
+        if setting:  # back to the options the next change starts from
+            build_cache(gallery, out, tiny_config, **options)
+            kept = load_cache(out).generation
+    assert load_cache(out).columns["labels"].tolist().count("crimson") == 1
+
+
 def pending_rows(out: Path) -> int:
     return sum(len(np.load(path)["paths"]) for path in (out / "pending").glob("chunk-*.npz"))
 

@@ -131,7 +131,7 @@ def run_group(cell: Cell, gallery_dir: Path, queries: LabelledSet, out: Path, ba
     cost = {"build_images_per_s": summary.images_per_s or None, "query_images_per_s": len(paths) / batch_seconds,
             "embed_ms_p50": float(np.percentile(single, 50)), "embed_ms_p95": float(np.percentile(single, 95)),
             "cache_bytes": folder_bytes(cache_dir), "auto_validated_on": summary.auto_path,
-            "choose_policy_s": summary.phases.get("choose_policy")}
+            "choose_policy_s": summary.phases.get("choose_policy"), "cache_kept": summary.unchanged}
     return GroupRun(Searcher(data), items, np.array(queries.labels), cost)
 
 
