@@ -209,7 +209,7 @@ def build(gallery: str | Path, out: str | Path, *, classifier: str = PipelineCon
     choose the gallery index for large searches (cache/indexes.py); `float16` stores the vectors in half the space;
     `exact_max_rows` is where the large-gallery path starts (default 32,768; lower forces it on a small set);
     `options` are further pipeline settings (runtime, device, batch_size, detector, ...). Unreadable images are
-    skipped and listed in the report."""
+    skipped and listed in the report; when nothing changed the cache is kept as it is (`report.unchanged`)."""
     from lookalike.pipeline.build import build_cache
     from lookalike.pipeline.engines import create_engine
 
