@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -253,12 +253,12 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
         summary.phases["embed"] = time.perf_counter() - embedding_started
         summary.embedded = len(todo) - (len(summary.skipped) - len(skipped))
         settings = BuildSettings(wanted, config.cache_part(), str(gallery), bucket_by, exact_max_rows,
-                                 str(labels_file) if labels_file else None, float16)
-        if previous is not None and not resumed and _unchanged(previous, summary, labels, settings, index_kind, memory):
+                                 str(labels_file) if labels_file else None)
+        if previous is not None and not resumed and _unchanged(previous, summary, labels, settings, float16,
+                                                               index_kind, memory):
             pending.clear()
             summary.unchanged = True
-            record = previous.generation / RECORD_FILE
-            summary.index = json.loads(record.read_text()) if record.is_file() else None
+            summary.index = _index_record(previous.generation)
             return _finished(summary, previous.columns, previous.manifest.count, bucket_by, topk, started)
 
         columns, count = merge_rows(previous, resumed + pending.load(first=first_new), entries)
@@ -282,18 +282,16 @@ def build_cache(gallery: str | Path, out: str | Path, config: PipelineConfig, la
                 columns, count, summary, exact_max_rows or EXACT_MAX_ROWS, vectors, gallery_index)
         del vectors  # 2 GB at 10^6 rows of 512 dimensions: not held while the generation is written
         manifest = Manifest(
-            fingerprint=wanted, config=config.cache_part(), gallery_root=str(gallery), count=count,
-            dim=int(columns["embeddings"].shape[1]), bucket_by=bucket_by,
+            **asdict(settings), count=count, dim=int(columns["embeddings"].shape[1]),
             class_names=_class_names(columns, pipeline, bucket_by), default_policy=default_policy,
-            fused_weight=fused_weight, dba=dba, exact_max_rows=exact_max_rows, whitening=whitening is not None,
-            labels_file=str(labels_file) if labels_file else None,
+            fused_weight=fused_weight, dba=dba, whitening=whitening is not None,
             skipped=summary.skipped, exports=_exports(pipeline, previous, summary),
             built=time.strftime("%Y-%m-%dT%H:%M:%S"))
         generation = write_generation(out, manifest, columns, np.float16 if float16 else np.float32, whitening,
                                       gallery_index, white_index)
         pending.clear()
         summary.phases["publish"] = time.perf_counter() - started - sum(summary.phases.values())
-        summary.index = json.loads((generation / RECORD_FILE).read_text()) if gallery_index else None
+        summary.index = _index_record(generation)
     return _finished(summary, columns, count, bucket_by, topk, started)
 
 
@@ -306,9 +304,16 @@ def _finished(summary: BuildReport, columns: dict, count: int, bucket_by: str, t
     return summary
 
 
+def _index_record(generation: Path) -> dict | None:
+    """The IndexRecord of a generation's gallery index as the report shows it; None without one."""
+    record = generation / RECORD_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    """What a build writes into the manifest besides its rows and its choice of `auto`."""
+    """The manifest fields a build takes from its arguments (Manifest's names), as opposed to its rows and its
+    choice of `auto`."""
 
     fingerprint: dict
     config: dict
@@ -316,21 +321,19 @@ class BuildSettings:
     bucket_by: str
     exact_max_rows: int | None
     labels_file: str | None
-    float16: bool
 
 
 def _unchanged(previous: CacheData, summary: BuildReport, labels: dict[str, str | None], settings: BuildSettings,
-               index_kind: str, memory: int) -> bool:
+               float16: bool, index_kind: str, memory: int) -> bool:
     """Whether the previous generation is what this build would write: no image embedded or removed, the same
-    labels, skipped files and settings, an index of the same kind that opens. It is then kept, and `auto` not
-    validated again (about a minute at 10^6 rows); --rebuild makes it anew."""
+    labels, skipped files, settings and vector type, an index of the same kind that opens. It is then kept, and
+    `auto` not validated again (about a minute at 10^6 rows); --rebuild makes it anew."""
     manifest = previous.manifest
     if summary.embedded or summary.removed or manifest.format_version != FORMAT_VERSION:
         return False
-    stored = BuildSettings(manifest.fingerprint, manifest.config, manifest.gallery_root, manifest.bucket_by,
-                           manifest.exact_max_rows, manifest.labels_file,
-                           previous.columns["embeddings"].dtype == np.float16)
-    if _as_json(stored) != _as_json(settings) or _skips(manifest.skipped) != _skips(summary.skipped):
+    stored = BuildSettings(**{f.name: getattr(manifest, f.name) for f in fields(BuildSettings)})
+    if (_as_json(stored) != _as_json(settings) or _skips(manifest.skipped) != _skips(summary.skipped)
+            or (previous.columns["embeddings"].dtype == np.float16) != float16):
         return False
     if [labels.get(path) or "" for path in previous.columns["paths"].tolist()] != previous.columns["labels"].tolist():
         return False
