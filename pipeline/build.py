@@ -350,8 +350,9 @@ def _as_json(settings: BuildSettings) -> str:
     return json.dumps(asdict(settings), sort_keys=True)
 
 
-def _skips(skipped: list[dict]) -> list[tuple[str, str]]:
-    return sorted((item["path"], item["reason"]) for item in skipped)
+def _skips(skipped: list) -> list[str]:
+    """The skipped files' entries in one order, each as JSON: any manifest's entries compare (a planted one too)."""
+    return sorted(json.dumps(item, sort_keys=True) for item in skipped)
 
 
 def _made_index(vectors: np.ndarray | StackedRows, kind: str, memory: int, summary: BuildReport) -> GalleryIndex:

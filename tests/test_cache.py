@@ -1,6 +1,7 @@
 """build-cache: results come back, crashes lose nothing, updates embed only what changed."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -89,6 +90,17 @@ def test_an_unchanged_gallery_keeps_its_cache_and_any_change_builds_again(galler
             build_cache(gallery, out, tiny_config, **options)
             kept = load_cache(out).generation
     assert load_cache(out).columns["labels"].tolist().count("crimson") == 1
+
+
+def test_a_manifest_with_planted_skip_entries_is_built_again_not_a_crash(gallery, tiny_config, tmp_path):
+    """The skipped list of a manifest is compared whatever its entries hold: planted ones make a new generation."""
+    out = tmp_path / "cache"
+    build_cache(gallery, out, tiny_config)
+    planted = load_cache(out).generation / "manifest.json"
+    manifest = json.loads(planted.read_text())
+    planted.write_text(json.dumps({**manifest, "skipped": [{}, "x", 3, None, {"path": [1]}]}))
+    summary = build_cache(gallery, out, tiny_config)
+    assert not summary.unchanged and load_cache(out).manifest.skipped == []
 
 
 def pending_rows(out: Path) -> int:

@@ -66,11 +66,13 @@ def auto_lines(report: dict) -> str:
         cost, config = cell.get("cost") or {}, cell["config"]
         if cost.get("auto_validated_on") or cost.get("cache_kept"):
             seen["/".join((config["classifier"], config["embedder"], f"crop-{config['crop']}"))] = cost
-    return "".join(f"- `auto` of {group}: " + ("the cache of an earlier run, unchanged: not validated again\n"
-                                               if cost.get("cache_kept") else
-                                               f"validated on {cost['auto_validated_on']}, "
-                                               f"{cost['choose_policy_s']:.1f} s of the build\n")
-                   for group, cost in seen.items())
+    return "".join(f"- `auto` of {group}: {_how_chosen(cost)}\n" for group, cost in seen.items())
+
+
+def _how_chosen(cost: dict) -> str:
+    if cost.get("cache_kept"):
+        return "the cache of an earlier run, unchanged: not validated again"
+    return f"validated on {cost['auto_validated_on']}, {cost['choose_policy_s']:.1f} s of the build"
 
 
 def cmc_chart(curves: dict[str, np.ndarray], path: Path) -> None:
