@@ -121,7 +121,7 @@ class BuildReport:
                  f"recall@5 {self.index['recall_at_5']:.3f})" if self.index else "")
         return (f"{self.images} images in cache ({self.embedded} embedded, {self.reused} reused, "
                 f"{self.removed} removed), {self.buckets} buckets, {len(self.skipped)} skipped{index}, "
-                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+                f"{self.seconds:.1f} s" + (f", {self.images_per_s:.1f} images/s" if self.embedded else "")
                 + ("; unchanged: the cache is kept as it was (build-cache --rebuild makes it anew)"
                    if self.unchanged else ""))
 
